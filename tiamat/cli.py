@@ -1,0 +1,119 @@
+"""The ``tiamat`` command, generated from the settings table.
+
+Every option comes from :data:`tiamat.settings.SETTINGS`; this module only adds the APP
+argument, ``--version``, and what happens once the configuration is read.  Only options
+the user actually typed are passed on, so the precedence CLI > environment > config file >
+defaults is decided in one place (:func:`tiamat.config.load_config`).
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from typing import Any
+
+import click
+
+from tiamat import __version__, apploader, logs
+from tiamat.config import Config, ConfigError, load_config
+from tiamat.settings import SETTINGS, Setting
+
+
+def _option(setting: Setting) -> click.Option | None:
+    name = setting.name
+    metavar = setting.metavar or setting.kind.upper()
+    if setting.kind == "bool":
+        if setting.flags and setting.off_flags:
+            decls = [f"{setting.flags[-1]}/{setting.off_flags[0]}", name]
+            return click.Option(decls, default=None, help=setting.help)
+        if setting.flags:
+            return click.Option([*setting.flags, name], is_flag=True, flag_value=True,
+                                default=None, help=setting.help)
+        if setting.off_flags:
+            return click.Option([*setting.off_flags, name], is_flag=True, flag_value=False,
+                                default=None, help=setting.help)
+        return None
+    if not setting.flags:
+        return None
+    if setting.kind == "choice":
+        metavar = "[" + "|".join(setting.choices) + "]"
+    return click.Option([*setting.flags, name], type=str, default=None,
+                        multiple=setting.kind == "list", metavar=metavar, help=setting.help)
+
+
+def _given(ctx: click.Context, params: dict[str, Any]) -> dict[str, Any]:
+    """The options typed on the command line (not click's defaults)."""
+    given = {}
+    for key, value in params.items():
+        source = ctx.get_parameter_source(key)
+        if source is click.core.ParameterSource.COMMANDLINE and value not in (None, ()):
+            given[key] = list(value) if isinstance(value, tuple) else value
+    return given
+
+
+def _run(ctx: click.Context, app_arg: str | None, **params: Any) -> None:
+    cli = _given(ctx, params)
+    if app_arg:
+        if "app" in cli and cli["app"] != app_arg:
+            raise click.UsageError("give the app once: as APP or with -s/--script, not both")
+        cli["app"] = app_arg
+    try:
+        cfg = load_config(cli)
+    except ConfigError as exc:
+        click.echo(f"tiamat: error: {exc}", err=True)
+        sys.exit(ConfigError.exit_code)
+    for warning in cfg.warnings:
+        click.echo(f"tiamat: warning: {warning}", err=True)
+    if cfg.print_config:
+        click.echo(cfg.describe())
+        sys.exit(0)
+    if not cfg.app:
+        raise click.UsageError("missing APP (module:attr, path/to/file.py, or -s SCRIPT)")
+    if cfg.chdir:
+        os.chdir(cfg.chdir)
+    apploader.prepare_sys_path(None, cfg.pythonpath)
+    if cfg.umask is not None:
+        os.umask(cfg.umask)
+    logs.setup(cfg)
+    if cfg.check_config:
+        sys.exit(check(cfg))
+    sys.exit(serve(cfg))
+
+
+def check(cfg: Config) -> int:
+    """``--check-config``: load the app once and report, without binding anything."""
+    try:
+        apploader.load_app(cfg.app, cfg)
+    except apploader.AppLoadError as exc:
+        click.echo(f"tiamat: {exc}", err=True)
+        if exc.details and cfg.loglevel == "debug":
+            click.echo(exc.details, err=True)
+        return exc.exit_code
+    click.echo(f"tiamat: configuration and app {cfg.app!r} are OK", err=True)
+    return 0
+
+
+def serve(cfg: Config) -> int:
+    from tiamat import master
+
+    if cfg.daemon:
+        from tiamat import daemon
+
+        daemon.daemonize(cfg)
+    return master.start(cfg)
+
+
+def build_command() -> click.Command:
+    params: list[click.Parameter] = [click.Argument(["app_arg"], required=False, metavar="APP")]
+    params += [opt for opt in map(_option, SETTINGS) if opt is not None]
+    command = click.Command(
+        "tiamat", callback=click.pass_context(_run), params=params,
+        help="A pre-fork application server for WSGI and ASGI apps.\n\n"
+             "APP is module:attr, module:factory(), path/to/file.py[:attr], or a script "
+             "whose run(config) returns the app.",
+        context_settings={"max_content_width": 100, "help_option_names": ["-h", "--help"]})
+    return click.version_option(__version__, "--version", prog_name="tiamat",
+                                message="%(prog)s %(version)s")(command)
+
+
+main = build_command()

@@ -1,0 +1,115 @@
+"""Response framing shared by every worker class: status lines, Date, keep-alive, chunking.
+
+The decision how a response body is delimited (Content-Length, chunked, or connection
+close), whether a body is sent at all (HEAD, 1xx, 204, 304) and whether the connection
+stays open is made here, in :func:`decide_framing`, and nowhere else.
+"""
+
+from __future__ import annotations
+
+import time
+from email.utils import formatdate
+from http import HTTPStatus
+from typing import NamedTuple
+
+SERVER_HEADER = b"Server: tiamat\r\n"
+CONTINUE_100 = b"HTTP/1.1 100 Continue\r\n\r\n"
+LAST_CHUNK = b"0\r\n\r\n"
+CHUNKED_HEADER = b"Transfer-Encoding: chunked\r\n"
+CLOSE_HEADER = b"Connection: close\r\n"
+KEEP_ALIVE_HEADER = b"Connection: keep-alive\r\n"
+_NO_BODY_STATUS = frozenset({204, 304})
+
+_status_lines: dict[object, bytes] = {}
+
+
+def status_line(status: str | int) -> bytes:
+    """``'200 OK'`` or ``200`` -> ``b'HTTP/1.1 200 OK\\r\\n'``; cached, so built once per status."""
+    line = _status_lines.get(status)
+    if line is None:
+        if isinstance(status, int):
+            try:
+                text = f"{status} {HTTPStatus(status).phrase}"
+            except ValueError:
+                text = f"{status} Unknown"
+        else:
+            text = status
+            code = text[:3]
+            if len(text) < 3 or not code.isdigit() or (len(text) > 3 and text[3] != " ") \
+                    or "\r" in text or "\n" in text:
+                raise ValueError(f"invalid status {status!r}")
+        line = b"HTTP/1.1 " + text.encode("latin-1") + b"\r\n"
+        if len(_status_lines) < 512:
+            _status_lines[status] = line
+    return line
+
+
+class DateHeader:
+    """The ``Date:`` header line, rebuilt at most once a second rather than per response."""
+
+    __slots__ = ("_second", "_line")
+
+    def __init__(self) -> None:
+        self._second = -1
+        self._line = b""
+
+    def __call__(self) -> bytes:
+        now = time.time()
+        second = int(now)
+        if second != self._second:
+            self._second = second
+            self._line = b"Date: " + formatdate(second, usegmt=True).encode() + b"\r\n"
+        return self._line
+
+
+date_header = DateHeader()
+
+
+class Framing(NamedTuple):
+    """How one response goes on the wire."""
+
+    #: send the body with chunked transfer-coding
+    chunked: bool
+    #: keep the connection open afterwards
+    keep_alive: bool
+    #: whether any body bytes are sent at all (not for HEAD, 1xx, 204, 304)
+    send_body: bool
+
+
+def decide_framing(status_code: int, content_length: int | None, method: bytes,
+                   http_version: str, request_keep_alive: bool, server_keep_alive: bool) -> Framing:
+    """Choose the framing of a response from what the app gave and what the client asked."""
+    send_body = method != b"HEAD" and status_code >= 200 and status_code not in _NO_BODY_STATUS
+    keep_alive = request_keep_alive and server_keep_alive
+    chunked = False
+    if content_length is None and send_body:
+        if http_version == "1.1":
+            chunked = True
+        else:
+            keep_alive = False  # HTTP/1.0 without a length: the close ends the body
+    return Framing(chunked, keep_alive, send_body)
+
+
+def connection_header(framing: Framing, http_version: str) -> bytes:
+    """The Connection header this framing needs (none for the HTTP/1.1 keep-alive default)."""
+    if not framing.keep_alive:
+        return CLOSE_HEADER
+    return KEEP_ALIVE_HEADER if http_version == "1.0" else b""
+
+
+def chunk(data: bytes) -> bytes:
+    """One chunk of a chunked body (an empty ``data`` must not be framed: it would end it)."""
+    return b"%x\r\n%b\r\n" % (len(data), data)
+
+
+def error_response(status: int, reason: str | None = None) -> bytes:
+    """A complete small ``text/plain`` response that closes the connection (400, 413, 500 ...)."""
+    try:
+        phrase = HTTPStatus(status).phrase
+    except ValueError:
+        phrase = "Error"
+    body = f"{status} {phrase}{': ' + reason if reason else ''}\n".encode("latin-1", "replace")
+    response = (status_line(status) + SERVER_HEADER + date_header()
+                + b"Content-Type: text/plain; charset=utf-8\r\nContent-Length: %d\r\n" % len(body)
+                + CLOSE_HEADER + b"\r\n" + body)
+    return response

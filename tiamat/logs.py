@@ -1,0 +1,123 @@
+"""Error and access logging through the standard library.
+
+The error log (``tiamat.error``) goes to stderr or ``--error-logfile`` with time, pid and
+level.  The access log (``tiamat.access``) is off unless ``--access-logfile`` is given; when
+it is off, workers skip building the line altogether.  :func:`reopen` (USR1) reopens every
+file handler so logrotate can move the files away.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import logging.config
+import os
+import sys
+import time
+from typing import Any
+
+ERROR_FORMAT = "[%(asctime)s] [%(process)d] [%(levelname)s] %(message)s"
+DATE_FORMAT = "%Y-%m-%d %H:%M:%S %z"
+
+error_log = logging.getLogger("tiamat.error")
+access_log = logging.getLogger("tiamat.access")
+
+
+class ReopenableFileHandler(logging.StreamHandler):  # type: ignore[type-arg]
+    """A file handler that can reopen its file in place (after logrotate moved it)."""
+
+    def __init__(self, path: str) -> None:
+        self.path = os.path.abspath(path)
+        super().__init__(open(self.path, "a", buffering=1, encoding="utf-8"))  # noqa: SIM115
+
+    def reopen(self) -> None:
+        self.acquire()
+        try:
+            old = self.stream
+            self.stream = open(self.path, "a", buffering=1, encoding="utf-8")  # noqa: SIM115
+            old.close()
+        finally:
+            self.release()
+
+    def close(self) -> None:
+        self.acquire()
+        try:
+            if self.stream and not self.stream.closed:
+                self.stream.close()
+        finally:
+            self.release()
+        super().close()
+
+
+def _handler(target: str) -> logging.Handler:
+    if target == "-":
+        return logging.StreamHandler(sys.stderr)
+    return ReopenableFileHandler(target)
+
+
+def setup(cfg: Any) -> None:
+    """Configure both loggers from the settings (called in the master and again after fork)."""
+    for logger in (error_log, access_log):
+        for handler in list(logger.handlers):
+            logger.removeHandler(handler)
+            handler.close()
+        logger.propagate = False
+    error_handler = _handler(cfg.errorlog or "-")
+    error_handler.setFormatter(logging.Formatter(ERROR_FORMAT, DATE_FORMAT))
+    error_log.addHandler(error_handler)
+    error_log.setLevel(cfg.loglevel.upper())
+    if cfg.accesslog:
+        access_handler = _handler(cfg.accesslog)
+        access_handler.setFormatter(logging.Formatter("%(message)s"))
+        access_log.addHandler(access_handler)
+        access_log.setLevel(logging.INFO)
+    else:
+        access_log.setLevel(logging.CRITICAL + 1)
+    if cfg.logconfig_dict:
+        logging.config.dictConfig(cfg.logconfig_dict)
+    if cfg.logconfig:
+        logging.config.dictConfig(_read_logconfig(cfg.logconfig))
+
+
+def _read_logconfig(path: str) -> dict[str, Any]:
+    with open(path, encoding="utf-8") as f:
+        text = f.read()
+    if path.endswith(".json") or text.lstrip().startswith("{"):
+        return json.loads(text)
+    namespace: dict[str, Any] = {}
+    exec(compile(text, path, "exec"), namespace)  # noqa: S102 - a config file the user wrote
+    config = namespace.get("LOGGING") or namespace.get("logconfig_dict")
+    if not isinstance(config, dict):
+        raise ValueError(f"{path}: expected JSON, or Python defining LOGGING = {{...}}")
+    return config
+
+
+def reopen() -> None:
+    """Reopen every reopenable file handler (USR1)."""
+    for logger in (logging.getLogger(), *[logging.getLogger(n) for n in
+                                          list(logging.root.manager.loggerDict)]):
+        for handler in getattr(logger, "handlers", []):
+            if isinstance(handler, ReopenableFileHandler):
+                handler.reopen()
+            elif isinstance(handler, logging.FileHandler):
+                handler.acquire()
+                try:
+                    handler.close()
+                    handler.stream = handler._open()
+                finally:
+                    handler.release()
+
+
+def access_enabled() -> bool:
+    return access_log.isEnabledFor(logging.INFO)
+
+
+def format_access(environ: dict[str, Any], status: int, length: int, duration: float) -> str:
+    """One line in gunicorn's default access format (issue 7 extends the atoms)."""
+    request_line = (f"{environ.get('REQUEST_METHOD', '-')} {environ.get('RAW_URI', '-')} "
+                    f"{environ.get('SERVER_PROTOCOL', '-')}")
+    stamp = time.strftime("[%d/%b/%Y:%H:%M:%S %z]")
+    text = (f'{environ.get("REMOTE_ADDR", "-")} - - {stamp} "{request_line}" {status} '
+            f'{length or "-"} "{environ.get("HTTP_REFERER", "-")}" '
+            f'"{environ.get("HTTP_USER_AGENT", "-")}"')
+    return text.encode("unicode_escape").decode("ascii") if not text.isprintable() else text

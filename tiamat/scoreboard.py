@@ -1,0 +1,100 @@
+"""Shared-memory liveness table: one fixed-size record per worker slot.
+
+The master creates it (an anonymous shared ``mmap``) before forking, so every worker writes
+its own record and the master reads all of them without a syscall or a round trip: this is
+how timeouts are detected without a temp file per worker (gunicorn's approach) and how the
+status view and metrics see what each worker is doing.
+
+Times are ``time.monotonic()`` values; CLOCK_MONOTONIC is system-wide on Linux, so a value
+written by a worker compares directly with the master's clock.
+"""
+
+from __future__ import annotations
+
+import mmap
+import struct
+from typing import NamedTuple
+
+EMPTY, BOOTING, IDLE, BUSY, STOPPING = range(5)
+STATE_NAMES = ("empty", "booting", "idle", "busy", "stopping")
+
+# pid, state, (pad), beat, request start, boot time, requests served, request label
+_RECORD = struct.Struct("=iB3xdddQ64s")
+RECORD_SIZE = 128
+_STATE_AT = 4  # offset of the state byte; state + beat + request start are written together
+_STATE_BEAT_START = struct.Struct("=B3xdd")
+_BEAT = struct.Struct("=d")
+_REQUESTS_AT = 32
+_IDLE = struct.Struct("=B3xd")
+_LABEL_AT = 40
+_LABEL_SIZE = 64
+
+
+class SlotState(NamedTuple):
+    pid: int
+    state: int
+    beat: float
+    request_start: float
+    boot_time: float
+    requests: int
+    label: str
+
+    @property
+    def state_name(self) -> str:
+        return STATE_NAMES[self.state] if 0 <= self.state < len(STATE_NAMES) else "?"
+
+
+class Scoreboard:
+    """``capacity`` records in one shared anonymous mapping (inherited by every fork)."""
+
+    def __init__(self, capacity: int = 1024) -> None:
+        self.capacity = capacity
+        self.mem = mmap.mmap(-1, capacity * RECORD_SIZE)
+
+    def reset(self, slot: int, pid: int, now: float) -> None:
+        _RECORD.pack_into(self.mem, slot * RECORD_SIZE, pid, BOOTING, now, 0.0, now, 0, b"")
+
+    def clear(self, slot: int) -> None:
+        _RECORD.pack_into(self.mem, slot * RECORD_SIZE, 0, EMPTY, 0.0, 0.0, 0.0, 0, b"")
+
+    def read(self, slot: int) -> SlotState:
+        pid, state, beat, start, boot, requests, label = _RECORD.unpack_from(
+            self.mem, slot * RECORD_SIZE)
+        return SlotState(pid, state, beat, start, boot, requests,
+                         label.rstrip(b"\0").decode("latin-1"))
+
+    def writer(self, slot: int) -> SlotWriter:
+        return SlotWriter(self.mem, slot * RECORD_SIZE)
+
+
+class SlotWriter:
+    """The calls a worker makes on its own record; each is one ``pack_into``."""
+
+    __slots__ = ("_mem", "_base", "requests")
+
+    def __init__(self, mem: mmap.mmap, base: int) -> None:
+        self._mem = mem
+        self._base = base
+        self.requests = 0
+
+    def beat(self, now: float) -> None:
+        _BEAT.pack_into(self._mem, self._base + 8, now)
+
+    def ready(self, now: float) -> None:
+        _IDLE.pack_into(self._mem, self._base + _STATE_AT, IDLE, now)
+
+    def busy(self, now: float, method: bytes, path: bytes) -> None:
+        base = self._base
+        _STATE_BEAT_START.pack_into(self._mem, base + _STATE_AT, BUSY, now, now)
+        label = method + b" " + path
+        self._mem[base + _LABEL_AT:base + _LABEL_AT + _LABEL_SIZE] = \
+            label[:_LABEL_SIZE].ljust(_LABEL_SIZE, b"\0")
+
+    def idle(self, now: float) -> None:
+        self.requests += 1
+        base = self._base
+        _IDLE.pack_into(self._mem, base + _STATE_AT, IDLE, now)
+        struct.pack_into("=Q", self._mem, base + _REQUESTS_AT, self.requests)
+
+    def stopping(self, now: float) -> None:
+        _IDLE.pack_into(self._mem, self._base + _STATE_AT, STOPPING, now)

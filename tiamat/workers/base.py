@@ -1,0 +1,222 @@
+"""The worker base class: the life cycle every worker class shares.
+
+A worker process runs :func:`worker_main`, which never returns:
+
+``boot()`` (after the fork: signals, process title, hooks, load the app unless preloaded,
+class-specific ``init_app()``) -> ``notify_ready()`` -> ``run()`` (the class's own I/O loop,
+which calls ``beat()`` at least once a second and watches ``alive``) -> ``worker_exit`` hook
+-> exit code 0.  A boot failure exits 3, an app that cannot be loaded exits 4; the master
+uses those codes to avoid respawning workers that cannot work.
+
+Subclass :class:`Worker` and implement :meth:`run` to write a worker class of your own
+(``-k mypkg.workers:MyWorker``).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import random
+import signal
+import sys
+import time
+import traceback
+from collections.abc import Callable
+from typing import Any
+
+from tiamat import apploader, hooks, logs
+from tiamat.channel import Channel
+from tiamat.scoreboard import SlotWriter
+
+EXIT_OK = 0
+EXIT_BOOT_ERROR = 3
+EXIT_APP_LOAD_ERROR = 4
+
+log = logging.getLogger("tiamat.error")
+
+#: the worker running in this process (None in the master); see ``tiamat.worker``
+current: Worker | None = None
+
+
+class Worker:
+    """Base class of every worker class.
+
+    Attributes a subclass uses: ``cfg`` (the settings), ``listeners`` (the shared listening
+    sockets), ``app`` (after boot), ``alive`` (False once the worker should stop),
+    ``quick`` (True for a quick stop: drop in-flight work), ``wake_fd`` (readable whenever a
+    signal arrived: add it to your selector or event loop), ``channel`` (to the master).
+    """
+
+    #: the kind of application this class serves: "wsgi", "asgi" or "tcp"
+    interface = "wsgi"
+
+    def __init__(self, *, slot: int, cfg: Any, listeners: list[Any], channel: Channel,
+                 board: SlotWriter, app: Any = None, master_pid: int = 0,
+                 generation: int = 0) -> None:
+        self.slot = slot
+        self.cfg = cfg
+        self.listeners = listeners
+        self.channel = channel
+        self.board = board
+        self.app = app
+        self.master_pid = master_pid or os.getppid()
+        self.generation = generation
+        self.pid = os.getpid()
+        self.alive = True
+        self.quick = False
+        self.reopen_logs = False
+        self.booted_at = time.monotonic()
+        self.wake_fd = -1
+        self._wake_w = -1
+        self.message_callbacks: list[Callable[[Any], None]] = []
+        jitter = random.randint(0, cfg.max_requests_jitter) if cfg.max_requests_jitter else 0
+        self.max_requests = cfg.max_requests + jitter if cfg.max_requests > 0 else 0
+
+    # --- life cycle ---------------------------------------------------------------------
+    def boot(self) -> None:
+        """Everything between the fork and serving; raising here is a boot failure."""
+        self.pid = os.getpid()
+        self._install_signals()
+        set_title(f"worker {self.slot}", self.cfg)
+        hooks.call(self.cfg, "post_fork", None, self)
+        if self.app is None:
+            self.app = self.load_app()
+        self.init_app()
+        hooks.call(self.cfg, "post_worker_init", self)
+
+    def load_app(self) -> Any:
+        return apploader.load_app(self.cfg.app, self.cfg)
+
+    def init_app(self) -> None:
+        """Class-specific preparation before serving (ASGI lifespan startup, say)."""
+
+    def run(self) -> None:
+        raise NotImplementedError
+
+    def notify_ready(self) -> None:
+        self.board.ready(time.monotonic())
+        self.channel.send("ready")
+
+    def beat(self, now: float | None = None) -> None:
+        """Prove liveness; call at least once a second while the loop runs."""
+        self.board.beat(time.monotonic() if now is None else now)
+        if os.getppid() != self.master_pid and self.alive:
+            log.warning("worker %s: master %s is gone; exiting", self.slot, self.master_pid)
+            self.alive = False
+            self.quick = True
+
+    def count_request(self) -> None:
+        """Call after each request; starts a graceful exit once max_requests is reached."""
+        if self.max_requests and self.board.requests >= self.max_requests and self.alive:
+            log.info("worker %s: served %s requests (max_requests); restarting",
+                     self.slot, self.board.requests)
+            self.alive = False
+
+    def handle_channel(self) -> None:
+        """Act on what the master sent; EOF means the master died, so stop at once."""
+        messages = self.channel.receive()
+        if messages is None:
+            if self.alive:
+                log.warning("worker %s: lost the master; exiting", self.slot)
+            self.alive = False
+            self.quick = True
+            return
+        for message in messages:
+            kind = message[0]
+            if kind == "reopen_logs":
+                logs.reopen()
+            elif kind == "stop":
+                self.alive = False
+            elif kind == "message":
+                for callback in list(self.message_callbacks):
+                    try:
+                        callback(message[1])
+                    except Exception:  # noqa: BLE001 - a user callback must not kill the worker
+                        log.exception("worker %s: on_message callback failed", self.slot)
+
+    def handle_wakeup(self) -> None:
+        """Drain the signal wake-up pipe (the handlers already set the flags)."""
+        try:
+            while os.read(self.wake_fd, 4096):
+                pass
+        except (BlockingIOError, InterruptedError):
+            pass
+        if self.reopen_logs:
+            self.reopen_logs = False
+            logs.reopen()
+
+    # --- signals ------------------------------------------------------------------------
+    def _install_signals(self) -> None:
+        for sig in (signal.SIGHUP, signal.SIGTTIN, signal.SIGTTOU, signal.SIGWINCH,
+                    signal.SIGUSR2):
+            signal.signal(sig, signal.SIG_IGN)
+        signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+        signal.signal(signal.SIGTERM, self._on_graceful)
+        signal.signal(signal.SIGQUIT, self._on_graceful)
+        signal.signal(signal.SIGINT, self._on_quick)
+        signal.signal(signal.SIGUSR1, self._on_reopen)
+        self.wake_fd, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        signal.set_wakeup_fd(self._wake_w, warn_on_full_buffer=False)
+
+    def _on_graceful(self, signum: int, frame: Any) -> None:
+        if signum == signal.SIGQUIT and self.alive:
+            hooks.call(self.cfg, "worker_int", self)
+        self.alive = False
+
+    def _on_quick(self, signum: int, frame: Any) -> None:
+        hooks.call(self.cfg, "worker_int", self)
+        self.alive = False
+        self.quick = True
+
+    def _on_reopen(self, signum: int, frame: Any) -> None:
+        self.reopen_logs = True
+
+
+def set_title(role: str, cfg: Any) -> None:
+    """``tiamat: master [app]`` / ``tiamat: worker 0 [app]`` (no-op without setproctitle)."""
+    try:
+        from setproctitle import setproctitle
+    except ImportError:  # pragma: no cover - declared as a dependency
+        return
+    name = cfg.proc_name or cfg.app or "-"
+    setproctitle(f"tiamat: {role} [{name}]")
+
+
+def worker_main(worker: Worker) -> None:
+    """Run a worker in the forked child and exit the process; never returns."""
+    global current
+    current = worker
+    code = EXIT_OK
+    try:
+        try:
+            worker.boot()
+        except apploader.AppLoadError as exc:
+            log.error("%s", exc)
+            if exc.details:
+                log.debug("%s", exc.details.rstrip())
+            worker.channel.send("boot_error", EXIT_APP_LOAD_ERROR, str(exc))
+            code = EXIT_APP_LOAD_ERROR
+            return
+        except Exception as exc:  # noqa: BLE001 - any boot failure is reported the same way
+            text = f"worker {worker.slot} failed to boot: {type(exc).__name__}: {exc}"
+            log.error("%s", text)
+            log.debug("%s", traceback.format_exc().rstrip())
+            worker.channel.send("boot_error", EXIT_BOOT_ERROR, text)
+            code = EXIT_BOOT_ERROR
+            return
+        try:
+            worker.run()
+        except SystemExit as exc:
+            code = exc.code if isinstance(exc.code, int) else 1
+        except BaseException:  # noqa: BLE001 - log, then exit non-zero
+            log.exception("worker %s crashed", worker.slot)
+            code = 1
+        hooks.call(worker.cfg, "worker_exit", None, worker)
+    finally:
+        for stream in (sys.stdout, sys.stderr):
+            try:
+                stream.flush()
+            except Exception:  # noqa: BLE001,S110 - nothing left to report to
+                pass
+        logging.shutdown()
+        os._exit(code)
