@@ -23,7 +23,8 @@ import time
 from typing import Any, BinaryIO
 
 from tiamat.http.errors import ProtocolError
-from tiamat.http.h1 import END_OF_MESSAGE, Limits, RequestHead, RequestReader
+from tiamat.http import reader_factory
+from tiamat.http.h1 import END_OF_MESSAGE, RequestHead, RequestReader
 from tiamat.http.response import CONTINUE_100, error_response
 from tiamat.workers.base import Worker
 from tiamat.wsgi import ClientDisconnected, WSGIHandler
@@ -115,7 +116,7 @@ class SyncWorker(Worker):
     def run(self) -> None:
         cfg = self.cfg
         self.handler = WSGIHandler(self.app, cfg, multithread=self.multithread)
-        self.limits = Limits.from_config(cfg)
+        self.new_reader = reader_factory(cfg)
         self.selector = selectors.DefaultSelector()
         self.connections: dict[int, Connection] = {}
         self.accepting = False
@@ -184,7 +185,7 @@ class SyncWorker(Worker):
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             environ = self.handler.connection_environ(
                 peer, self.sockname[listener.fileno()], "http")
-            conn = Connection(sock, RequestReader(self.limits), environ, now, cfg.send_timeout)
+            conn = Connection(sock, self.new_reader(), environ, now, cfg.send_timeout)
             conn.deadline = now + (cfg.header_timeout or 1e9)
             self.connections[sock.fileno()] = conn
             self.selector.register(sock, selectors.EVENT_READ, conn)
