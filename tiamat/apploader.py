@@ -47,7 +47,7 @@ def prepare_sys_path(chdir: str | None, pythonpath: str | None = None) -> None:
 def split_spec(spec: str) -> tuple[str, str | None]:
     """``'pkg.mod:attr'`` -> ``('pkg.mod', 'attr')``; a path keeps its drive-free colon rules."""
     target, sep, attr = spec.partition(":")
-    if spec.endswith(".py") or os.sep in target and not sep:
+    if spec.endswith(".py") or (os.sep in target and not sep):
         return spec, None
     return target, (attr or None) if sep else None
 
@@ -65,13 +65,13 @@ def load_app(spec: str, config: Any = None) -> Any:
         raise AppLoadError(spec, str(exc), traceback.format_exc()) from None
     except SystemExit as exc:
         raise AppLoadError(spec, f"the module called sys.exit({exc.code!r}) while importing") from None
-    except BaseException as exc:  # noqa: BLE001 - the app's import error is the user's to see
+    except BaseException as exc:
         raise AppLoadError(spec, f"{type(exc).__name__}: {exc}", traceback.format_exc()) from None
     try:
         app = _resolve(module, attr, config)
     except AppLoadError as exc:
         raise AppLoadError(spec, str(exc).split(": ", 1)[-1], exc.details) from None
-    except Exception as exc:  # noqa: BLE001 - a failing factory is reported like an import error
+    except Exception as exc:
         raise AppLoadError(spec, f"{type(exc).__name__}: {exc}", traceback.format_exc()) from None
     if not callable(app):
         raise AppLoadError(spec, f"the application is not callable (got {type(app).__name__})")

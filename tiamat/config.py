@@ -202,7 +202,7 @@ def _to_callable(value: Any) -> Any:
             obj: Any = importlib.import_module(module_name)
             for part in attr.split("."):
                 obj = getattr(obj, part)
-        except Exception as exc:  # noqa: BLE001 - any import failure is the user's to see
+        except Exception as exc:
             raise ValueError(f"cannot import {value!r}: {exc}") from None
         if callable(obj):
             return obj
@@ -221,13 +221,13 @@ def read_config_file(path: str) -> tuple[dict[str, Any], list[str]]:
         raise ConfigError(f"{path}: config file not found")
     try:
         namespace = runpy.run_path(path, run_name="__tiamat_config__")
-    except Exception as exc:  # noqa: BLE001 - report whatever the file raised
+    except Exception as exc:
         raise ConfigError(f"{path}: cannot load config file: {type(exc).__name__}: {exc}") from None
     loader = namespace.get("load")
     if callable(loader) and "load" not in BY_KEY:
         try:
             raw = loader()
-        except Exception as exc:  # noqa: BLE001
+        except Exception as exc:
             raise ConfigError(f"{path}: load() raised {type(exc).__name__}: {exc}") from None
         if not isinstance(raw, dict):
             raise ConfigError(f"{path}: load() must return a dict, got {type(raw).__name__}")

@@ -42,6 +42,6 @@ def call(cfg: Any, name: str, *args: Any) -> Any:
     arity = _arity(func)
     try:
         return func(*(args if arity is None else args[:arity]))
-    except Exception:  # noqa: BLE001 - a failing hook is the user's bug, reported, not fatal
+    except Exception:
         log.exception("hook %s raised", name)
         return None

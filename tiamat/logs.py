@@ -85,7 +85,7 @@ def _read_logconfig(path: str) -> dict[str, Any]:
     if path.endswith(".json") or text.lstrip().startswith("{"):
         return json.loads(text)
     namespace: dict[str, Any] = {}
-    exec(compile(text, path, "exec"), namespace)  # noqa: S102 - a config file the user wrote
+    exec(compile(text, path, "exec"), namespace)
     config = namespace.get("LOGGING") or namespace.get("logconfig_dict")
     if not isinstance(config, dict):
         raise ValueError(f"{path}: expected JSON, or Python defining LOGGING = {{...}}")

@@ -470,7 +470,7 @@ def _become_worker(state: MasterState, slot: int, parent_end: Channel, child_end
         worker_main(worker)
     except SystemExit as exc:
         code = exc.code if isinstance(exc.code, int) else 1
-    except BaseException:  # noqa: BLE001 - whatever happens, never run master code in a child
+    except BaseException:
         log.exception("worker %s failed before booting", slot)
     os._exit(code)
 

@@ -70,7 +70,7 @@ class Scoreboard:
 class SlotWriter:
     """The calls a worker makes on its own record; each is one ``pack_into``."""
 
-    __slots__ = ("_mem", "_base", "requests")
+    __slots__ = ("_base", "_mem", "requests")
 
     def __init__(self, mem: mmap.mmap, base: int) -> None:
         self._mem = mem

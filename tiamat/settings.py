@@ -321,7 +321,7 @@ BY_NAME: dict[str, Setting] = {s.name: s for s in SETTINGS}
 BY_KEY: dict[str, Setting] = {**{a: s for s in SETTINGS for a in s.aliases}, **BY_NAME}
 SECTIONS: tuple[str, ...] = tuple(dict.fromkeys(s.section for s in SETTINGS))
 
-del _S
+
 
 assert len(BY_KEY) == len(SETTINGS) + sum(len(s.aliases) for s in SETTINGS), "duplicate key"
 assert all(s.kind in KINDS for s in SETTINGS)

@@ -76,7 +76,7 @@ class ClientDisconnected(OSError):
 class _Response:
     """State of one response while the app produces it."""
 
-    __slots__ = ("status", "headers", "head_sent")
+    __slots__ = ("head_sent", "headers", "status")
 
     def __init__(self) -> None:
         self.status: str | None = None

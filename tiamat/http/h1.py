@@ -36,11 +36,25 @@ class Limits(NamedTuple):
                    cfg.limit_request_body)  # type: ignore[attr-defined]
 
 
+DEFAULT_LIMITS = Limits()
+
+
 class RequestHead:
     """A complete request head, with the body framing already decided by the core."""
 
-    __slots__ = ("method", "target", "path", "query", "version", "headers", "keep_alive",
-                 "content_length", "chunked", "expect_continue", "upgrade")
+    __slots__ = (
+        "chunked",
+        "content_length",
+        "expect_continue",
+        "headers",
+        "keep_alive",
+        "method",
+        "path",
+        "query",
+        "target",
+        "upgrade",
+        "version",
+    )
 
     def __init__(self, method: bytes, target: bytes, version: str,
                  headers: list[tuple[bytes, bytes]], keep_alive: bool,
@@ -87,11 +101,25 @@ class RequestReader:
     request can ever reach the app.
     """
 
-    __slots__ = ("events", "limits", "broken", "upgraded", "_parser", "_url", "_headers",
-                 "_head_size", "_body_size", "_content_length", "_chunked", "_expect",
-                 "_hosts", "_error", "_in_message")
+    __slots__ = (
+        "_body_size",
+        "_chunked",
+        "_content_length",
+        "_error",
+        "_expect",
+        "_head_size",
+        "_headers",
+        "_hosts",
+        "_in_message",
+        "_parser",
+        "_url",
+        "broken",
+        "events",
+        "limits",
+        "upgraded",
+    )
 
-    def __init__(self, limits: Limits = Limits()) -> None:
+    def __init__(self, limits: Limits = DEFAULT_LIMITS) -> None:
         self.events: list[object] = []
         self.limits = limits
         self.broken = False

@@ -47,7 +47,7 @@ def status_line(status: str | int) -> bytes:
 class DateHeader:
     """The ``Date:`` header line, rebuilt at most once a second rather than per response."""
 
-    __slots__ = ("_second", "_line")
+    __slots__ = ("_line", "_second")
 
     def __init__(self) -> None:
         self._second = -1

@@ -131,7 +131,7 @@ class Worker:
                 for callback in list(self.message_callbacks):
                     try:
                         callback(message[1])
-                    except Exception:  # noqa: BLE001 - a user callback must not kill the worker
+                    except Exception:
                         log.exception("worker %s: on_message callback failed", self.slot)
 
     def handle_wakeup(self) -> None:
@@ -197,7 +197,7 @@ def worker_main(worker: Worker) -> None:
             worker.channel.send("boot_error", EXIT_APP_LOAD_ERROR, str(exc))
             code = EXIT_APP_LOAD_ERROR
             return
-        except Exception as exc:  # noqa: BLE001 - any boot failure is reported the same way
+        except Exception as exc:
             text = f"worker {worker.slot} failed to boot: {type(exc).__name__}: {exc}"
             log.error("%s", text)
             log.debug("%s", traceback.format_exc().rstrip())
@@ -208,7 +208,7 @@ def worker_main(worker: Worker) -> None:
             worker.run()
         except SystemExit as exc:
             code = exc.code if isinstance(exc.code, int) else 1
-        except BaseException:  # noqa: BLE001 - log, then exit non-zero
+        except BaseException:
             log.exception("worker %s crashed", worker.slot)
             code = 1
         hooks.call(worker.cfg, "worker_exit", None, worker)
@@ -216,7 +216,7 @@ def worker_main(worker: Worker) -> None:
         for stream in (sys.stdout, sys.stderr):
             try:
                 stream.flush()
-            except Exception:  # noqa: BLE001,S110 - nothing left to report to
+            except Exception:
                 pass
         logging.shutdown()
         os._exit(code)

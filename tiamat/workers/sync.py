@@ -22,8 +22,8 @@ import tempfile
 import time
 from typing import Any, BinaryIO
 
-from tiamat.http.errors import ProtocolError
 from tiamat.http import reader_factory
+from tiamat.http.errors import ProtocolError
 from tiamat.http.h1 import END_OF_MESSAGE, RequestHead, RequestReader
 from tiamat.http.response import CONTINUE_100, error_response
 from tiamat.workers.base import Worker
@@ -43,8 +43,18 @@ class Connection:
     It is also the handler's :class:`~tiamat.wsgi.Transport` (``write``/``sendfile``).
     """
 
-    __slots__ = ("sock", "reader", "environ", "head", "body", "body_size", "deadline",
-                 "idle_since", "send_timeout", "closed")
+    __slots__ = (
+        "body",
+        "body_size",
+        "closed",
+        "deadline",
+        "environ",
+        "head",
+        "idle_since",
+        "reader",
+        "send_timeout",
+        "sock",
+    )
 
     def __init__(self, sock: socket.socket, reader: RequestReader, environ: dict[str, Any],
                  now: float, send_timeout: float) -> None:
