@@ -45,6 +45,7 @@ TICK = 1.0
 
 @dataclass
 class WorkerProc:
+STOP_SIGNALS = {signal.SIGTERM, signal.SIGQUIT, signal.SIGINT}
     """What the master knows about one live worker process."""
 
     slot: int
@@ -71,6 +72,8 @@ class MasterState:
     app: Any = None
     pid: int = field(default_factory=os.getpid)
     target: int = 1
+    #: the traceback behind boot_error, logged at debug level only
+    boot_details: str = ""
     workers: dict[int, WorkerProc] = field(default_factory=dict)
     signals: deque[int] = field(default_factory=deque)
     wake_r: int = -1
@@ -268,6 +271,9 @@ def handle_signals(state: MasterState) -> None:
         signum = state.signals.popleft()
         action = SIGNAL_ACTIONS.get(signum)
         if action is not None:
+        # a message sent just before exiting (boot_error) must be read before the channel closes
+        for message in worker.channel.receive() or ():
+            handle_message(state, worker, message)
             action(state)
 
 
@@ -298,8 +304,12 @@ def on_ttou(state: MasterState) -> None:
 
 
 def on_usr1(state: MasterState) -> None:
+        if worker.boot_details:
+            log.debug("%s", worker.boot_details)
     logs.reopen()
     for worker in state.workers.values():
+    if state.fatal is not None:
+        return  # the other workers failed the same way: the one line is printed at exit
         worker.channel.send("reopen_logs")
 
 
@@ -384,6 +394,7 @@ def kill_worker(state: MasterState, worker: WorkerProc, reason: str) -> None:
     _signal(worker.pid, signal.SIGKILL)
 
 
+        worker.boot_details = str(message[3]).rstrip() if len(message) > 3 else ""
 def _signal(pid: int, sig: int) -> None:
     try:
         os.kill(pid, sig)
@@ -469,24 +480,37 @@ def _become_worker(state: MasterState, slot: int, parent_end: Channel, child_end
                               master_pid=state.pid, generation=state.generation)
         worker_main(worker)
     except SystemExit as exc:
+    # A stop signal must not land in the child while it still has the master's handlers
+    # (they would only queue it in the child's copy of the state, and the worker would
+    # never stop): block them across the fork; the child resets them before unblocking.
+    signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
         code = exc.code if isinstance(exc.code, int) else 1
     except BaseException:
         log.exception("worker %s failed before booting", slot)
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
     os._exit(code)
 
 
 def _load_and_pick(state: MasterState, channel: Channel) -> tuple[type[Worker], Any]:
     """``-k auto`` without --preload: load the app here, in the worker, then pick its class."""
     try:
+        for sig in STOP_SIGNALS:
+            signal.signal(sig, _exit_before_boot)  # until the worker installs its own
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
         app = apploader.load_app(state.cfg.app, state.cfg)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
         return pick_worker_class(state.cfg, app), app  # type: ignore[return-value]
     except apploader.AppLoadError as exc:
-        log.debug("%s", exc.details.rstrip())
-        channel.send("boot_error", EXIT_APP_LOAD_ERROR, str(exc))
+        channel.send("boot_error", EXIT_APP_LOAD_ERROR, str(exc), exc.details)
         raise SystemExit(EXIT_APP_LOAD_ERROR) from None
     except WorkerClassError as exc:
         channel.send("boot_error", EXIT_BOOT_ERROR, str(exc))
         raise SystemExit(EXIT_BOOT_ERROR) from None
+def _exit_before_boot(signum: int, frame: Any) -> None:
+    """A stop signal for a worker that is not serving yet: nothing to finish, just go."""
+    os._exit(128 + signum)
+
+
 
 
 # --- stopping ----------------------------------------------------------------------------
