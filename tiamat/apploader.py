@@ -10,6 +10,7 @@ user sees (``cannot load 'myapp:app': No module named 'myapp'``).
 from __future__ import annotations
 
 import ast
+import functools
 import importlib
 import importlib.util
 import inspect
@@ -160,12 +161,27 @@ def _call_run(run: Any, config: Any) -> Any:
 
 
 def is_asgi(app: Any) -> bool:
-    """ASGI apps are coroutine functions (or objects whose __call__ is one) taking 3 arguments,
-    or ASGI 2 classes; everything else is treated as WSGI."""
+    """True for an ASGI 3 app (a coroutine function, or an object whose ``__call__`` is one,
+    taking ``scope, receive, send``) or an ASGI 2 class (instantiated with the scope, then
+    awaited with ``receive, send``); everything else is treated as WSGI.
+
+    The parameter count matters: ``async def handle(reader, writer)`` is a ``-k tcp`` handler,
+    not an ASGI app.
+    """
+    while isinstance(app, functools.partial):
+        app = app.func
     if inspect.isclass(app):
-        call = getattr(app, "__call__", None)  # noqa: B004 - ASGI 2: instance's __call__
-        return inspect.iscoroutinefunction(call)
-    if inspect.iscoroutinefunction(app):
+        call = getattr(app, "__call__", None)  # noqa: B004 - ASGI 2: the instance's __call__
+        return inspect.iscoroutinefunction(call) or hasattr(app, "__await__")
+    target = app if inspect.isroutine(app) else getattr(app, "__call__", None)  # noqa: B004
+    if not inspect.iscoroutinefunction(target):
+        return False
+    try:
+        params = inspect.signature(app).parameters.values()
+    except (TypeError, ValueError):
         return True
-    call = getattr(app, "__call__", None)  # noqa: B004
-    return inspect.iscoroutinefunction(call)
+    if any(p.kind is p.VAR_POSITIONAL for p in params):
+        return True
+    positional = [p for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    required = [p for p in positional if p.default is p.empty]
+    return len(required) <= 3 <= len(positional)

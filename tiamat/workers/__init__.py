@@ -1,13 +1,16 @@
 """Worker classes, one module each, and how a ``-k`` name becomes a class.
 
-Built in: ``sync`` (tiamat.workers.sync).  Later classes register in ``BUILTIN``.
-A dotted path (``pkg.mod:Class`` or ``pkg.mod.Class``) loads a user's subclass of
-:class:`tiamat.workers.base.Worker`.
+Built in: ``sync`` (tiamat.workers.sync), ``thread`` (WSGI on a thread pool), ``asgi``
+(asyncio: HTTP, WebSocket, lifespan) and ``tcp`` (raw TCP handlers).  A dotted path
+(``pkg.mod:Class`` or ``pkg.mod.Class``) loads a user's subclass of
+:class:`tiamat.workers.base.Worker`; uvicorn's worker classes are accepted as ``asgi`` so
+gunicorn command lines migrate unchanged.
 """
 
 from __future__ import annotations
 
 import importlib
+import logging
 from typing import Any
 
 from tiamat.workers.base import Worker
@@ -15,10 +18,21 @@ from tiamat.workers.base import Worker
 #: ``-k`` name -> "module:Class"; imported only when chosen, so unused classes cost nothing
 BUILTIN: dict[str, str] = {
     "sync": "tiamat.workers.sync:SyncWorker",
+    "thread": "tiamat.workers.thread:ThreadWorker",
+    "gthread": "tiamat.workers.thread:ThreadWorker",
+    "asgi": "tiamat.workers.asgi:AsgiWorker",
+    "tcp": "tiamat.workers.tcp:TcpWorker",
 }
 
 #: gunicorn/uvicorn spellings accepted so existing command lines keep working
-ALIASES: dict[str, str] = {}
+ALIASES: dict[str, str] = {
+    "uvicorn.workers.UvicornWorker": "asgi",
+    "uvicorn.workers.UvicornH11Worker": "asgi",
+    "uvicorn_worker.UvicornWorker": "asgi",
+    "uvicorn_worker.UvicornH11Worker": "asgi",
+}
+
+log = logging.getLogger("tiamat.error")
 
 
 class WorkerClassError(Exception):
@@ -45,7 +59,10 @@ def resolve(name: str, app_interface: str = "wsgi", threads: int = 1) -> type[Wo
             name = "tcp"
         else:
             name = "thread" if threads > 1 and "thread" in BUILTIN else "sync"
-    name = ALIASES.get(name, name)
+    alias = ALIASES.get(name)
+    if alias is not None:
+        log.info("worker class %s: using tiamat's %s worker instead", name, alias)
+        name = alias
     target = BUILTIN.get(name, name)
     if name not in BUILTIN and "." not in name and ":" not in name:
         known = ", ".join(sorted(BUILTIN))

@@ -81,11 +81,19 @@ class Worker:
         hooks.call(self.cfg, "post_fork", None, self)
         if self.app is None:
             self.app = self.load_app()
+        self.check_app()
         self.init_app()
         hooks.call(self.cfg, "post_worker_init", self)
 
     def load_app(self) -> Any:
         return apploader.load_app(self.cfg.app, self.cfg)
+
+    def check_app(self) -> None:
+        """Refuse, as an app load error (exit 4, one line), an app this class cannot serve."""
+        if self.interface == "wsgi" and apploader.is_asgi(self.app):
+            raise apploader.AppLoadError(
+                self.cfg.app or "", f"it is an ASGI application and the {type(self).__name__} "
+                "worker class serves WSGI; run it with -k asgi")
 
     def init_app(self) -> None:
         """Class-specific preparation before serving (ASGI lifespan startup, say)."""

@@ -1,0 +1,23 @@
+"""WSGI test app for the worker-class tests: sleeps, echoes, reports pid and thread."""
+
+import os
+import threading
+import time
+from urllib.parse import parse_qs
+
+
+def application(environ, start_response):
+    path = environ["PATH_INFO"]
+    query = parse_qs(environ["QUERY_STRING"])
+    if path == "/sleep":
+        time.sleep(float(query.get("s", ["0.01"])[0]))
+        body = b"slept %d" % os.getpid()
+    elif path == "/echo":
+        body = environ["wsgi.input"].read()
+    elif path == "/info":
+        body = ("pid=%d thread=%s multithread=%s" % (
+            os.getpid(), threading.current_thread().name, environ["wsgi.multithread"])).encode()
+    else:
+        body = b"hello"
+    start_response("200 OK", [("Content-Type", "text/plain"), ("Content-Length", str(len(body)))])
+    return [body]

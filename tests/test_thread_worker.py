@@ -1,0 +1,127 @@
+"""``-k thread``: WSGI on a thread pool, with the sync worker's connection handling."""
+
+from __future__ import annotations
+
+import signal
+import socket
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+from conftest import wait_for
+
+APP = "tests/apps/wk_wsgi.py"
+
+
+def _get_all(host: str, port: int, path: str, count: int) -> None:
+    """``count`` keep-alive GETs on one raw socket (light on the client side, unlike httpx)."""
+    with socket.create_connection((host, port), timeout=30) as sock:
+        for _ in range(count):
+            sock.sendall(f"GET {path} HTTP/1.1\r\nHost: t\r\n\r\n".encode())
+            data = b""
+            while b"\r\n\r\n" not in data:
+                data += sock.recv(4096)
+            head, _, body = data.partition(b"\r\n\r\n")
+            assert head.startswith(b"HTTP/1.1 200")
+            length = int(head.lower().split(b"content-length: ")[1].split(b"\r\n")[0])
+            while len(body) < length:
+                body += sock.recv(4096)
+
+
+def _burst(server, n: int, clients: int, path: str = "/sleep?s=0.01") -> float:
+    """``n`` requests from ``clients`` keep-alive clients at once; the seconds it took."""
+    start = time.monotonic()
+    with ThreadPoolExecutor(clients) as pool:
+        list(pool.map(lambda count: _get_all(server.host, server.port, path, count),
+                      [n // clients] * clients))
+    return time.monotonic() - start
+
+
+def test_threads_scale_a_sleeping_app(tiamat_server):
+    sync = tiamat_server(APP, "-k", "sync", "-w", "1")
+    sync_time = _burst(sync, 64, 16)
+    threaded = tiamat_server(APP, "-k", "thread", "--threads", "8", "-w", "2")
+    thread_time = _burst(threaded, 64, 16)
+    # sync: 64 x 10 ms one after the other (>= 0.64 s); 16 threads: ~16x less in theory
+    assert sync_time >= 0.6
+    assert thread_time * 3 < sync_time, (thread_time, sync_time)
+
+
+def test_threads_is_the_default_for_wsgi_with_several_threads(tiamat_server):
+    server = tiamat_server(APP, "--threads", "4")
+    status, _, body = server.get("/info")
+    assert status == 200
+    assert b"multithread=True" in body
+    assert b"thread=tiamat-" in body
+
+
+def test_keep_alive_and_pipelining(tiamat_server):
+    server = tiamat_server(APP, "-k", "thread", "--threads", "2")
+    raw = (b"POST /echo HTTP/1.1\r\nHost: t\r\nContent-Length: 3\r\n\r\nabc"
+           b"GET /sleep?s=0.05 HTTP/1.1\r\nHost: t\r\n\r\n"
+           b"GET / HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n")
+    reply = server.request(raw)
+    assert reply.count(b"HTTP/1.1 200 OK") == 3
+    # responses in request order, although the second one took longest
+    assert reply.index(b"abc") < reply.index(b"slept") < reply.index(b"hello")
+
+
+def test_busy_worker_stops_accepting(tiamat_server):
+    """One worker's only thread is stuck: every new client must be served by the other."""
+    server = tiamat_server(APP, "-k", "thread", "--threads", "1", "-w", "2")
+    wait_for(lambda: len(server.worker_pids()) == 2)
+    slow = socket.create_connection((server.host, server.port))
+    slow.sendall(b"GET /sleep?s=3 HTTP/1.1\r\nHost: t\r\n\r\n")
+    time.sleep(0.3)  # let a worker take it
+    start = time.monotonic()
+    pids = set()
+    for _ in range(20):
+        status, _, body = server.get("/info", timeout=10)
+        assert status == 200
+        pids.add(body.split()[0])
+    elapsed = time.monotonic() - start
+    assert elapsed < 2.0, f"a new client waited behind the slow request ({elapsed:.1f}s)"
+    assert len(pids) == 1
+    assert slow.recv(100).startswith(b"HTTP/1.1 200")
+    slow.close()
+
+
+def test_idle_keep_alive_connections_do_not_take_threads(tiamat_server):
+    server = tiamat_server(APP, "-k", "thread", "--threads", "1")
+    idle = []
+    for _ in range(20):
+        sock = socket.create_connection((server.host, server.port))
+        sock.sendall(b"GET / HTTP/1.1\r\nHost: t\r\n\r\n")
+        assert sock.recv(1000).startswith(b"HTTP/1.1 200")
+        idle.append(sock)
+    half = socket.create_connection((server.host, server.port))
+    half.sendall(b"GET / HTTP/1.1\r\nHo")  # an incomplete head must not block the thread
+    status, _, body = server.get("/")
+    assert (status, body) == (200, b"hello")
+    for sock in [*idle, half]:
+        sock.close()
+
+
+def test_graceful_stop_finishes_in_flight_requests(tiamat_server):
+    server = tiamat_server(APP, "-k", "thread", "--threads", "4")
+    results: list[bytes] = []
+
+    def slow_request() -> None:
+        with socket.create_connection((server.host, server.port), timeout=10) as sock:
+            sock.sendall(b"GET /sleep?s=1 HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n")
+            data = b""
+            while chunk := sock.recv(4096):
+                data += chunk
+            results.append(data)
+
+    threads = [threading.Thread(target=slow_request) for _ in range(3)]
+    for thread in threads:
+        thread.start()
+    time.sleep(0.3)
+    server.signal(signal.SIGTERM)
+    for thread in threads:
+        thread.join(10)
+    assert server.wait(10) == 0
+    assert len(results) == 3
+    assert all(r.startswith(b"HTTP/1.1 200") and b"slept" in r for r in results)
+

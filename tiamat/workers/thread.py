@@ -1,0 +1,195 @@
+"""``-k thread --threads N``: WSGI on a pool of N threads per worker process.
+
+Everything but the app call is the sync worker's: one thread (the main one) runs the
+``selectors`` loop over the listening sockets, the idle keep-alive connections and the
+connections still sending a request; the HTTP core buffers each request until it is
+complete.  Only then is the connection handed to a pool thread, which calls the app and
+writes the response, and hands the connection back through the worker's wake-up pipe.
+
+While a connection is in a pool thread the loop does not watch it (its pipelined bytes and
+events wait), and while every thread is busy the worker stops accepting: new connections
+stay in the kernel's backlog where another, less busy, worker takes them, rather than
+queueing here behind slow requests.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import os
+import queue
+import selectors
+import threading
+import time
+from collections import deque
+from typing import BinaryIO
+
+from tiamat.http.h1 import RequestHead
+from tiamat.workers.sync import Connection, SyncWorker
+
+log = logging.getLogger("tiamat.error")
+
+_FOREVER = float("inf")
+
+
+class _InFlight:
+    """A request handed to the pool; the main thread looks at it only once it is done."""
+
+    __slots__ = ("body", "close_after", "conn", "head", "keep_alive", "pending", "start")
+
+    def __init__(self, conn: Connection, head: RequestHead, body: BinaryIO,
+                 pending: list[object], start: float) -> None:
+        self.conn = conn
+        self.head = head
+        self.body = body
+        self.pending = pending
+        self.start = start
+        self.keep_alive = False
+        self.close_after = False
+
+
+class ThreadWorker(SyncWorker):
+    """The sync worker's loop, with complete requests run on ``--threads`` pool threads."""
+
+    interface = "wsgi"
+    multithread = True
+
+    def run(self) -> None:
+        self.nthreads = max(1, self.cfg.threads)
+        self.in_flight: dict[Connection, _InFlight] = {}
+        self.done: deque[_InFlight] = deque()
+        self.jobs: queue.SimpleQueue[_InFlight | None] = queue.SimpleQueue()
+        self.threads = [threading.Thread(target=self._pool_thread, name=f"tiamat-{i}", daemon=True)
+                        for i in range(self.nthreads)]
+        for thread in self.threads:
+            thread.start()
+        super().run()
+
+    # --- accepting ----------------------------------------------------------------------
+    def _set_accepting(self, on: bool) -> None:
+        if on and (len(self.in_flight) >= self.nthreads
+                   or len(self.connections) >= self.cfg.worker_connections):
+            return
+        super()._set_accepting(on)
+
+    # --- handing requests to the pool ---------------------------------------------------
+    def dispatch(self, conn: Connection) -> None:
+        head = conn.head
+        assert head is not None
+        body = conn.body
+        if body is None:
+            body = io.BytesIO()
+        else:
+            body.seek(0)
+        conn.head = conn.body = None
+        # stop watching the connection; events already read (a pipelined request) wait too
+        events = conn.reader.events
+        pending = events[:]
+        events.clear()
+        try:
+            self.selector.unregister(conn.sock)
+        except (KeyError, ValueError):
+            pass
+        conn.deadline = _FOREVER
+        job = _InFlight(conn, head, body, pending, time.monotonic())
+        self.in_flight[conn] = job
+        self._update_board()
+        if len(self.in_flight) >= self.nthreads:
+            self._set_accepting(False)
+        self.jobs.put(job)
+
+    def _pool_thread(self) -> None:
+        jobs, done, handler = self.jobs, self.done, None
+        while True:
+            job = jobs.get()
+            if job is None:
+                return
+            if handler is None:
+                handler = self.handler
+            try:
+                job.keep_alive = handler.handle(job.head, job.body, job.conn.environ, job.conn)[0]
+            except BaseException:  # the handler already turns app errors into a 500
+                log.exception("unexpected error in a pool thread")
+                job.keep_alive = False
+            finally:
+                job.body.close()
+            done.append(job)
+            try:
+                os.write(self._wake_w, b"\0")
+            except (BlockingIOError, InterruptedError):
+                pass  # the pipe is full: the loop is going to wake up anyway
+
+    # --- taking connections back ----------------------------------------------------------
+    def handle_wakeup(self) -> None:
+        super().handle_wakeup()
+        self._collect()
+
+    def _collect(self) -> None:
+        done = self.done
+        while done:
+            job = done.popleft()
+            conn = job.conn
+            self.in_flight.pop(conn, None)
+            self.board.idle(time.monotonic())
+            self.count_request()
+            if (not job.keep_alive or not self.alive or job.head.upgrade or job.close_after
+                    or conn.closed):
+                self.close(conn)
+            else:
+                now = time.monotonic()
+                conn.idle_since = now
+                conn.deadline = now + self.cfg.keepalive
+                self.selector.register(conn.sock, selectors.EVENT_READ, conn)
+                if job.pending:
+                    conn.reader.events[:0] = job.pending
+                    self.process(conn)
+        self._update_board()
+        if self.alive:
+            self._set_accepting(True)
+
+    def _update_board(self) -> None:
+        """Show the oldest in-flight request as the worker's current one (for --timeout)."""
+        if self.in_flight:
+            job = min(self.in_flight.values(), key=lambda j: j.start)
+            self.board.busy(job.start, job.head.method, job.head.path)
+
+    def close(self, conn: Connection, linger: bool = False) -> None:
+        job = self.in_flight.get(conn)
+        if job is not None:  # a pool thread owns it: close once it hands it back
+            job.close_after = True
+            return
+        super().close(conn, linger)
+
+    # --- stopping -------------------------------------------------------------------------
+    def shutdown(self) -> None:
+        """Stop accepting, let in-flight requests finish (unless quick), then close all."""
+        self.board.stopping(time.monotonic())
+        self._set_accepting(False)
+        for sock in self.listeners:
+            sock.close()  # refuse new clients now rather than leave them in the backlog
+        for conn in list(self.connections.values()):
+            if conn not in self.in_flight:
+                self.close(conn)
+        deadline = time.monotonic() + self.cfg.graceful_timeout
+        while self.in_flight and not self.quick and time.monotonic() < deadline:
+            for key, _ in self.selector.select(0.5):
+                if key.fileobj == self.wake_fd:
+                    super().handle_wakeup()
+                elif key.fileobj is self.channel.sock:
+                    self.handle_channel()
+            self._collect_for_shutdown()
+            self.beat()
+        for _ in self.threads:
+            self.jobs.put(None)
+        if self.in_flight:
+            # the pool threads are daemons and worker_main ends with os._exit: not waited for
+            log.warning("worker %s: exiting with %s requests still running", self.slot,
+                        len(self.in_flight))
+        super().shutdown()
+
+    def _collect_for_shutdown(self) -> None:
+        while self.done:
+            job = self.done.popleft()
+            self.in_flight.pop(job.conn, None)
+            self.board.idle(time.monotonic())
+            super().close(job.conn)
