@@ -38,6 +38,7 @@ log = logging.getLogger("tiamat.error")
 
 HANDLED_SIGNALS = (signal.SIGHUP, signal.SIGQUIT, signal.SIGTERM, signal.SIGINT, signal.SIGTTIN,
                    signal.SIGTTOU, signal.SIGWINCH, signal.SIGUSR1, signal.SIGUSR2, signal.SIGCHLD)
+STOP_SIGNALS = {signal.SIGTERM, signal.SIGQUIT, signal.SIGINT}
 BOOT_ERRORS = (EXIT_BOOT_ERROR, EXIT_APP_LOAD_ERROR)
 MAX_BACKOFF = 30.0
 TICK = 1.0
@@ -45,7 +46,6 @@ TICK = 1.0
 
 @dataclass
 class WorkerProc:
-STOP_SIGNALS = {signal.SIGTERM, signal.SIGQUIT, signal.SIGINT}
     """What the master knows about one live worker process."""
 
     slot: int
@@ -57,6 +57,8 @@ STOP_SIGNALS = {signal.SIGTERM, signal.SIGQUIT, signal.SIGINT}
     #: set once the worker was told to stop (graceful), with the time it must be gone by
     stop_deadline: float | None = None
     boot_error: str | None = None
+    #: the traceback behind boot_error, logged at debug level only
+    boot_details: str = ""
     #: why the master ended it, for the log and metrics (timeout, reload, max-requests ...)
     reason: str | None = None
 
@@ -72,8 +74,6 @@ class MasterState:
     app: Any = None
     pid: int = field(default_factory=os.getpid)
     target: int = 1
-    #: the traceback behind boot_error, logged at debug level only
-    boot_details: str = ""
     workers: dict[int, WorkerProc] = field(default_factory=dict)
     signals: deque[int] = field(default_factory=deque)
     wake_r: int = -1
@@ -228,6 +228,9 @@ def reap(state: MasterState) -> None:
         if worker is None:
             continue
         code = os.waitstatus_to_exitcode(status)
+        # a message sent just before exiting (boot_error) must be read before the channel closes
+        for message in worker.channel.receive() or ():
+            handle_message(state, worker, message)
         _forget(state, worker)
         hooks.call(state.cfg, "child_exit", state, worker)
         if worker.boot_error is None and code in BOOT_ERRORS and not worker.booted:
@@ -258,8 +261,12 @@ def boot_failed(state: MasterState, worker: WorkerProc, code: int) -> None:
     if not state.ever_booted and not state.stopping:
         state.fatal = worker.boot_error
         state.exit_code = code if code in BOOT_ERRORS else EXIT_BOOT_ERROR
+        if worker.boot_details:
+            log.debug("%s", worker.boot_details)
         begin_stop(state, graceful=False)
         return
+    if state.fatal is not None:
+        return  # the other workers failed the same way: the one line is printed at exit
     state.backoff = min(MAX_BACKOFF, max(1.0, state.backoff * 2))
     state.not_before[worker.slot] = time.monotonic() + state.backoff
     log.error("%s; retrying in %.0fs", worker.boot_error, state.backoff)
@@ -271,9 +278,6 @@ def handle_signals(state: MasterState) -> None:
         signum = state.signals.popleft()
         action = SIGNAL_ACTIONS.get(signum)
         if action is not None:
-        # a message sent just before exiting (boot_error) must be read before the channel closes
-        for message in worker.channel.receive() or ():
-            handle_message(state, worker, message)
             action(state)
 
 
@@ -304,12 +308,8 @@ def on_ttou(state: MasterState) -> None:
 
 
 def on_usr1(state: MasterState) -> None:
-        if worker.boot_details:
-            log.debug("%s", worker.boot_details)
     logs.reopen()
     for worker in state.workers.values():
-    if state.fatal is not None:
-        return  # the other workers failed the same way: the one line is printed at exit
         worker.channel.send("reopen_logs")
 
 
@@ -351,6 +351,7 @@ def handle_message(state: MasterState, worker: WorkerProc, message: tuple[Any, .
             hooks.call(state.cfg, "when_ready", state)
     elif kind == "boot_error":
         worker.boot_error = str(message[2])
+        worker.boot_details = str(message[3]).rstrip() if len(message) > 3 else ""
     elif kind == "message":
         hooks.call(state.cfg, "on_message", state, worker, message[1])
 
@@ -394,7 +395,6 @@ def kill_worker(state: MasterState, worker: WorkerProc, reason: str) -> None:
     _signal(worker.pid, signal.SIGKILL)
 
 
-        worker.boot_details = str(message[3]).rstrip() if len(message) > 3 else ""
 def _signal(pid: int, sig: int) -> None:
     try:
         os.kill(pid, sig)
@@ -437,22 +437,36 @@ def spawn(state: MasterState, slot: int) -> WorkerProc | None:
     state.board.reset(slot, 0, now)
     for handler in logging.getLogger("tiamat.error").handlers:
         handler.flush()
+    # A stop signal must not land in the child while it still has the master's handlers
+    # (they would only queue it in the child's copy of the state, and the worker would
+    # never stop): block them across the fork; the child resets them before unblocking.
+    signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
     try:
         pid = os.fork()
     except OSError as exc:
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
         log.error("fork failed: %s", exc)
         parent_end.close()
         child_end.close()
         state.not_before[slot] = now + 1.0
         return None
     if pid == 0:  # the child: become the worker and never return
+        for sig in STOP_SIGNALS:
+            signal.signal(sig, _exit_before_boot)  # until the worker installs its own
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
         _become_worker(state, slot, parent_end, child_end)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
     child_end.close()
     info.pid = pid
     state.workers[pid] = info
     state.selector.register(parent_end.sock, selectors.EVENT_READ, info)
     log.info("Booting worker %s with pid %s", slot, pid)
     return info
+
+
+def _exit_before_boot(signum: int, frame: Any) -> None:
+    """A stop signal for a worker that is not serving yet: nothing to finish, just go."""
+    os._exit(128 + signum)
 
 
 def _become_worker(state: MasterState, slot: int, parent_end: Channel, child_end: Channel) -> None:
@@ -480,25 +494,16 @@ def _become_worker(state: MasterState, slot: int, parent_end: Channel, child_end
                               master_pid=state.pid, generation=state.generation)
         worker_main(worker)
     except SystemExit as exc:
-    # A stop signal must not land in the child while it still has the master's handlers
-    # (they would only queue it in the child's copy of the state, and the worker would
-    # never stop): block them across the fork; the child resets them before unblocking.
-    signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
         code = exc.code if isinstance(exc.code, int) else 1
     except BaseException:
         log.exception("worker %s failed before booting", slot)
-        signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
     os._exit(code)
 
 
 def _load_and_pick(state: MasterState, channel: Channel) -> tuple[type[Worker], Any]:
     """``-k auto`` without --preload: load the app here, in the worker, then pick its class."""
     try:
-        for sig in STOP_SIGNALS:
-            signal.signal(sig, _exit_before_boot)  # until the worker installs its own
-        signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
         app = apploader.load_app(state.cfg.app, state.cfg)
-    signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
         return pick_worker_class(state.cfg, app), app  # type: ignore[return-value]
     except apploader.AppLoadError as exc:
         channel.send("boot_error", EXIT_APP_LOAD_ERROR, str(exc), exc.details)
@@ -506,11 +511,6 @@ def _load_and_pick(state: MasterState, channel: Channel) -> tuple[type[Worker], 
     except WorkerClassError as exc:
         channel.send("boot_error", EXIT_BOOT_ERROR, str(exc))
         raise SystemExit(EXIT_BOOT_ERROR) from None
-def _exit_before_boot(signum: int, frame: Any) -> None:
-    """A stop signal for a worker that is not serving yet: nothing to finish, just go."""
-    os._exit(128 + signum)
-
-
 
 
 # --- stopping ----------------------------------------------------------------------------
