@@ -199,10 +199,8 @@ def worker_main(worker: Worker) -> None:
         try:
             worker.boot()
         except apploader.AppLoadError as exc:
-            log.error("%s", exc)
-            if exc.details:
-                log.debug("%s", exc.details.rstrip())
-            worker.channel.send("boot_error", EXIT_APP_LOAD_ERROR, str(exc))
+            # the master prints the one line (once, however many workers fail) and exits 4
+            worker.channel.send("boot_error", EXIT_APP_LOAD_ERROR, str(exc), exc.details)
             code = EXIT_APP_LOAD_ERROR
             return
         except Exception as exc:
