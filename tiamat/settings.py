@@ -275,6 +275,8 @@ _add("capture_output", "Logging", "bool", False,
 _add("statsd_host", "Logging", "str", None, "host:port of a StatsD server to send metrics to.",
      flags=("--statsd-host",))
 _add("statsd_prefix", "Logging", "str", "", "Prefix for StatsD metric names.", flags=("--statsd-prefix",))
+_add("statsd_interval", "Logging", "float", 10.0, "Seconds between StatsD pushes.",
+     flags=("--statsd-interval",), minimum=0.1)
 _add("metrics_bind", "Logging", "str", None, "Serve Prometheus metrics at this HOST:PORT (/metrics).",
      flags=("--metrics-bind",))
 _add("control_socket", "Logging", "str", None,
