@@ -1,6 +1,6 @@
 """``python -m tiamat``: the same command as ``tiamat``."""
 
-from tiamat.cli import main
+from tiamat.cli import run
 
 if __name__ == "__main__":
-    main()
+    run()

@@ -34,10 +34,14 @@ class AppLoadError(Exception):
         self.details = details
 
 
-def prepare_sys_path(chdir: str | None, pythonpath: str | None = None) -> None:
-    """Put the working directory (and --pythonpath entries) first on sys.path, once each."""
+def prepare_sys_path(chdir: str | None, pythonpath: str | None = None,
+                     also: str | None = None) -> None:
+    """Put --pythonpath entries, the working directory and ``also`` (the directory tiamat was
+    started in, before --chdir) first on sys.path, in that order, once each."""
     entries = [p for p in (pythonpath or "").split(",") if p.strip()]
     entries.append(os.path.abspath(chdir) if chdir else os.getcwd())
+    if also:
+        entries.append(also)
     for entry in reversed(entries):
         entry = os.path.abspath(entry.strip())
         if entry in sys.path:

@@ -69,15 +69,29 @@ def _run(ctx: click.Context, app_arg: str | None, **params: Any) -> None:
         sys.exit(0)
     if not cfg.app:
         raise click.UsageError("missing APP (module:attr, path/to/file.py, or -s SCRIPT)")
+    # the app sees TIAMAT=1 wherever it is imported (workers, --preload, --check-config),
+    # so ``if not os.environ.get("TIAMAT"): app.run()`` never binds a second server
+    os.environ["TIAMAT"] = "1"
+    started_in = os.getcwd()
     if cfg.chdir:
         os.chdir(cfg.chdir)
-    apploader.prepare_sys_path(None, cfg.pythonpath)
+    apploader.prepare_sys_path(None, cfg.pythonpath, also=started_in)
+    if cfg.stdout_path and not cfg.daemon:
+        _redirect_stdout(cfg.stdout_path)
     if cfg.umask is not None:
         os.umask(cfg.umask)
     logs.setup(cfg)
     if cfg.check_config:
         sys.exit(check(cfg))
     sys.exit(serve(cfg))
+
+
+def _redirect_stdout(path: str) -> None:
+    """The original tiamat's stdout_path: the server's (and the app's) stdout goes to a file."""
+    sys.stdout.flush()
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+    os.dup2(fd, 1)
+    os.close(fd)
 
 
 def check(cfg: Config) -> int:
@@ -117,3 +131,8 @@ def build_command() -> click.Command:
 
 
 main = build_command()
+
+
+def run() -> None:
+    """Entry point of ``python -m tiamat``: the same command, shown as ``tiamat``."""
+    main(prog_name="tiamat")

@@ -292,7 +292,7 @@ def load_config(cli: Mapping[str, Any] | None = None,
         _apply(values, sources, file_items, str(config_path), str)
     _apply(values, sources, env_items, "environment", lambda k: BY_NAME[k].env_var)
     _apply(values, sources, cli, "command line", _flag_name)
-    validate(values)
+    validate(values, sources)
     config = Config(values, sources)
     config.warnings = warnings
     return config
@@ -307,23 +307,32 @@ def _flag_name(name: str) -> str:
     return longs[0] if longs else (flags[0] if flags else name.upper())
 
 
-def validate(values: Mapping[str, Any]) -> None:
-    """Checks that involve more than one setting or more than a type."""
+def validate(values: Mapping[str, Any], sources: Mapping[str, str] | None = None) -> None:
+    """Checks that involve more than one setting or more than a type.
+
+    Each error names the key and where its value came from, like the per-key checks do.
+    """
     from tiamat.sockets import parse_address  # sockets imports nothing from config
+
+    def fail(name: str, reason: str) -> ConfigError:
+        origin = (sources or {}).get(name, "default")
+        key = _flag_name(name) if origin == "command line" else (
+            BY_NAME[name].env_var if origin == "environment" else name)
+        return ConfigError(f"{origin}: {key}: {reason}")
 
     for address in values["bind"]:
         try:
             parse_address(address)
         except ValueError as exc:
-            raise ConfigError(f"bind: {exc}") from None
-    if bool(values["certfile"]) != bool(values["keyfile"]) and values["keyfile"]:
-        raise ConfigError("keyfile: given without certfile")
+            raise fail("bind", str(exc)) from None
+    if values["keyfile"] and not values["certfile"]:
+        raise fail("keyfile", "given without certfile")
     for key in ("certfile", "keyfile", "ca_certs"):
         path = values[key]
         if path and not os.path.isfile(path):
-            raise ConfigError(f"{key}: no such file: {path}")
+            raise fail(key, f"no such file: {path}")
     if values["chdir"] and not os.path.isdir(values["chdir"]):
-        raise ConfigError(f"chdir: no such directory: {values['chdir']}")
+        raise fail("chdir", f"no such directory: {values['chdir']}")
     for item in values["raw_env"]:
         if "=" not in item:
-            raise ConfigError(f"raw_env: expected KEY=VALUE, got {item!r}")
+            raise fail("raw_env", f"expected KEY=VALUE, got {item!r}")

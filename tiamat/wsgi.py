@@ -277,6 +277,13 @@ class WSGIHandler:
         return framing.keep_alive, status_code, written  # type: ignore[union-attr]
 
     def _set_length(self, response: _Response, length: int) -> None:
+        """Add the Content-Length the app left out, when the whole body is known.
+
+        Not for 1xx/204 (which must not carry one) nor 304 (whose length describes the
+        representation the client already has)."""
+        status = response.status or ""
+        if status[:1] == "1" or status[:3] in ("204", "304"):
+            return
         for name, _ in response.headers:
             lname = name.lower()
             if lname == "content-length" or lname == "transfer-encoding":

@@ -140,6 +140,22 @@ class SyncWorker(Worker):
         self.loop()
         self.shutdown()
 
+    in_request = False
+
+    def _on_graceful(self, signum: int, frame: Any) -> None:
+        super()._on_graceful(signum, frame)
+        if self.in_request:
+            # the loop cannot run until the app returns: give up the listening sockets now,
+            # so new clients are refused at once instead of waiting in the backlog for a
+            # worker that will never accept them (the handler interrupted the app, never
+            # the selector code, so changing the selector here is safe)
+            self._release_listeners()
+
+    def _release_listeners(self) -> None:
+        self._set_accepting(False)
+        for sock in self.listeners:
+            sock.close()
+
     def _set_accepting(self, on: bool) -> None:
         if on == self.accepting:
             return
@@ -273,9 +289,11 @@ class SyncWorker(Worker):
         conn.head = conn.body = None
         board = self.board
         board.busy(time.monotonic(), head.method, head.path)
+        self.in_request = True
         try:
             keep_alive, _, _ = self.handler.handle(head, body, conn.environ, conn)
         finally:
+            self.in_request = False
             body.close()
             now = time.monotonic()
             board.idle(now)
@@ -328,7 +346,7 @@ class SyncWorker(Worker):
     def shutdown(self) -> None:
         """Stop accepting and close every connection (in-flight requests are already done)."""
         self.board.stopping(time.monotonic())
-        self._set_accepting(False)
+        self._release_listeners()
         for conn in list(self.connections.values()):
             self.close(conn)
         self.selector.close()
