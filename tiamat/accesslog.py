@@ -1,0 +1,267 @@
+"""The access log: gunicorn's format atoms, or one JSON object per line.
+
+A worker asks :func:`for_worker` once; it returns ``None`` when the access log is off, so
+the request path pays one ``is None`` test and builds no string at all.  Otherwise the
+format is parsed once into the list of atoms it uses, and each request computes only
+those atoms.
+
+Every value taken from the request or the response is escaped before it reaches the log:
+control characters (``\\n``, ``\\r``, ESC ...) become ``\\xNN`` escapes and ``"`` / ``\\``
+are backslash-escaped, so a client cannot forge log lines or colour a terminal.  The JSON
+format gets the same protection from JSON string escaping.
+
+The one entry point shared by every worker class is :meth:`AccessLog.log`, which takes
+plain values (the WSGI handler and the ASGI worker both call it); :meth:`AccessLog.log_wsgi`
+is a convenience that pulls those values out of a WSGI environ.
+
+Atoms (as in gunicorn): ``h`` remote address, ``l`` ``-``, ``u`` user from Basic auth,
+``t`` request time ``[27/Nov/2026:23:43:29 +0000]``, ``r`` request line, ``m`` method,
+``U`` path, ``q`` query string, ``H`` protocol, ``s`` status, ``B`` body bytes, ``b`` body
+bytes or ``-``, ``f`` referer, ``a`` user agent, ``T`` seconds, ``M`` milliseconds, ``D``
+microseconds, ``L`` decimal seconds, ``p`` ``<pid>``, ``{name}i`` request header,
+``{name}o`` response header, ``{name}e`` environ (or OS environment) variable.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+import logging
+import os
+import re
+import time
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+access_log = logging.getLogger("tiamat.access")
+
+#: --access-logformat values that select the JSON writer
+JSON_FORMATS = frozenset({"json", "JSON"})
+_KEY = re.compile(r"%\(([^)]*)\)")
+_MONTHS = ("Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec")
+
+
+def _escape_table() -> dict[int, str]:
+    table = {c: f"\\x{c:02x}" for c in (*range(0x20), *range(0x7F, 0xA0))}
+    table.update({ord("\n"): "\\n", ord("\r"): "\\r", ord("\t"): "\\t",
+                  ord('"'): '\\"', ord("\\"): "\\\\"})
+    return table
+
+
+_ESCAPES = _escape_table()
+_UNSAFE = re.compile('[\x00-\x1f\x7f-\x9f"\\\\]')
+
+
+def escape(value: str) -> str:
+    """``value`` with control characters, ``"`` and ``\\`` escaped (no log injection)."""
+    if _UNSAFE.search(value) is None:
+        return value
+    return value.translate(_ESCAPES)
+
+
+def _text(value: bytes | str | None) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, bytes):
+        value = value.decode("latin-1")
+    return escape(value) if value else "-"
+
+
+class _ClfClock:
+    """``[27/Nov/2026:23:43:29 +0000]``, rebuilt at most once a second."""
+
+    __slots__ = ("_second", "_text")
+
+    def __init__(self) -> None:
+        self._second = -1
+        self._text = ""
+
+    def format(self, when: float) -> str:
+        second = int(when)
+        if second != self._second:
+            tm = time.localtime(second)
+            offset = tm.tm_gmtoff or 0
+            sign = "+" if offset >= 0 else "-"
+            offset = abs(offset) // 60
+            self._text = (f"[{tm.tm_mday:02d}/{_MONTHS[tm.tm_mon - 1]}/{tm.tm_year}:"
+                          f"{tm.tm_hour:02d}:{tm.tm_min:02d}:{tm.tm_sec:02d} "
+                          f"{sign}{offset // 60:02d}{offset % 60:02d}]")
+            self._second = second
+        return self._text
+
+
+def _basic_user(authorization: str | None) -> str | None:
+    """The user name of a Basic ``Authorization`` header (unescaped), or None."""
+    if not authorization or authorization[:6].lower() != "basic ":
+        return None
+    try:
+        decoded = base64.b64decode(authorization[6:].strip(), validate=True).decode("latin-1")
+    except (binascii.Error, ValueError):
+        return None
+    return decoded.partition(":")[0] or None
+
+
+def _find(headers: Iterable[tuple[bytes | str, bytes | str]], name: str) -> str | None:
+    """The first value of header ``name`` (lower-case) in a list of pairs, or None."""
+    for key, value in headers:
+        if isinstance(key, bytes):
+            key = key.decode("latin-1")
+        if key.lower() == name:
+            return value.decode("latin-1") if isinstance(value, bytes) else value
+    return None
+
+
+class AccessLog:
+    """A parsed access-log format; :meth:`log` writes one line for one response."""
+
+    def __init__(self, fmt: str, logger: logging.Logger = access_log) -> None:
+        self.logger = logger
+        self.json = fmt.strip() in JSON_FORMATS
+        self.format = fmt
+        self.keys = tuple(dict.fromkeys(_KEY.findall(fmt))) if not self.json else ()
+        self.clock = _ClfClock()
+        self.pid_number = os.getpid()
+        self.pid = f"<{self.pid_number}>"
+
+    def log(self, *, remote_addr: str, method: str, target: str, protocol: str, status: int,
+            length: int, duration: float,
+            request_headers: Iterable[tuple[bytes | str, bytes | str]] = (),
+            response_headers: Iterable[tuple[bytes | str, bytes | str]] = (),
+            environ: Mapping[str, Any] | None = None) -> None:
+        """Write the line for one completed response.
+
+        ``target`` is the raw request target (path and query), ``length`` the body bytes
+        sent, ``duration`` seconds from the complete request to the end of the response.
+        Header names are matched case-insensitively; values may be bytes or str.
+        """
+        try:
+            if self.json:
+                line = self._json_line(remote_addr, method, target, protocol, status, length,
+                                       duration, request_headers, environ)
+            else:
+                line = self._text_line(remote_addr, method, target, protocol, status, length,
+                                       duration, request_headers, response_headers, environ)
+        except Exception:  # a bad format must never fail the request
+            logging.getLogger("tiamat.error").exception("access log format failed")
+            return
+        self.logger.info(line)
+
+    def log_wsgi(self, environ: Mapping[str, Any], status: int, length: int, duration: float,
+                 request_headers: Iterable[tuple[bytes | str, bytes | str]],
+                 response_headers: Iterable[tuple[bytes | str, bytes | str]]) -> None:
+        """:meth:`log` with the request values taken from a WSGI environ."""
+        self.log(remote_addr=environ.get("REMOTE_ADDR") or "-",
+                 method=environ.get("REQUEST_METHOD") or "-",
+                 target=environ.get("RAW_URI") or "-",
+                 protocol=environ.get("SERVER_PROTOCOL") or "-", status=status, length=length,
+                 duration=duration, request_headers=request_headers,
+                 response_headers=response_headers, environ=environ)
+
+    # --- the two writers --------------------------------------------------------------
+    def _text_line(self, remote_addr: str, method: str, target: str, protocol: str,
+                   status: int, length: int, duration: float,
+                   request_headers: Iterable[tuple[bytes | str, bytes | str]],
+                   response_headers: Iterable[tuple[bytes | str, bytes | str]],
+                   environ: Mapping[str, Any] | None) -> str:
+        request_headers = list(request_headers)
+        atoms: dict[str, str] = {}
+        for key in self.keys:
+            atoms[key] = self._atom(key, remote_addr, method, target, protocol, status, length,
+                                    duration, request_headers, response_headers, environ)
+        return self.format % atoms
+
+    def _atom(self, key: str, remote_addr: str, method: str, target: str, protocol: str,
+              status: int, length: int, duration: float,
+              request_headers: list[tuple[bytes | str, bytes | str]],
+              response_headers: Iterable[tuple[bytes | str, bytes | str]],
+              environ: Mapping[str, Any] | None) -> str:
+        if key.startswith("{") and "}" in key:
+            name, _, kind = key[1:].rpartition("}")
+            if kind == "i":
+                return _text(_find(request_headers, name.lower()))
+            if kind == "o":
+                return _text(_find(response_headers, name.lower()))
+            if kind == "e":
+                source = environ if environ is not None else os.environ
+                value = source.get(name)
+                if value is None and environ is not None:
+                    value = os.environ.get(name)
+                return _text(str(value) if value is not None else None)
+            return "-"
+        if key == "h":
+            return _text(remote_addr)
+        if key == "l":
+            return "-"
+        if key == "u":
+            return _text(_basic_user(_find(request_headers, "authorization")))
+        if key == "t":
+            return self.clock.format(time.time() - duration)
+        if key == "r":
+            return f"{_text(method)} {_text(target)} {_text(protocol)}"
+        if key == "m":
+            return _text(method)
+        if key == "U":
+            return _text(target.partition("?")[0])
+        if key == "q":
+            return escape(target.partition("?")[2])
+        if key == "H":
+            return _text(protocol)
+        if key == "s":
+            return str(status)
+        if key == "B":
+            return str(length)
+        if key == "b":
+            return str(length) if length else "-"
+        if key == "f":
+            return _text(_find(request_headers, "referer"))
+        if key == "a":
+            return _text(_find(request_headers, "user-agent"))
+        if key == "T":
+            return str(int(duration))
+        if key == "M":
+            return str(int(duration * 1000))
+        if key == "D":
+            return str(int(duration * 1_000_000))
+        if key == "L":
+            return f"{duration:.6f}"
+        if key == "p":
+            return self.pid
+        return "-"
+
+    def _json_line(self, remote_addr: str, method: str, target: str, protocol: str,
+                   status: int, length: int, duration: float,
+                   request_headers: Iterable[tuple[bytes | str, bytes | str]],
+                   environ: Mapping[str, Any] | None) -> str:
+        request_headers = list(request_headers)
+        when = time.time() - duration
+        path, _, query = target.partition("?")
+        record = {
+            "time": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(when))
+            + f".{int(when % 1 * 1000):03d}Z",
+            "remote_addr": remote_addr,
+            "user": _basic_user(_find(request_headers, "authorization")),
+            "method": method,
+            "path": path,
+            "query": query,
+            "protocol": protocol,
+            "status": status,
+            "bytes": length,
+            "duration_ms": round(duration * 1000, 3),
+            "referer": _find(request_headers, "referer"),
+            "user_agent": _find(request_headers, "user-agent"),
+            "pid": self.pid_number,
+        }
+        return json.dumps(record, separators=(",", ":"))
+
+
+def enabled(logger: logging.Logger = access_log) -> bool:
+    """True when access lines would be written (``--access-logfile`` or a log config)."""
+    return logger.isEnabledFor(logging.INFO)
+
+
+def for_worker(cfg: Any) -> AccessLog | None:
+    """The worker's access log, or None when it is off (then nothing is ever built)."""
+    if not enabled():
+        return None
+    return AccessLog(cfg.access_log_format or "")

@@ -1,0 +1,377 @@
+"""Server metrics, aggregated by the master from every worker without files or round trips.
+
+The master maps one anonymous shared ``mmap`` before forking (:class:`Table`).  Each worker
+process gets a *row* of its own (assigned by the master just before the fork, so no two
+live processes ever share one): a handful of 64-bit counters that the worker bumps after
+each response through a ``memoryview`` — no syscall, no lock, no string.  When a worker
+exits the master folds its row into a running total and frees the row, so counters stay
+monotonic across restarts.
+
+What the master adds on top: busy / idle / booting workers from the scoreboard, worker
+restarts by reason (counted in :meth:`MasterMetrics.worker_exited`), and the accept backlog
+of each TCP listener, read from ``/proc/net/tcp`` and ``/proc/net/tcp6`` (for a listening
+socket the kernel reports the current accept-queue length as ``rx_queue`` and the backlog
+limit as ``tx_queue``; unix sockets have no such figure there, so they are left out).
+
+Exposed as Prometheus text (:func:`render_prometheus`) at ``--metrics-bind HOST:PORT``
+``/metrics``, and pushed to StatsD over UDP every ``--statsd-interval`` seconds when
+``--statsd-host`` is set (counter deltas, gauges, and the mean request duration of the
+interval as a timer).
+"""
+
+from __future__ import annotations
+
+import bisect
+import logging
+import mmap
+import os
+import socket
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from tiamat.scoreboard import BOOTING, BUSY, IDLE, STOPPING
+
+log = logging.getLogger("tiamat.error")
+
+#: histogram bucket upper bounds, in seconds (Prometheus ``le``); +Inf is implicit
+BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+# row layout: 64-bit signed words
+IN_FLIGHT = 0
+STATUS = 1  # STATUS + 0 .. STATUS + 5: "other", 1xx .. 5xx
+COUNT = 7
+SUM_US = 8
+BUCKET = 9  # BUCKET + i for BUCKETS[i], BUCKET + len(BUCKETS) for +Inf
+ROW_WORDS = 32
+ROW_BYTES = ROW_WORDS * 8
+STATUS_CLASSES = ("other", "1xx", "2xx", "3xx", "4xx", "5xx")
+#: reasons always exported (as 0 until they happen), so dashboards see the series
+RESTART_REASONS = ("timeout", "crash", "max-requests", "reload")
+assert BUCKET + len(BUCKETS) + 1 <= ROW_WORDS
+
+
+class Table:
+    """``rows`` rows of counters in one shared anonymous mapping, inherited by every fork."""
+
+    def __init__(self, rows: int) -> None:
+        self.rows = rows
+        self.mem = mmap.mmap(-1, rows * ROW_BYTES)
+        self.words = memoryview(self.mem).cast("q")
+
+    def row(self, index: int) -> memoryview:
+        return self.words[index * ROW_WORDS:(index + 1) * ROW_WORDS]
+
+    def read(self, index: int) -> list[int]:
+        return self.row(index).tolist()
+
+    def zero(self, index: int) -> None:
+        row = self.row(index)
+        for i in range(ROW_WORDS):
+            row[i] = 0
+
+
+class Recorder:
+    """A worker's own row.  ``start()`` when a request is complete, ``done()`` after the
+    response; both are a few item assignments on shared memory."""
+
+    __slots__ = ("_row",)
+
+    def __init__(self, row: memoryview) -> None:
+        self._row = row
+
+    def start(self) -> None:
+        self._row[IN_FLIGHT] += 1
+
+    def done(self, status: int, duration: float) -> None:
+        row = self._row
+        row[IN_FLIGHT] -= 1
+        klass = status // 100
+        row[STATUS + (klass if 1 <= klass <= 5 else 0)] += 1
+        row[COUNT] += 1
+        row[SUM_US] += int(duration * 1_000_000)
+        row[BUCKET + bisect.bisect_left(BUCKETS, duration)] += 1
+
+
+@dataclass
+class Snapshot:
+    """Every figure at one moment, summed over all workers (alive and gone)."""
+
+    status: list[int]
+    count: int
+    sum_seconds: float
+    buckets: list[int]  # per bucket (not cumulative), +Inf last
+    in_flight: int
+    workers: dict[str, int]
+    target: int
+    restarts: dict[str, int]
+    backlog: dict[str, tuple[int, int]]  # listener -> (queued, limit)
+
+
+@dataclass
+class MasterMetrics:
+    """The master's side: row assignment, totals of exited workers, restarts, export."""
+
+    recording: bool
+    table: Table | None = None
+    free: list[int] = field(default_factory=list)
+    #: id(WorkerProc) -> row; the WorkerProc objects live in the master's state
+    rows: dict[int, int] = field(default_factory=dict)
+    #: the row the next forked child takes (read by :func:`recorder` in the child)
+    pending: int = -1
+    retired: list[int] = field(default_factory=lambda: [0] * ROW_WORDS)
+    restarts: dict[str, int] = field(default_factory=lambda: dict.fromkeys(RESTART_REASONS, 0))
+    restarts_by_slot: dict[int, int] = field(default_factory=dict)
+    started: float = field(default_factory=time.time)
+
+    def before_fork(self, worker: Any) -> None:
+        """Give the worker about to be forked a row of its own."""
+        if self.table is None:
+            return
+        if not self.free:
+            log.warning("metrics table full; a worker runs without metrics")
+            self.pending = -1
+            return
+        self.pending = self.free.pop()
+        self.rows[id(worker)] = self.pending
+
+    def worker_exited(self, state: Any, worker: Any, code: int) -> None:
+        """Fold the row of an exited worker into the totals; count the restart's reason."""
+        row = self.rows.pop(id(worker), None)
+        if row is not None and self.table is not None:
+            values = self.table.read(row)
+            values[IN_FLIGHT] = 0
+            self.retired = [a + b for a, b in zip(self.retired, values, strict=True)]
+            self.table.zero(row)
+            self.free.append(row)
+        reason = restart_reason(state, worker, code)
+        if reason is not None:
+            self.restarts[reason] = self.restarts.get(reason, 0) + 1
+            self.restarts_by_slot[worker.slot] = self.restarts_by_slot.get(worker.slot, 0) + 1
+
+    def snapshot(self, state: Any) -> Snapshot:
+        totals = list(self.retired)
+        if self.table is not None:
+            for row in self.rows.values():
+                for i, value in enumerate(self.table.read(row)):
+                    totals[i] += value
+        states = {"booting": 0, "idle": 0, "busy": 0, "stopping": 0}
+        for worker in state.workers.values():
+            record = state.board.read(worker.slot)
+            if record.state == BUSY:
+                states["busy"] += 1
+            elif record.state == IDLE and worker.stop_deadline is None:
+                states["idle"] += 1
+            elif record.state == STOPPING or worker.stop_deadline is not None:
+                states["stopping"] += 1
+            elif record.state == BOOTING:
+                states["booting"] += 1
+        return Snapshot(
+            status=totals[STATUS:STATUS + 6], count=totals[COUNT],
+            sum_seconds=totals[SUM_US] / 1_000_000,
+            buckets=totals[BUCKET:BUCKET + len(BUCKETS) + 1], in_flight=max(0, totals[IN_FLIGHT]),
+            workers=states, target=state.target, restarts=dict(self.restarts),
+            backlog=listen_backlog(state.listeners))
+
+
+def restart_reason(state: Any, worker: Any, code: int) -> str | None:
+    """Why a worker that just exited will be replaced, or None when it is not a restart
+    (the server is stopping, or the worker count was lowered)."""
+    if state.stopping:
+        return None
+    reason = worker.reason
+    if reason == "scale-down":
+        return None
+    if reason:
+        return str(reason)
+    if worker.boot_error is not None or not worker.booted:
+        return "boot-error"
+    return "max-requests" if code == 0 else "crash"
+
+
+# --- module-level access for the two sides of the fork --------------------------------------
+_master: MasterMetrics | None = None
+
+
+def setup(cfg: Any, capacity: int) -> MasterMetrics:
+    """In the master, before the first fork.  Rows are only mapped when something will read
+    them (``--metrics-bind`` or ``--statsd-host``); restarts are counted regardless, for
+    ``tiamat status``."""
+    global _master
+    recording = bool(cfg.metrics_bind or cfg.statsd_host)
+    _master = MasterMetrics(recording=recording)
+    if recording:
+        _master.table = Table(capacity)
+        _master.free = list(range(capacity - 1, -1, -1))
+    return _master
+
+
+def recorder() -> Recorder | None:
+    """In a worker: its counters row, or None when metrics are off (then record nothing)."""
+    if _master is None or _master.table is None or _master.pending < 0:
+        return None
+    return Recorder(_master.table.row(_master.pending))
+
+
+# --- the accept backlog -----------------------------------------------------------------------
+def listen_backlog(listeners: list[Any]) -> dict[str, tuple[int, int]]:
+    """``{"127.0.0.1:8000": (queued, limit)}`` for each TCP listener, from /proc/net/tcp*."""
+    wanted: dict[int, str] = {}
+    for sock in listeners:
+        try:
+            if sock.family not in (socket.AF_INET, socket.AF_INET6):
+                continue
+            host, port = sock.getsockname()[:2]
+            wanted[os.fstat(sock.fileno()).st_ino] = (f"[{host}]:{port}" if ":" in host
+                                                      else f"{host}:{port}")
+        except OSError:
+            continue
+    found: dict[str, tuple[int, int]] = {}
+    if not wanted:
+        return found
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        try:
+            with open(table, encoding="ascii") as f:
+                next(f, None)
+                for line in f:
+                    parts = line.split()
+                    if len(parts) < 10 or parts[3] != "0A":  # 0A: TCP_LISTEN
+                        continue
+                    name = wanted.get(int(parts[9]))
+                    if name is not None:
+                        tx, _, rx = parts[4].partition(":")
+                        found[name] = (int(rx, 16), int(tx, 16))
+        except (OSError, ValueError):
+            continue
+    return found
+
+
+# --- Prometheus text ----------------------------------------------------------------------------
+def _label(value: str) -> str:
+    return value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
+
+
+def _number(value: float) -> str:
+    if value == int(value):
+        return str(int(value))
+    return repr(value)
+
+
+def render_prometheus(snap: Snapshot) -> str:
+    """The text exposition format (version 0.0.4)."""
+    out: list[str] = []
+
+    def family(name: str, kind: str, help: str) -> None:
+        out.append(f"# HELP {name} {help}")
+        out.append(f"# TYPE {name} {kind}")
+
+    family("tiamat_requests_total", "counter", "Responses completed, by status class.")
+    for klass, value in zip(STATUS_CLASSES, snap.status, strict=True):
+        if klass != "other" or value:
+            out.append(f'tiamat_requests_total{{status="{klass}"}} {value}')
+    family("tiamat_request_duration_seconds", "histogram",
+           "Time from a complete request to the end of its response.")
+    cumulative = 0
+    for bound, value in zip((*BUCKETS, None), snap.buckets, strict=True):
+        cumulative += value
+        le = "+Inf" if bound is None else _number(bound)
+        out.append(f'tiamat_request_duration_seconds_bucket{{le="{le}"}} {cumulative}')
+    out.append(f"tiamat_request_duration_seconds_sum {_number(round(snap.sum_seconds, 6))}")
+    out.append(f"tiamat_request_duration_seconds_count {snap.count}")
+    family("tiamat_requests_in_flight", "gauge", "Requests being handled right now.")
+    out.append(f"tiamat_requests_in_flight {snap.in_flight}")
+    family("tiamat_workers", "gauge", "Worker processes by state.")
+    for state_name, value in snap.workers.items():
+        out.append(f'tiamat_workers{{state="{state_name}"}} {value}')
+    family("tiamat_workers_target", "gauge", "The number of workers the master maintains.")
+    out.append(f"tiamat_workers_target {snap.target}")
+    family("tiamat_worker_restarts_total", "counter", "Workers replaced, by reason.")
+    for reason, value in sorted(snap.restarts.items()):
+        out.append(f'tiamat_worker_restarts_total{{reason="{_label(reason)}"}} {value}')
+    if snap.backlog:
+        family("tiamat_listen_backlog", "gauge",
+               "Connections waiting in a listener's accept queue (Linux).")
+        for name, (queued, _) in sorted(snap.backlog.items()):
+            out.append(f'tiamat_listen_backlog{{listener="{_label(name)}"}} {queued}')
+        family("tiamat_listen_backlog_limit", "gauge", "The accept queue's limit (Linux).")
+        for name, (_, limit) in sorted(snap.backlog.items()):
+            out.append(f'tiamat_listen_backlog_limit{{listener="{_label(name)}"}} {limit}')
+    return "\n".join(out) + "\n"
+
+
+def http_response(request: bytes, body: str) -> bytes:
+    """The whole HTTP/1.0 answer of the metrics endpoint for one request head."""
+    line = request.split(b"\r\n", 1)[0].split()
+    path = line[1].split(b"?", 1)[0] if len(line) > 1 else b""
+    if len(line) < 2 or line[0] not in (b"GET", b"HEAD"):
+        return _http(405, "Method Not Allowed", b"method not allowed\n", b"text/plain")
+    if path not in (b"/metrics", b"/"):
+        return _http(404, "Not Found", b"not found; try /metrics\n", b"text/plain")
+    data = body.encode()
+    return _http(200, "OK", b"" if line[0] == b"HEAD" else data,
+                 b"text/plain; version=0.0.4; charset=utf-8", len(data))
+
+
+def _http(code: int, reason: str, body: bytes, ctype: bytes, length: int | None = None) -> bytes:
+    head = (f"HTTP/1.0 {code} {reason}\r\nContent-Length: {len(body) if length is None else length}"
+            "\r\nConnection: close\r\nContent-Type: ").encode() + ctype + b"\r\n\r\n"
+    return head + body
+
+
+# --- StatsD -------------------------------------------------------------------------------------
+class StatsD:
+    """Pushes what changed since the last push, over UDP (never blocks the master)."""
+
+    def __init__(self, target: str, prefix: str) -> None:
+        host, _, port = target.rpartition(":")
+        if not host:
+            host, port = target, "8125"
+        self.address = (host.strip("[]"), int(port))
+        self.prefix = prefix.rstrip(".") + "." if prefix else ""
+        family = socket.AF_INET6 if ":" in self.address[0] else socket.AF_INET
+        self.sock = socket.socket(family, socket.SOCK_DGRAM)
+        self.sock.setblocking(False)
+        self.last: Snapshot | None = None
+
+    def lines(self, snap: Snapshot) -> list[str]:
+        p = self.prefix
+        last = self.last
+        out = []
+        for i, klass in enumerate(STATUS_CLASSES):
+            delta = snap.status[i] - (last.status[i] if last else 0)
+            if delta:
+                out.append(f"{p}requests.{klass}:{delta}|c")
+        for reason, value in snap.restarts.items():
+            delta = value - (last.restarts.get(reason, 0) if last else 0)
+            if delta:
+                out.append(f"{p}workers.restarts.{reason}:{delta}|c")
+        count = snap.count - (last.count if last else 0)
+        if count:
+            total = snap.sum_seconds - (last.sum_seconds if last else 0.0)
+            out.append(f"{p}request.duration:{total / count * 1000:.3f}|ms")
+        out.append(f"{p}requests.in_flight:{snap.in_flight}|g")
+        for state_name, value in snap.workers.items():
+            out.append(f"{p}workers.{state_name}:{value}|g")
+        for name, (queued, _) in snap.backlog.items():
+            out.append(f"{p}backlog.{name.replace('.', '_').replace(':', '_')}:{queued}|g")
+        return out
+
+    def push(self, snap: Snapshot) -> None:
+        packet = b""
+        for line in self.lines(snap):
+            data = line.encode() + b"\n"
+            if len(packet) + len(data) > 1400:
+                self._send(packet)
+                packet = b""
+            packet += data
+        if packet:
+            self._send(packet)
+        self.last = snap
+
+    def _send(self, packet: bytes) -> None:
+        try:
+            self.sock.sendto(packet.rstrip(b"\n"), self.address)
+        except OSError as exc:
+            log.debug("statsd send failed: %s", exc)
+
+    def close(self) -> None:
+        self.sock.close()

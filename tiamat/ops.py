@@ -1,0 +1,143 @@
+"""The master's operability hooks in one place: metrics, the control socket, --reload.
+
+``tiamat.master`` calls five functions from here at fixed points of its life cycle —
+:func:`start` before the loop, :func:`step` once per loop pass, :func:`before_fork` in
+``spawn``, :func:`worker_exited` in ``reap`` and :func:`close` in ``finish`` — so the loop
+stays readable and every detail lives in :mod:`tiamat.metrics`, :mod:`tiamat.control` and
+:mod:`tiamat.reloader`.  All of it is non-blocking: the master never waits on a client.
+"""
+
+from __future__ import annotations
+
+import logging
+import socket
+import sys
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from tiamat import control, metrics, reloader, sockets
+
+log = logging.getLogger("tiamat.error")
+
+
+@dataclass
+class Ops:
+    metrics: metrics.MasterMetrics
+    exporter: control.SocketService | None = None
+    control: control.ControlServer | None = None
+    statsd: metrics.StatsD | None = None
+    reloader: reloader.Reloader | None = None
+    next_push: float = 0.0
+
+
+def start(state: Any) -> bool:
+    """Create the metrics table and open what the settings ask for.  On failure the error
+    is recorded as the master's fatal error (exit 1) and False is returned."""
+    cfg = state.cfg
+    ops = state.ops = Ops(metrics=metrics.setup(cfg, state.board.capacity))
+    try:
+        if cfg.metrics_bind:
+            ops.exporter = _open_exporter(state, cfg.metrics_bind, ops.metrics)
+            log.info("Metrics at: http://%s/metrics", sockets.describe(ops.exporter.sock)
+                     .removeprefix("http://"))
+        path = control.socket_path(cfg)
+        if path:
+            ops.control = control.ControlServer(state, path, ops.metrics)
+            log.info("Control socket at: %s", ops.control.path)
+        if cfg.statsd_host:
+            ops.statsd = metrics.StatsD(cfg.statsd_host, cfg.statsd_prefix)
+            ops.next_push = time.monotonic() + _statsd_interval(cfg)
+        if cfg.reload:
+            if cfg.preload_app:
+                log.warning("--reload with --preload: the master holds the app, so changed "
+                            "code is only picked up by a full restart")
+            ops.reloader = reloader.Reloader(cfg)
+            state.selector.register(ops.reloader.read_fd, 1, ops)  # 1: EVENT_READ
+            ops.reloader.start()
+    except (OSError, ValueError, reloader.ReloadError) as exc:
+        text = getattr(exc, "strerror", None) or str(exc)
+        state.fatal = f"cannot start: {text}"
+        state.exit_code = 1
+        close(state)
+        return False
+    return True
+
+
+def _statsd_interval(cfg: Any) -> float:
+    return float(getattr(cfg, "statsd_interval", 10.0) or 10.0)
+
+
+def _open_exporter(state: Any, bind: str, master_metrics: metrics.MasterMetrics
+                   ) -> control.SocketService:
+    host, _, port = bind.rpartition(":")
+    if not host or not port.isdigit():
+        raise ValueError(f"--metrics-bind {bind!r}: expected HOST:PORT")
+    host = host.strip("[]")
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, int(port)))
+        sock.listen(64)
+    except OSError as exc:
+        sock.close()
+        raise OSError(exc.errno, f"--metrics-bind {bind}: {exc.strerror}") from None
+
+    def respond(request: bytes) -> bytes:
+        return metrics.http_response(request, metrics.render_prometheus(
+            master_metrics.snapshot(state)))
+
+    return control.SocketService(sock, state.selector, lambda b: b"\r\n\r\n" in b
+                                 or b"\n\n" in b, respond)
+
+
+def step(state: Any) -> None:
+    """Serve scrapes and control requests, push StatsD, act on file changes."""
+    ops: Ops | None = getattr(state, "ops", None)
+    if ops is None:
+        return
+    now = time.monotonic()
+    if ops.exporter is not None:
+        ops.exporter.step(now)
+    if ops.control is not None:
+        ops.control.step(now)
+    if ops.statsd is not None and now >= ops.next_push:
+        ops.next_push = now + _statsd_interval(state.cfg)
+        ops.statsd.push(ops.metrics.snapshot(state))
+    if ops.reloader is not None:
+        changed = ops.reloader.take_changes()
+        if changed and not state.stopping:
+            log.info("Reloading: %s changed", reloader.describe(changed))
+            control.reload_workers(state)
+
+
+def before_fork(state: Any, worker: Any) -> None:
+    ops: Ops | None = getattr(state, "ops", None)
+    if ops is not None:
+        ops.metrics.before_fork(worker)
+
+
+def worker_exited(state: Any, worker: Any, code: int) -> None:
+    ops: Ops | None = getattr(state, "ops", None)
+    if ops is not None:
+        ops.metrics.worker_exited(state, worker, code)
+
+
+def close(state: Any) -> None:
+    ops: Ops | None = getattr(state, "ops", None)
+    if ops is None:
+        return
+    for part in (ops.exporter, ops.control, ops.statsd, ops.reloader):
+        if part is None:
+            continue
+        if part is ops.reloader:
+            try:
+                state.selector.unregister(ops.reloader.read_fd)
+            except (KeyError, ValueError):
+                pass
+        try:
+            part.close()
+        except Exception as exc:  # closing must never stop the master from finishing
+            print(f"tiamat: closing {type(part).__name__}: {exc}", file=sys.stderr)
+    ops.exporter = ops.control = ops.statsd = ops.reloader = None
