@@ -22,7 +22,7 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Any
 
-from tiamat import apploader, hooks, logs, pidfile, sockets
+from tiamat import apploader, hooks, logs, ops, pidfile, sockets
 from tiamat.channel import Channel
 from tiamat.scoreboard import BOOTING, BUSY, Scoreboard
 from tiamat.workers import WorkerClassError, resolve
@@ -141,7 +141,8 @@ def start(cfg: Any) -> int:
     if state.worker_class is not None:
         log.info("Using worker: %s", _class_name(state.worker_class))
     try:
-        run_loop(state)
+        if ops.start(state):  # metrics, control socket, --reload (tiamat.ops)
+            run_loop(state)
     finally:
         finish(state)
     if state.fatal:
@@ -190,6 +191,7 @@ def run_loop(state: MasterState) -> None:
         handle_signals(state)
         read_channels(state)
         check_liveness(state)
+        ops.step(state)
         if state.stopping:
             if not state.workers:
                 return
@@ -233,6 +235,7 @@ def reap(state: MasterState) -> None:
             handle_message(state, worker, message)
         _forget(state, worker)
         hooks.call(state.cfg, "child_exit", state, worker)
+        ops.worker_exited(state, worker, code)
         if worker.boot_error is None and code in BOOT_ERRORS and not worker.booted:
             worker.boot_error = f"worker {worker.slot} exited with code {code} while booting"
         if worker.boot_error is not None and not worker.booted:
@@ -434,6 +437,7 @@ def spawn(state: MasterState, slot: int) -> WorkerProc | None:
     info = WorkerProc(slot=slot, pid=0, channel=parent_end, started=now,
                       generation=state.generation)
     hooks.call(cfg, "pre_fork", state, info)
+    ops.before_fork(state, info)
     state.board.reset(slot, 0, now)
     for handler in logging.getLogger("tiamat.error").handlers:
         handler.flush()
@@ -560,6 +564,7 @@ def finish(state: MasterState) -> None:
         _unlink_unix(path)
     if state.cfg.pidfile:
         pidfile.remove(state.cfg.pidfile, state.pid)
+    ops.close(state)
     hooks.call(state.cfg, "on_exit", state)
     log.info("Shutdown complete")
 
