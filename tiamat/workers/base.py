@@ -69,6 +69,9 @@ class Worker:
         self.wake_fd = -1
         self._wake_w = -1
         self.message_callbacks: list[Callable[[Any], None]] = []
+        #: set when the master promoted this worker to the mold (--refork-after): once run()
+        #: returns, tiamat.refork.run_mold takes over instead of exiting
+        self.mold_request: tuple[Any, ...] | None = None
         jitter = random.randint(0, cfg.max_requests_jitter) if cfg.max_requests_jitter else 0
         self.max_requests = cfg.max_requests + jitter if cfg.max_requests > 0 else 0
 
@@ -134,6 +137,9 @@ class Worker:
             if kind == "reopen_logs":
                 logs.reopen()
             elif kind == "stop":
+                self.alive = False
+            elif kind == "mold":
+                self.mold_request = message
                 self.alive = False
             elif kind == "message":
                 for callback in list(self.message_callbacks):
@@ -212,6 +218,10 @@ def worker_main(worker: Worker) -> None:
             return
         try:
             worker.run()
+            if worker.mold_request is not None:
+                from tiamat import refork
+
+                refork.run_mold(worker)
         except SystemExit as exc:
             code = exc.code if isinstance(exc.code, int) else 1
         except BaseException:
