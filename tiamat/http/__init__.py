@@ -13,7 +13,17 @@ from typing import Any
 from tiamat.http.h1 import Limits, RequestReader
 
 
+def reader_class(cfg: Any) -> type[RequestReader]:
+    """The reader class ``--http`` selects: llhttp (auto, httptools) or h11's grammar."""
+    if getattr(cfg, "http", "auto") == "h11":
+        from tiamat.http.h11_reader import H11RequestReader
+
+        return H11RequestReader
+    return RequestReader
+
+
 def reader_factory(cfg: Any) -> Callable[[], RequestReader]:
     """A zero-argument callable that makes a new request reader for one connection."""
     limits = Limits.from_config(cfg)
-    return lambda: RequestReader(limits)
+    cls = reader_class(cfg)
+    return lambda: cls(limits)

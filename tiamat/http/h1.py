@@ -6,14 +6,27 @@ a :class:`RequestHead` (method, target, version, headers, framing already decide
 :class:`ProtocolError` carrying the status to answer.  It performs no I/O and knows
 nothing about WSGI or ASGI, so the sync, thread and asgi workers behave identically.
 
-httptools (llhttp) does the tokenising and already rejects most malformed input (bare LF,
-invalid tokens, TE with CL, bad chunk sizes ...).  The rules llhttp leaves to its user, and
-every size limit, are enforced here, once.
+How the work is split, and why:
+
+* The reader itself finds where a request head ends (one C-level regex search per feed,
+  resumed where the last one stopped) and enforces the request-line and head size limits
+  while the head is still arriving, so a head trickled a byte at a time, or a huge one sent
+  in pieces, is cut off at the limit instead of being buffered without bound.
+* Only a *complete* head goes to the tokeniser: llhttp (httptools) here, or h11's grammar in
+  :mod:`tiamat.http.h11_reader`.  llhttp already rejects most malformed heads (bare CR/LF,
+  obs-fold, bad tokens, NUL/CTL in values, signs in Content-Length ...).
+* Every rule the tokenisers do not share (Transfer-Encoding, Content-Length lists, Host,
+  methods, versions, field limits) is enforced once, in :meth:`RequestReader._field` and
+  :meth:`RequestReader._finish_head`, for both tokenisers.
+* The body (Content-Length or chunked, trailers included) is decoded here in Python, per
+  chunk and never per byte, so chunk-size syntax, the CRLF after chunk data, chunk
+  extensions and the body limit are checked identically whichever tokeniser is chosen.
 """
 
 from __future__ import annotations
 
-from typing import NamedTuple
+import re
+from typing import Any, NamedTuple
 
 import httptools
 
@@ -21,22 +34,55 @@ from tiamat.http.errors import ProtocolError
 
 
 class Limits(NamedTuple):
-    """Per-request size limits, in bytes or counts (0 disables the body limit)."""
+    """Per-request size limits, in bytes or counts (0 disables a limit, except ``head``)."""
 
     request_line: int = 8190
     fields: int = 100
     field_size: int = 8190
     head: int = 65536
     body: int = 100 * 1024 * 1024
+    #: accept obs-fold (continuation lines) by unfolding them, instead of answering 400
+    permit_obs_fold: bool = False
 
     @classmethod
-    def from_config(cls, cfg: object) -> Limits:
-        return cls(cfg.limit_request_line, cfg.limit_request_fields,  # type: ignore[attr-defined]
-                   cfg.limit_request_field_size, cfg.limit_request_head,  # type: ignore[attr-defined]
-                   cfg.limit_request_body)  # type: ignore[attr-defined]
+    def from_config(cls, cfg: Any) -> Limits:
+        return cls(cfg.limit_request_line, cfg.limit_request_fields, cfg.limit_request_field_size,
+                   cfg.limit_request_head, cfg.limit_request_body,
+                   bool(getattr(cfg, "permit_obsolete_folding", False)))
 
 
 DEFAULT_LIMITS = Limits()
+
+#: longest chunk-size line (size, extensions, CRLF) accepted: bounds chunk extensions
+MAX_CHUNK_LINE = 4096
+#: most chunk-extension bytes accepted over a whole request body
+MAX_CHUNK_EXT_TOTAL = 65536
+
+#: the methods llhttp implements; the h11 tokeniser accepts the same set, so both give the
+#: same verdict.  Any other well-formed token gets 501, anything else 400.
+KNOWN_METHODS = frozenset(
+    b"DELETE GET HEAD POST PUT CONNECT OPTIONS TRACE COPY LOCK MKCOL MOVE PROPFIND PROPPATCH "
+    b"SEARCH UNLOCK BIND REBIND UNBIND ACL REPORT MKACTIVITY CHECKOUT MERGE M-SEARCH NOTIFY "
+    b"SUBSCRIBE UNSUBSCRIBE PATCH PURGE MKCALENDAR LINK UNLINK SOURCE QUERY".split())
+
+#: the fields the reader itself acts on (framing, Host, keep-alive, 100-continue, upgrade)
+_FRAMING_FIELDS = frozenset((b"host", b"content-length", b"transfer-encoding", b"connection",
+                             b"expect", b"upgrade"))
+_TOKEN = rb"[-!#$%&'*+.^_`|~0-9A-Za-z]+"
+_IS_TOKEN = re.compile(_TOKEN).fullmatch
+#: where a head ends: an empty line (bare-LF endings are found too, so that the tokeniser
+#: can reject them at once instead of waiting for a CRLFCRLF that never comes)
+_HEAD_END = re.compile(rb"\n\r?\n")
+_LEADING_CRLF = re.compile(rb"(?:\r\n)+")
+_OBS_FOLD = re.compile(rb"\r\n[ \t]+")
+_QUOTED = rb'"(?:[\t !#-\[\]-~\x80-\xff]|\\[\t !-~\x80-\xff])*"'
+_CHUNK_LINE = re.compile(
+    rb"([0-9A-Fa-f]{1,16})((?:;" + _TOKEN + rb"(?:=(?:" + _TOKEN + rb"|" + _QUOTED + rb"))?)*)\r\n")
+_TRAILER_LINE = re.compile(
+    _TOKEN + rb":[ \t]*(?:[!-~\x80-\xff](?:[\t !-~\x80-\xff]*[!-~\x80-\xff])?)?[ \t]*\r\n")
+
+# reader states
+_HEAD, _LENGTH, _CHUNK_SIZE, _CHUNK_DATA, _CHUNK_CRLF, _TRAILER, _DONE = range(7)
 
 
 class RequestHead:
@@ -99,19 +145,34 @@ class RequestReader:
     After a :class:`ProtocolError` event the reader accepts nothing more: the connection is
     to be answered with the error's status and closed, so nothing that follows a rejected
     request can ever reach the app.
+
+    An upgrade request (``Upgrade`` + ``Connection: upgrade``, or ``CONNECT``) is delivered
+    like any other (head, body, end of message); the reader then stops and leaves the bytes
+    that followed it in :attr:`upgraded`, for the WebSocket (or tunnel) code to take.
+
+    This class tokenises heads with llhttp; :class:`tiamat.http.h11_reader.H11RequestReader`
+    overrides only :meth:`_tokenise`.
     """
 
     __slots__ = (
         "_body_size",
+        "_buf",
         "_chunked",
+        "_conn_tokens",
         "_content_length",
-        "_error",
         "_expect",
+        "_ext_total",
+        "_field_count",
         "_head_size",
         "_headers",
         "_hosts",
-        "_in_message",
         "_parser",
+        "_parser_dirty",
+        "_remaining",
+        "_scanned",
+        "_state",
+        "_upgrade",
+        "_upgrade_header",
         "_url",
         "broken",
         "events",
@@ -123,132 +184,339 @@ class RequestReader:
         self.events: list[object] = []
         self.limits = limits
         self.broken = False
-        #: bytes that followed an upgrade request's head (for the WebSocket code to take)
+        #: bytes that followed an upgrade request (for the WebSocket code to take)
         self.upgraded: bytes | None = None
-        self._parser = httptools.HttpRequestParser(self)
-        self._error: ProtocolError | None = None
-        self._in_message = False
+        self._buf = bytearray()
+        self._scanned = 0
+        self._state = _HEAD
+        self._remaining = 0
+        self._body_size = 0
+        self._ext_total = 0
+        self._parser: Any = None
+        self._parser_dirty = True
         self._reset()
 
     def _reset(self) -> None:
         self._url = b""
         self._headers: list[tuple[bytes, bytes]] = []
         self._head_size = 0
-        self._body_size = 0
+        self._field_count = 0
         self._content_length: int | None = None
         self._chunked = False
         self._expect = False
         self._hosts = 0
+        self._conn_tokens: bytes | None = None
+        self._upgrade_header = False
+        self._upgrade = False
 
     @property
     def in_message(self) -> bool:
         """True while a request has started arriving but is not complete."""
-        return self._in_message
+        return self._state != _HEAD or bool(self._buf)
 
+    # --- feeding ----------------------------------------------------------------------------
     def feed(self, data: bytes) -> None:
-        if self.broken or self.upgraded is not None:
+        if self.broken or self.upgraded is not None or not data:
             return
+        buf = self._buf
+        if buf:
+            buf += data
+            work: bytes | bytearray = buf
+        else:
+            work = data
         try:
-            self._parser.feed_data(data)
-        except httptools.HttpParserUpgrade as exc:
-            offset = exc.args[0] if exc.args and isinstance(exc.args[0], int) else len(data)
-            self.upgraded = data[offset:]
-        except httptools.HttpParserError as exc:
-            self.broken = True
-            error = self._error or _map_parser_error(exc)
-            self.events.append(error)
+            pos = self._run(work)
+        except ProtocolError as error:
+            self._break(error)
+            return
+        if self.upgraded is not None:
+            self.upgraded = bytes(work[pos:])
+            buf.clear()
+            return
+        if work is buf:
+            if pos:
+                del buf[:pos]
+                self._scanned = max(0, self._scanned - pos)
+        elif pos < len(work):
+            buf += memoryview(work)[pos:]
 
     def feed_eof(self) -> None:
         """The peer closed its side: a request cut short is an error, none at all is not."""
-        if not self.broken and self.in_message:
-            self.broken = True
-            self.events.append(ProtocolError(400, "connection closed in the middle of a request"))
+        if not self.broken and self.upgraded is None and self.in_message:
+            self._break(ProtocolError(400, "connection closed in the middle of a request"))
 
-    # --- httptools callbacks ----------------------------------------------------------------
-    def _fail(self, status: int, reason: str) -> None:
-        self._error = ProtocolError(status, reason)
-        raise self._error
+    def _break(self, error: ProtocolError) -> None:
+        self.broken = True
+        self._buf.clear()
+        self.events.append(error)
 
-    def on_message_begin(self) -> None:
+    def _run(self, work: bytes | bytearray) -> int:
+        """Consume as much of ``work`` as makes events; return how far it got."""
+        pos = 0
+        end = len(work)
+        events = self.events
+        while pos < end:
+            state = self._state
+            if state == _HEAD:
+                first = work[pos]
+                if first == 13 or first == 10:
+                    # RFC 9112 2.2: empty lines before a request line are ignored
+                    match = _LEADING_CRLF.match(work, pos)
+                    if match is not None:
+                        pos = match.end()
+                        continue
+                consumed = self._head(work, pos)
+                if consumed < 0:
+                    return pos
+                pos = consumed
+                if self.upgraded is not None:
+                    return pos
+            elif state in (_LENGTH, _CHUNK_DATA):
+                take = min(self._remaining, end - pos)
+                events.append(bytes(work[pos:pos + take]))
+                pos += take
+                self._remaining -= take
+                if not self._remaining:
+                    if state == _LENGTH:
+                        self._message_complete()
+                        if self.upgraded is not None:
+                            return pos
+                    else:
+                        self._state = _CHUNK_CRLF
+            elif state == _CHUNK_CRLF:
+                if end - pos < 2:
+                    if work[pos:pos + 1] != b"\r":
+                        raise ProtocolError(400, "chunk data not followed by CRLF")
+                    return pos
+                if work[pos:pos + 2] != b"\r\n":
+                    raise ProtocolError(400, "chunk data not followed by CRLF")
+                pos += 2
+                self._state = _CHUNK_SIZE
+            elif state == _CHUNK_SIZE:
+                eol = work.find(b"\n", pos, pos + MAX_CHUNK_LINE)
+                if eol < 0:
+                    if end - pos >= MAX_CHUNK_LINE:
+                        raise ProtocolError(400, "chunk extension too long")
+                    return pos
+                pos = self._chunk_size_line(work, pos, eol + 1)
+                if self.upgraded is not None:
+                    return pos
+            else:  # _TRAILER
+                eol = work.find(b"\n", pos)
+                if eol < 0:
+                    if end - pos + self._head_size > self.limits.head:
+                        raise ProtocolError(431, "trailer section too large")
+                    return pos
+                pos = self._trailer_line(work, pos, eol + 1)
+                if self.upgraded is not None:
+                    return pos
+        return pos
+
+    # --- the head ---------------------------------------------------------------------------
+    def _head(self, work: bytes | bytearray, pos: int) -> int:
+        """Find a complete head in ``work[pos:]``; -1 until it has arrived (limits checked)."""
+        match = _HEAD_END.search(work, pos + max(0, self._scanned - 2))
+        limits = self.limits
+        if match is None:
+            size = len(work) - pos
+            if size > limits.request_line + 1 > 1 and work.find(b"\n", pos) < 0:
+                raise ProtocolError(414, "request line too long")
+            if size > limits.head:
+                raise ProtocolError(431, "request head too large")
+            self._scanned = size
+            return -1
+        self._scanned = 0
+        end = match.end()
+        if end - pos > limits.head:
+            raise ProtocolError(431, "request head too large")
+        head = work if end == len(work) and not pos and work.__class__ is bytes \
+            else bytes(work[pos:end])
+        line_end = head.find(b"\n")
+        if line_end > limits.request_line + 1 > 1:
+            raise ProtocolError(414, "request line too long")
+        if head.find(b"  ", 0, line_end) >= 0:
+            raise ProtocolError(400, "malformed request line")
+        space = head.find(b" ", 0, line_end)
+        method = head[:space] if space > 0 else head[:line_end].rstrip(b"\r")
+        if method not in KNOWN_METHODS:
+            if _IS_TOKEN(method):
+                raise ProtocolError(501, "method not implemented")
+            raise ProtocolError(400, "invalid method")
+        if limits.permit_obs_fold and (b"\n " in head or b"\n\t" in head):
+            head = _OBS_FOLD.sub(b" ", head)
         self._reset()
-        self._in_message = True
+        version = self._tokenise(head, method)
+        self._finish_head(method, version)
+        return end
 
+    def _tokenise(self, head: bytes, method: bytes) -> str:
+        """Tokenise one complete head with llhttp; call :meth:`_field` per field.
+
+        Returns the HTTP version ("1.0", "1.1", ...).  The parser is reused for heads without
+        a body; after a request with a body (which llhttp would then wait for) a fresh one
+        is made, as the body is decoded by the reader instead.
+        """
+        parser = self._parser
+        if self._parser_dirty:
+            parser = self._parser = httptools.HttpRequestParser(self)
+        self._parser_dirty = True
+        try:
+            parser.feed_data(head)
+        except httptools.HttpParserUpgrade:
+            self._parser_dirty = True  # CONNECT / Upgrade: llhttp is paused for good
+        except httptools.HttpParserCallbackError as exc:
+            cause = exc.__context__ or exc.__cause__
+            if isinstance(cause, ProtocolError):
+                raise cause from None
+            raise ProtocolError(400, "malformed request") from None
+        except httptools.HttpParserError as exc:
+            if isinstance(exc.__context__, ProtocolError):
+                raise exc.__context__ from None
+            raise _map_parser_error(exc) from None
+        return parser.get_http_version()
+
+    # llhttp callbacks (the reader is its own protocol object)
     def on_url(self, url: bytes) -> None:
         self._url += url
-        if len(self._url) > self.limits.request_line > 0:
-            self._fail(414, "request line too long")
 
-    def on_header(self, name: bytes, value: bytes) -> None:
-        limits = self.limits
-        size = len(name) + len(value)
-        self._head_size += size + 4
-        if size > limits.field_size > 0:
-            self._fail(431, "header field too large")
-        if len(self._headers) >= limits.fields > 0:
-            self._fail(431, "too many header fields")
-        if self._head_size > limits.head:
-            self._fail(431, "request head too large")
+    def on_message_complete(self) -> None:
+        # a head without a body leaves llhttp ready for the next head: keep the parser
+        self._parser_dirty = False
+
+    # --- rules shared by every tokeniser ----------------------------------------------------
+    def _field(self, name: bytes, value: bytes) -> None:
+        """One header field, as the tokeniser found it (value without leading OWS).
+
+        It is also llhttp's ``on_header`` callback, so it does the common case inline.
+        """
         name = name.lower()
-        value = value.strip(b" \t")
-        if name == b"content-length":
+        value = value.rstrip(b" \t")
+        self._field_count += 1
+        limits = self.limits
+        if len(name) + len(value) > limits.field_size > 0:
+            raise ProtocolError(431, "header field too large")
+        if self._field_count > limits.fields > 0:
+            raise ProtocolError(431, "too many header fields")
+        if name in _FRAMING_FIELDS:
+            self._framing_field(name, value)
+        self._headers.append((name, value))
+
+    on_header = _field
+
+    def _framing_field(self, name: bytes, value: bytes) -> None:
+        if name == b"host":
+            self._hosts += 1
+        elif name == b"content-length":
             self._content_length_header(value)
         elif name == b"transfer-encoding":
             self._transfer_encoding_header(value)
-        elif name == b"host":
-            self._hosts += 1
+        elif name == b"connection":
+            self._conn_tokens = value.lower() if self._conn_tokens is None \
+                else self._conn_tokens + b"," + value.lower()
         elif name == b"expect":
             self._expect = value.lower() == b"100-continue"
-        self._headers.append((name, value))
+        elif name == b"upgrade":
+            self._upgrade_header = True
 
     def _content_length_header(self, value: bytes) -> None:
-        # llhttp already rejects signs, spaces and duplicates; lists of equal values and
-        # non-ASCII digits are caught here.
-        parts = {part.strip() for part in value.split(b",")}
-        if len(parts) != 1:
-            self._fail(400, "conflicting Content-Length values")
-        digits = parts.pop()
-        if not digits or not digits.isdigit() or not digits.isascii() or len(digits) > 18:
-            self._fail(400, "invalid Content-Length")
-        length = int(digits)
-        if self._content_length is not None and self._content_length != length:
-            self._fail(400, "conflicting Content-Length values")
-        self._content_length = length
+        # exactly one field of 1*DIGIT: no lists, no repeats (even of an equal value), no
+        # sign, no "_", no non-ASCII digits (llhttp rejects most of this itself; h11 does not)
+        if self._content_length is not None:
+            raise ProtocolError(400, "more than one Content-Length")
+        if not value.isdigit() or not value.isascii() or len(value) > 18:
+            raise ProtocolError(400, "invalid Content-Length")
+        self._content_length = int(value)
 
     def _transfer_encoding_header(self, value: bytes) -> None:
+        # RFC 9112 6.3: a request whose final coding is not chunked has no reliable length
+        # (400); chunked after another coding we do not implement is 501 (6.1)
         codings = [c.strip(b" \t").lower() for c in value.split(b",")]
-        if self._chunked or not codings or codings[-1] != b"chunked":
-            self._fail(400, "Transfer-Encoding must end in chunked")
-        if any(c != b"chunked" for c in codings):
-            self._fail(501, "unsupported Transfer-Encoding")
+        if self._chunked or codings[-1] != b"chunked":
+            raise ProtocolError(400, "Transfer-Encoding must be a single final chunked")
         if len(codings) > 1:
-            self._fail(400, "chunked applied more than once")
+            if all(_IS_TOKEN(c) for c in codings) and b"chunked" not in codings[:-1]:
+                raise ProtocolError(501, "unsupported Transfer-Encoding")
+            raise ProtocolError(400, "invalid Transfer-Encoding")
         self._chunked = True
 
-    def on_headers_complete(self) -> None:
-        parser = self._parser
-        version = parser.get_http_version()
-        if version == "1.1" and self._hosts != 1:
-            self._fail(400, "missing Host header" if not self._hosts else "more than one Host header")
-        if self._hosts > 1:
-            self._fail(400, "more than one Host header")
-        if self._chunked and self._content_length is not None:
-            self._fail(400, "both Transfer-Encoding and Content-Length")
+    def _finish_head(self, method: bytes, version: str) -> None:
+        if version != "1.1" and version != "1.0":
+            raise ProtocolError(400, "unsupported HTTP version")
+        if self._hosts != 1 and (self._hosts or version == "1.1"):
+            raise ProtocolError(400, "missing Host header" if not self._hosts
+                                else "more than one Host header")
+        if self._chunked:
+            if self._content_length is not None:
+                raise ProtocolError(400, "both Transfer-Encoding and Content-Length")
+            if version == "1.0":
+                raise ProtocolError(400, "Transfer-Encoding in an HTTP/1.0 request")
+        length = self._content_length
         body_limit = self.limits.body
-        if self._content_length is not None and self._content_length > body_limit > 0:
-            self._fail(413, "request body too large")
+        if length is not None and length > body_limit > 0:
+            raise ProtocolError(413, "request body too large")
+        tokens = self._conn_tokens
+        if version == "1.1":
+            keep_alive = tokens is None or b"close" not in tokens
+        else:
+            keep_alive = tokens is not None and b"keep-alive" in tokens
+        upgrade = method == b"CONNECT" or (
+            self._upgrade_header and tokens is not None and b"upgrade" in tokens)
+        self._upgrade = upgrade
         self.events.append(RequestHead(
-            parser.get_method(), self._url, version, self._headers, parser.should_keep_alive(),
-            self._content_length, self._chunked, self._expect, parser.should_upgrade()))
+            method, self._url, version, self._headers, keep_alive, length, self._chunked,
+            self._expect, upgrade))
+        self._body_size = 0
+        self._ext_total = 0
+        if self._chunked:
+            self._state = _CHUNK_SIZE
+        elif length:
+            self._state = _LENGTH
+            self._remaining = length
+        else:
+            self._message_complete()
 
-    def on_body(self, body: bytes) -> None:
-        self._body_size += len(body)
-        if self._body_size > self.limits.body > 0:
-            self._fail(413, "request body too large")
-        self.events.append(body)
-
-    def on_message_complete(self) -> None:
-        self._in_message = False
+    def _message_complete(self) -> None:
+        self._state = _HEAD
         self.events.append(END_OF_MESSAGE)
+        if self._upgrade:
+            self.upgraded = b""
+
+    # --- chunked bodies ---------------------------------------------------------------------
+    def _chunk_size_line(self, work: bytes | bytearray, pos: int, end: int) -> int:
+        match = _CHUNK_LINE.fullmatch(work, pos, end)
+        if match is None:
+            raise ProtocolError(400, "invalid chunk size line")
+        ext = match.end(2) - match.start(2)
+        if ext:
+            self._ext_total += ext
+            if self._ext_total > MAX_CHUNK_EXT_TOTAL:
+                raise ProtocolError(400, "too many chunk extensions")
+        size = int(match.group(1), 16)
+        if size == 0:
+            self._state = _TRAILER
+            self._head_size = 0
+            self._field_count = 0
+            return end
+        self._body_size += size
+        if self._body_size > self.limits.body > 0:
+            raise ProtocolError(413, "request body too large")
+        self._state = _CHUNK_DATA
+        self._remaining = size
+        return end
+
+    def _trailer_line(self, work: bytes | bytearray, pos: int, end: int) -> int:
+        if end - pos == 2 and work[pos] == 13:  # b"\r\n": the end of the message
+            self._message_complete()
+            return end
+        self._head_size += end - pos
+        self._field_count += 1
+        if self._head_size > self.limits.head:
+            raise ProtocolError(431, "trailer section too large")
+        if self._field_count > self.limits.fields > 0:
+            raise ProtocolError(431, "too many trailer fields")
+        if _TRAILER_LINE.fullmatch(work, pos, end) is None:
+            raise ProtocolError(400, "invalid trailer field")
+        return end  # trailers are checked and dropped: WSGI has no place for them
 
 
 def _map_parser_error(exc: Exception) -> ProtocolError:
