@@ -1,0 +1,10 @@
+"""Flask "Hello, World!"."""
+
+from flask import Flask
+
+app = Flask(__name__)
+
+
+@app.route("/")
+def hello():
+    return "Hello, World!"

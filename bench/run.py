@@ -1,0 +1,692 @@
+#!/usr/bin/env python3
+"""tiamat's benchmark: tiamat against gunicorn, uvicorn and granian on the same apps.
+
+    python bench/run.py            # full run: 3 interleaved rounds of 8 s per server and app
+    python bench/run.py --quick    # one round of 2 s: under 2 minutes
+    python bench/run.py --only 'hello' --servers 'tiamat|granian'
+    python bench/run.py --balance  # CPU share of each of 2 workers under 64 keep-alive connections
+    python bench/run.py --startstop  # start-to-first-answer and idle graceful-stop times
+    python bench/run.py --profile wsgi-hello  # py-spy profile of the tiamat worker under load
+
+It installs what it needs itself: the peers, the bench apps' frameworks and tiamat's own
+dependencies from PyPI into bench/.venv (pinned in bench/requirements.txt, so tiamat and every
+peer run on the same interpreter with the same httptools/uvloop), and wrk from Debian.  The
+server runs pinned to CPU 0 and the load generator to CPU 1; everything it starts is stopped
+by pid (its own process group) at the end, also on Ctrl-C or an error.  A server that fails to
+start or answer gives a FAILED row, not a crash.  Results go to stdout and bench/results/.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+BENCH = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(BENCH)
+APPS = os.path.join(BENCH, "apps")
+VENV = os.path.join(BENCH, ".venv")
+VPY = os.path.join(VENV, "bin", "python")
+RESULTS = os.path.join(BENCH, "results")
+HOST = "127.0.0.1"
+SERVER_CPU = "0"
+CLIENT_CPU = "1"
+
+# --------------------------------------------------------------------------------------------
+# installing what the benchmark needs
+
+
+def ensure_tools(skip_install: bool) -> None:
+    """bench/.venv with the pinned requirements, and wrk; both only when missing."""
+    stamp = os.path.join(VENV, ".requirements")
+    with open(os.path.join(BENCH, "requirements.txt")) as f:
+        wanted = f.read()
+    have = open(stamp).read() if os.path.exists(stamp) else None  # noqa: SIM115
+    if have != wanted and not skip_install:
+        print("# installing the benchmark environment into bench/.venv ...", flush=True)
+        if not os.path.exists(VPY):
+            subprocess.run([sys.executable, "-m", "venv", VENV], check=True)
+        subprocess.run([VPY, "-m", "pip", "install", "-q", "--disable-pip-version-check",
+                        "-r", os.path.join(BENCH, "requirements.txt")], check=True)
+        with open(stamp, "w") as f:
+            f.write(wanted)
+    if not os.path.exists(VPY):
+        sys.exit("bench/.venv is missing (run without --no-install)")
+    if shutil.which("wrk") is None:
+        if skip_install:
+            sys.exit("wrk is missing (run without --no-install, or apt-get install wrk)")
+        print("# installing wrk from Debian ...", flush=True)
+        subprocess.run(["apt-get", "update", "-qq"], check=True)
+        subprocess.run(["apt-get", "install", "-y", "-qq", "wrk"], check=True,
+                       env={**os.environ, "DEBIAN_FRONTEND": "noninteractive"})
+    if shutil.which("taskset") is None:
+        sys.exit("taskset (util-linux) is missing")
+    sys.path.insert(0, APPS)
+    import bench_file  # the 1 MiB file the file apps serve
+
+    bench_file.ensure()
+
+
+def versions() -> dict[str, str]:
+    code = ("import importlib.metadata as m, sys, json; print(json.dumps({'python': sys.version.split()[0], "
+            "**{n: m.version(n) for n in ('gunicorn', 'uvicorn', 'granian', 'flask', 'fastapi', "
+            "'httptools', 'uvloop', 'websockets')}}))")
+    out = subprocess.run([VPY, "-c", code], capture_output=True, text=True, check=True).stdout
+    found = json.loads(out)
+    sys.path.insert(0, ROOT)
+    from tiamat import __version__
+
+    found["tiamat"] = __version__ + " (" + git_head() + ")"
+    wrk = subprocess.run(["wrk", "-v"], capture_output=True, text=True).stdout.split("\n")[0]
+    found["wrk"] = wrk.split(" [")[0]
+    return found
+
+
+def git_head() -> str:
+    try:
+        return subprocess.run(["git", "-C", ROOT, "rev-parse", "--short", "HEAD"], capture_output=True,
+                              text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "?"
+
+
+# --------------------------------------------------------------------------------------------
+# servers
+
+
+def tiamat(kind: str, threads: int = 0) -> Callable[[str, int, int], list[str]]:
+    def argv(app: str, port: int, workers: int) -> list[str]:
+        extra = ["--threads", str(threads)] if threads else []
+        return [VPY, "-m", "tiamat", "-b", f"{HOST}:{port}", "-w", str(workers), "-k", kind, *extra,
+                "--log-level", "warning", app]
+    return argv
+
+
+def gunicorn(kind: str, threads: int = 0) -> Callable[[str, int, int], list[str]]:
+    def argv(app: str, port: int, workers: int) -> list[str]:
+        extra = ["--threads", str(threads)] if threads else []
+        return [os.path.join(VENV, "bin", "gunicorn"), "-b", f"{HOST}:{port}", "-w", str(workers),
+                "-k", kind, *extra, "--log-level", "warning", app]
+    return argv
+
+
+def uvicorn(app: str, port: int, workers: int) -> list[str]:
+    return [os.path.join(VENV, "bin", "uvicorn"), "--host", HOST, "--port", str(port),
+            "--workers", str(workers), "--loop", "uvloop", "--http", "httptools",
+            "--log-level", "warning", "--no-access-log", app]
+
+
+def granian(interface: str, threads: int = 0) -> Callable[[str, int, int], list[str]]:
+    def argv(app: str, port: int, workers: int) -> list[str]:
+        extra = ["--blocking-threads", str(threads)] if threads else []
+        return [os.path.join(VENV, "bin", "granian"), "--interface", interface, "--host", HOST,
+                "--port", str(port), "--workers", str(workers), *extra, "--log-level", "warning", app]
+    return argv
+
+
+@dataclass
+class Server:
+    label: str
+    argv: Callable[[str, int, int], list[str]]
+
+    @property
+    def is_tiamat(self) -> bool:
+        return self.label.startswith("tiamat")
+
+
+@dataclass
+class Scenario:
+    name: str
+    wsgi_app: str | None
+    asgi_app: str | None
+    servers: list[Server]
+    connections: int = 64
+    workers: int = 1
+    path: str = "/"
+    script: str | None = None
+    websocket: bool = False
+    note: str = ""
+
+
+THREADS = 128  # for the 10 ms sleep: 2 workers x 128 threads x 100/s = 25.6k/s ceiling
+
+WSGI_SERVERS = [Server("tiamat -k sync", tiamat("sync")), Server("gunicorn sync", gunicorn("sync")),
+                Server("granian wsgi", granian("wsgi"))]
+ASGI_SERVERS = [Server("tiamat -k asgi", tiamat("asgi")), Server("uvicorn", uvicorn),
+                Server("granian asgi", granian("asgi"))]
+
+SCENARIOS = [
+    Scenario("wsgi-hello", "wsgi_hello:app", None,
+             [*WSGI_SERVERS[:2], Server("gunicorn gthread(8)", gunicorn("gthread", 8)), WSGI_SERVERS[2]]),
+    Scenario("flask-hello", "flask_hello:app", None, WSGI_SERVERS),
+    Scenario("asgi-hello", None, "asgi_hello:app",
+             [*ASGI_SERVERS, Server("gunicorn -k asgi", gunicorn("asgi"))]),
+    Scenario("fastapi-hello", None, "fastapi_hello:app", ASGI_SERVERS),
+    Scenario("wsgi-sleep10ms", "wsgi_sleep:app", None,
+             [Server(f"tiamat -k thread({THREADS})", tiamat("thread", THREADS)),
+              Server(f"gunicorn gthread({THREADS})", gunicorn("gthread", THREADS)),
+              Server(f"granian wsgi({THREADS})", granian("wsgi", THREADS))],
+             connections=256, workers=2, note=f"2 workers x {THREADS} threads"),
+    Scenario("asgi-sleep10ms", None, "asgi_sleep:app", ASGI_SERVERS, connections=256, workers=2,
+             note="2 workers"),
+    Scenario("wsgi-file-1MiB", "wsgi_file:app", None, WSGI_SERVERS, note="wsgi.file_wrapper"),
+    Scenario("asgi-file-1MiB", None, "asgi_file:app", ASGI_SERVERS,
+             note="pathsend where offered (not uvicorn: one body message)"),
+    Scenario("wsgi-upload-1MiB", "wsgi_upload:app", None, WSGI_SERVERS, script="upload.lua"),
+    Scenario("asgi-upload-1MiB", None, "asgi_upload:app", ASGI_SERVERS, script="upload.lua"),
+    Scenario("ws-echo", None, "asgi_ws:app", ASGI_SERVERS, websocket=True,
+             note="bench/wsload.py: 64 clients, 32-byte text echo, no compression"),
+]
+
+
+class Running:
+    """One server process in its own process group; stopped by its pid."""
+
+    instances: dict[int, Running] = {}
+
+    def __init__(self, argv: list[str], log_path: str, pin: str | None = SERVER_CPU) -> None:
+        self.argv = argv
+        self.log_path = log_path
+        self.log = open(log_path, "wb")  # noqa: SIM115 - closed in stop()
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join([APPS, ROOT]), "PYTHONUNBUFFERED": "1"}
+        env.pop("WEB_CONCURRENCY", None)
+        command = ["taskset", "-c", pin, *argv] if pin else argv
+        self.started = time.perf_counter()
+        self.proc = subprocess.Popen(command, cwd=APPS, env=env, stdout=self.log,
+                                     stderr=subprocess.STDOUT, start_new_session=True)
+        self.pid = self.proc.pid
+        Running.instances[self.pid] = self
+
+    def wait_ready(self, port: int, timeout: float = 20.0) -> float:
+        """Seconds from the start until the first complete HTTP answer; raises if none comes."""
+        deadline = time.perf_counter() + timeout
+        while time.perf_counter() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"exited with {self.proc.returncode}: {self.tail()}")
+            if http_answers(port):
+                return time.perf_counter() - self.started
+            time.sleep(0.002)
+        raise RuntimeError(f"no answer within {timeout:.0f} s: {self.tail()}")
+
+    def tail(self) -> str:
+        try:
+            with open(self.log_path, "rb") as f:
+                lines = f.read().decode(errors="replace").strip().splitlines()
+            return " | ".join(line.strip() for line in lines[-3:])[-300:]
+        except OSError:
+            return ""
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 10.0) -> float:
+        """Signal the process group, wait for the master; SIGKILL the group after ``timeout``."""
+        start = time.perf_counter()
+        if self.proc.poll() is None:
+            try:
+                os.killpg(self.pid, sig)
+            except ProcessLookupError:
+                pass
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                pass
+        elapsed = time.perf_counter() - start
+        try:  # whatever of the group is left (workers of a master that died first)
+            os.killpg(self.pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
+        if self.proc.poll() is None:
+            self.proc.wait(5)
+        self.log.close()
+        Running.instances.pop(self.pid, None)
+        return elapsed
+
+    @classmethod
+    def stop_all(cls) -> None:
+        for running in list(cls.instances.values()):
+            running.stop(signal.SIGKILL, 2.0)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind((HOST, 0))
+        return s.getsockname()[1]
+
+
+def http_answers(port: int) -> bool:
+    try:
+        with socket.create_connection((HOST, port), timeout=1.0) as s:
+            s.sendall(b"GET / HTTP/1.1\r\nHost: bench\r\nConnection: close\r\n\r\n")
+            return s.recv(16).startswith(b"HTTP/1.")
+    except OSError:
+        return False
+
+
+def descendants(pid: int) -> list[int]:
+    """Every process below ``pid`` (from /proc: no psutil needed)."""
+    parents: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                stat = f.read()
+        except OSError:
+            continue
+        ppid = int(stat.rsplit(")", 1)[1].split()[1])
+        parents.setdefault(ppid, []).append(int(entry))
+    found, todo = [], [pid]
+    while todo:
+        for child in parents.get(todo.pop(), []):
+            found.append(child)
+            todo.append(child)
+    return found
+
+
+def cpu_seconds(pid: int) -> float:
+    """utime + stime of one process, from /proc/PID/stat (fields 14 and 15)."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def cmdline(pid: int) -> str:
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            return f.read().replace(b"\0", b" ").decode(errors="replace")
+    except OSError:
+        return ""
+
+
+# --------------------------------------------------------------------------------------------
+# load generators
+
+
+@dataclass
+class Sample:
+    rps: float = 0.0
+    p99_ms: float = 0.0
+    errors: int = 0
+    failed: str = ""
+
+
+_UNITS = {"us": 0.001, "ms": 1.0, "s": 1000.0, "m": 60000.0}
+
+
+def run_wrk(port: int, scenario: Scenario, duration: float, connections: int | None = None,
+            pin: str | None = CLIENT_CPU) -> Sample:
+    conns = connections or scenario.connections
+    argv = ["wrk", "-t1", f"-c{conns}", f"-d{duration:g}s", "--latency", "--timeout", "5s"]
+    if scenario.script:
+        argv += ["-s", os.path.join(APPS, scenario.script)]
+    argv.append(f"http://{HOST}:{port}{scenario.path}")
+    if pin:
+        argv = ["taskset", "-c", pin, *argv]
+    out = subprocess.run(argv, capture_output=True, text=True, timeout=duration + 30).stdout
+    return parse_wrk(out)
+
+
+def parse_wrk(out: str) -> Sample:
+    sample = Sample()
+    match = re.search(r"Requests/sec:\s+([\d.]+)", out)
+    if not match:
+        sample.failed = "wrk printed no result: " + out.strip()[-200:]
+        return sample
+    sample.rps = float(match.group(1))
+    match = re.search(r"^\s+99%\s+([\d.]+)(us|ms|s|m)\s*$", out, re.M)
+    if match:
+        sample.p99_ms = float(match.group(1)) * _UNITS[match.group(2)]
+    match = re.search(r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)", out)
+    if match:
+        sample.errors += sum(int(g) for g in match.groups())
+    match = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
+    if match:
+        sample.errors += int(match.group(1))
+    return sample
+
+
+def run_ws(port: int, scenario: Scenario, duration: float) -> Sample:
+    argv = ["taskset", "-c", CLIENT_CPU, VPY, os.path.join(BENCH, "wsload.py"), f"ws://{HOST}:{port}/",
+            "--connections", str(scenario.connections), "--duration", str(duration)]
+    proc = subprocess.run(argv, capture_output=True, text=True, timeout=duration + 30)
+    try:
+        result = json.loads(proc.stdout.strip().splitlines()[-1])
+    except (IndexError, ValueError):
+        return Sample(failed="wsload failed: " + (proc.stderr or proc.stdout).strip()[-200:])
+    return Sample(result["rps"], result["p99_ms"], result["errors"])
+
+
+# --------------------------------------------------------------------------------------------
+# the throughput table
+
+
+@dataclass
+class Row:
+    scenario: Scenario
+    server: Server
+    samples: list[Sample] = field(default_factory=list)
+    failures: list[str] = field(default_factory=list)
+    command: str = ""
+
+    def median(self) -> float | None:
+        values = [s.rps for s in self.samples if not s.failed]
+        return statistics.median(values) if values else None
+
+    def p99(self) -> float | None:
+        values = [s.p99_ms for s in self.samples if not s.failed]
+        return statistics.median(values) if values else None
+
+    def errors(self) -> int:
+        return sum(s.errors for s in self.samples)
+
+
+def measure(row: Row, duration: float, warmup: float, log_dir: str) -> None:
+    scenario, server = row.scenario, row.server
+    app = scenario.wsgi_app or scenario.asgi_app
+    assert app is not None
+    port = free_port()
+    argv = server.argv(app, port, scenario.workers)
+    row.command = " ".join(["taskset -c " + SERVER_CPU, *(os.path.relpath(a, ROOT) if a.startswith(BENCH)
+                                                          else a for a in argv)]).replace(str(port), "PORT")
+    name = re.sub(r"[^\w.-]+", "_", f"{scenario.name}-{server.label}")
+    running = Running(argv, os.path.join(log_dir, name + ".log"))
+    try:
+        running.wait_ready(port)
+        if scenario.websocket:
+            if warmup:
+                run_ws(port, scenario, warmup)
+            sample = run_ws(port, scenario, duration)
+        else:
+            if warmup:
+                run_wrk(port, scenario, warmup)
+            sample = run_wrk(port, scenario, duration)
+        if running.proc.poll() is not None:
+            sample.failed = sample.failed or f"server died: {running.tail()}"
+    except (RuntimeError, subprocess.TimeoutExpired, OSError) as exc:
+        sample = Sample(failed=str(exc))
+    finally:
+        running.stop()
+    if sample.failed:
+        row.failures.append(sample.failed)
+    row.samples.append(sample)
+    state = f"FAILED {sample.failed[:150]}" if sample.failed else \
+        f"{sample.rps:10.0f} req/s  p99 {sample.p99_ms:7.2f} ms  errors {sample.errors}"
+    print(f"  {scenario.name:18} {server.label:24} {state}", flush=True)
+
+
+def throughput(args: argparse.Namespace, log_dir: str) -> list[Row]:
+    only = re.compile(args.only) if args.only else None
+    servers = re.compile(args.servers) if args.servers else None
+    rows = [Row(sc, sv) for sc in SCENARIOS if not only or only.search(sc.name)
+            for sv in sc.servers if not servers or sv.is_tiamat or servers.search(sv.label)]
+    for number in range(args.rounds):
+        print(f"# round {number + 1} of {args.rounds}", flush=True)
+        # interleaved: every server of every app once per round, so drift hits all alike
+        for row in rows:
+            measure(row, args.duration, args.warmup, log_dir)
+    return rows
+
+
+def fmt_num(value: float | None, digits: int = 0) -> str:
+    return "—" if value is None else f"{value:,.{digits}f}"
+
+
+def table(rows: list[Row]) -> str:
+    lines = ["| app | server | req/s (median) | p99 ms | errors | tiamat/peer |",
+             "|---|---|---:|---:|---:|---:|"]
+    for row in rows:
+        tiamat_row = next((r for r in rows if r.scenario is row.scenario and r.server.is_tiamat), None)
+        median = row.median()
+        ratio = "—"
+        if not row.server.is_tiamat and tiamat_row is not None:
+            mine = tiamat_row.median()
+            if mine is not None and median:
+                ratio = f"{mine / median:.2f}x"
+        elif row.server.is_tiamat:
+            ratio = "(tiamat)"
+        rps = fmt_num(median)
+        if row.failures:
+            rps = f"FAILED ({len(row.failures)}/{len(row.samples)}): {row.failures[0][:80]}"
+            if median is not None:
+                rps = f"{fmt_num(median)} ({len(row.failures)} failed)"
+        lines.append(f"| {row.scenario.name} | {row.server.label} | {rps} | {fmt_num(row.p99(), 2)} | "
+                     f"{row.errors()} | {ratio} |")
+    return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------------------------
+# even load across workers
+
+
+BALANCE_SERVERS = [
+    ("tiamat -k sync -w 2", tiamat("sync"), "wsgi_hello:app"),
+    ("tiamat -k sync -w 2 --reuse-port", lambda a, p, w: [*tiamat("sync")(a, p, w)[:-1], "--reuse-port", a],
+     "wsgi_hello:app"),
+    ("tiamat -k asgi -w 2", tiamat("asgi"), "asgi_hello:app"),
+    ("uvicorn --workers 2", uvicorn, "asgi_hello:app"),
+    ("granian wsgi --workers 2", granian("wsgi"), "wsgi_hello:app"),
+]
+
+
+def balance(args: argparse.Namespace, log_dir: str) -> str:
+    """CPU share of each of 2 workers under 64 keep-alive connections (nothing pinned)."""
+    lines = ["| server | worker CPU seconds | shares | req/s | within 40-60% |", "|---|---|---|---:|---|"]
+    servers = re.compile(args.servers) if args.servers else None
+    for label, argv_of, app in BALANCE_SERVERS:
+        if servers and not label.startswith("tiamat") and not servers.search(label):
+            continue
+        shares_all: list[list[float]] = []
+        cpu_all: list[list[float]] = []
+        rps: list[float] = []
+        failure = ""
+        for _ in range(args.rounds):
+            port = free_port()
+            running = Running(argv_of(app, port, 2), os.path.join(log_dir, "balance.log"), pin=None)
+            try:
+                running.wait_ready(port)
+                workers = wait_workers(running.pid, 2)
+                before = {pid: cpu_seconds(pid) for pid in workers}
+                sample = run_wrk(port, Scenario("balance", app, None, []), args.duration, pin=None)
+                used = sorted((cpu_seconds(pid) - before[pid] for pid in workers), reverse=True)
+                total = sum(used) or 1e-9
+                shares_all.append([u / total for u in used])
+                cpu_all.append(used)
+                rps.append(sample.rps)
+            except (RuntimeError, OSError, subprocess.TimeoutExpired) as exc:
+                failure = str(exc)[:150]
+            finally:
+                running.stop()
+        if not shares_all:
+            lines.append(f"| {label} | FAILED: {failure} | | | |")
+            continue
+        worst = min(shares_all, key=lambda s: s[-1])
+        cpu = cpu_all[shares_all.index(worst)]
+        ok = all(0.4 <= s <= 0.6 for shares in shares_all for s in shares)
+        lines.append(f"| {label} | {' / '.join(f'{c:.2f}' for c in cpu)} (worst of {len(shares_all)}) | "
+                     f"{' / '.join(f'{s:.0%}' for s in worst)} | {statistics.median(rps):,.0f} | "
+                     f"{'yes' if ok else 'NO'} |")
+        print(lines[-1], flush=True)
+    return "\n".join(lines)
+
+
+def wait_workers(master: int, count: int, timeout: float = 10.0) -> list[int]:
+    """The worker processes below ``master`` (helpers like multiprocessing's resource tracker
+    are left out)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        pids = [pid for pid in descendants(master) if "resource_tracker" not in cmdline(pid)
+                and not cmdline(pid).startswith("taskset")]
+        if len(pids) >= count:
+            return pids
+        time.sleep(0.02)
+    raise RuntimeError(f"expected {count} workers below pid {master}")
+
+
+# --------------------------------------------------------------------------------------------
+# start and stop
+
+
+STARTSTOP_SERVERS = [
+    ("tiamat -w 2", tiamat("sync"), "flask_hello:app"),
+    ("gunicorn -w 2", gunicorn("sync"), "flask_hello:app"),
+    ("uvicorn --workers 2 (FastAPI)", uvicorn, "fastapi_hello:app"),
+    ("tiamat -w 2 -k asgi (FastAPI)", tiamat("asgi"), "fastapi_hello:app"),
+    ("granian --workers 2", granian("wsgi"), "flask_hello:app"),
+]
+
+
+def startstop(args: argparse.Namespace, log_dir: str) -> str:
+    """Start to first answered request, and graceful stop (SIGTERM) of an idle server."""
+    lines = ["| server | app | start → first answer (median ms) | idle graceful stop (median ms) |",
+             "|---|---|---:|---:|"]
+    rounds = max(3, args.rounds)
+    for label, argv_of, app in STARTSTOP_SERVERS:
+        starts, stops, failure = [], [], ""
+        for _ in range(rounds):
+            port = free_port()
+            running = Running(argv_of(app, port, 2), os.path.join(log_dir, "startstop.log"), pin=None)
+            try:
+                starts.append(running.wait_ready(port))
+                wait_workers(running.pid, 2)
+                time.sleep(0.3)  # idle: no request in flight, workers settled
+                stops.append(running.stop(signal.SIGTERM))
+            except (RuntimeError, OSError) as exc:
+                failure = str(exc)[:150]
+            finally:
+                running.stop(signal.SIGKILL)
+        if not starts:
+            lines.append(f"| {label} | {app} | FAILED: {failure} | |")
+            continue
+        lines.append(f"| {label} | {app} | {statistics.median(starts) * 1000:.0f} | "
+                     f"{statistics.median(stops) * 1000:.0f} |" if stops else "FAILED |")
+        print(lines[-1], flush=True)
+    return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------------------------
+# profile
+
+
+def profile(args: argparse.Namespace, log_dir: str) -> str:
+    """Run py-spy on the (single) tiamat worker while wrk loads it; print the top functions."""
+    scenario = next(sc for sc in SCENARIOS if sc.name == args.profile)
+    server = next(sv for sv in scenario.servers if sv.is_tiamat)
+    app = scenario.wsgi_app or scenario.asgi_app
+    assert app is not None
+    port = free_port()
+    running = Running(server.argv(app, port, scenario.workers), os.path.join(log_dir, "profile.log"))
+    out = os.path.join(log_dir, f"profile-{scenario.name}.txt")
+    try:
+        running.wait_ready(port)
+        worker = wait_workers(running.pid, 1)[-1]
+        spy = subprocess.Popen([os.path.join(VENV, "bin", "py-spy"), "record", "--format", "raw",
+                                "--nonblocking", "-r", "500", "-d", str(int(args.duration)),
+                                "-p", str(worker), "-o", out],
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        sample = run_wrk(port, scenario, args.duration)
+        spy.wait(30)
+    finally:
+        running.stop()
+    return f"{sample.rps:,.0f} req/s under py-spy\n\n" + summarize_profile(out)
+
+
+def summarize_profile(path: str, top: int = 25) -> str:
+    """Self and inclusive share per function from py-spy's collapsed stacks."""
+    own: dict[str, int] = {}
+    inclusive: dict[str, int] = {}
+    total = 0
+    with open(path) as f:
+        for line in f:
+            stack, _, count_text = line.rstrip().rpartition(" ")
+            count = int(count_text)
+            frames = stack.split(";")
+            total += count
+            own[frames[-1]] = own.get(frames[-1], 0) + count
+            for frame in set(frames):
+                inclusive[frame] = inclusive.get(frame, 0) + count
+    lines = ["| self % | total % | function |", "|---:|---:|---|"]
+    for frame, count in sorted(own.items(), key=lambda kv: -kv[1])[:top]:
+        lines.append(f"| {100 * count / total:.1f} | {100 * inclusive[frame] / total:.1f} | `{frame}` |")
+    return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------------------------
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="one round of 2 s per server: under 2 minutes")
+    parser.add_argument("--rounds", type=int, help="interleaved rounds (default 3, --quick 1)")
+    parser.add_argument("--duration", type=float,
+                        help="seconds of wrk per measurement (default 8, --quick 2)")
+    parser.add_argument("--warmup", type=float, help="seconds of load before each measurement (default 1)")
+    parser.add_argument("--only", help="regex: only the apps (rows) whose name matches")
+    parser.add_argument("--servers",
+                        help="regex: only the peers whose label matches (tiamat always runs)")
+    parser.add_argument("--balance", action="store_true", help="only the per-worker CPU share check")
+    parser.add_argument("--startstop", action="store_true", help="only the start/stop timings")
+    parser.add_argument("--all", action="store_true", help="throughput, balance and start/stop")
+    parser.add_argument("--profile", metavar="APP", help="py-spy the tiamat worker on one app row")
+    parser.add_argument("--no-install", action="store_true", help="fail instead of installing")
+    args = parser.parse_args()
+    args.rounds = args.rounds or (1 if args.quick else 3)
+    args.duration = args.duration or (2.0 if args.quick else 8.0)
+    args.warmup = args.warmup if args.warmup is not None else (0.5 if args.quick else 1.0)
+    if (os.cpu_count() or 1) < 2:
+        print("# warning: fewer than 2 CPUs; server and wrk share one", file=sys.stderr)
+
+    def interrupted(signum: int, frame: object) -> None:
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, interrupted)
+    ensure_tools(args.no_install)
+    stamp = time.strftime("%Y%m%d-%H%M%S", time.gmtime())
+    log_dir = os.path.join(RESULTS, stamp)
+    os.makedirs(log_dir, exist_ok=True)
+    found = versions()
+    report = [f"# tiamat benchmark {stamp} UTC", "",
+              "Versions: " + ", ".join(f"{k} {v}" for k, v in found.items()), "",
+              f"Settings: server on CPU {SERVER_CPU}, load generator on CPU {CLIENT_CPU}; "
+              f"wrk -t1 -c64 (256 for the sleep rows) -d{args.duration:g}s --latency; "
+              f"{args.rounds} interleaved round(s), {args.warmup:g} s warm-up; 1 worker unless noted.", ""]
+    print("\n".join(report), flush=True)
+    try:
+        if args.profile:
+            report.append(profile(args, log_dir))
+        else:
+            if args.all or not (args.balance or args.startstop):
+                rows = throughput(args, log_dir)
+                report += ["## Throughput", "", table(rows), ""]
+                notes = [f"- {sc.name}: {sc.note}" for sc in SCENARIOS if sc.note
+                         and any(r.scenario is sc for r in rows)]
+                commands = [f"- {r.scenario.name} / {r.server.label}: `{r.command}`" for r in rows]
+                report += [*notes, "", "Command lines:", "", *commands, ""]
+            if args.balance or args.all:
+                report += ["## Even load across 2 workers (64 keep-alive connections, unpinned)", "",
+                           balance(args, log_dir), ""]
+            if args.startstop or args.all:
+                report += ["## Start and stop (2 workers, unpinned)", "", startstop(args, log_dir), ""]
+    except KeyboardInterrupt:
+        print("\n# interrupted: stopping every server started", file=sys.stderr)
+        return 130
+    finally:
+        Running.stop_all()
+    text = "\n".join(report)
+    with open(os.path.join(RESULTS, f"{stamp}.md"), "w") as f:
+        f.write(text + "\n")
+    print("\n" + text)
+    print(f"\n# saved bench/results/{stamp}.md (server logs in bench/results/{stamp}/)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
