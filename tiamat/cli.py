@@ -130,7 +130,30 @@ def build_command() -> click.Command:
                                 message="%(prog)s %(version)s")(command)
 
 
-main = build_command()
+def with_subcommands(command: click.Command) -> click.Command:
+    """``tiamat status|reload|stop|scale|reopen-logs ...`` talk to a running master through
+    its control socket (:mod:`tiamat.control`); every other command line is ``tiamat
+    [OPTIONS] APP`` exactly as before.  (An app module really named ``status`` is still
+    reachable as ``tiamat status:app`` or ``tiamat -s status``.)"""
+    from tiamat import control
+
+    serve_main = command.main
+
+    def main(args: Any = None, prog_name: str | None = None, **extra: Any) -> Any:
+        argv = list(sys.argv[1:] if args is None else args)
+        if argv and argv[0] in control.SUBCOMMANDS:
+            return control.control_cli.main(args=argv, prog_name=prog_name or "tiamat", **extra)
+        return serve_main(args=argv, prog_name=prog_name, **extra)
+
+    command.main = main  # type: ignore[method-assign]
+    command.help = (command.help or "") + (
+        "\n\nA running server (started with --control-socket or --pid) is driven with: "
+        "tiamat status [--json], tiamat reload, tiamat stop, tiamat scale N, "
+        "tiamat reopen-logs (each takes --control-socket PATH, --pid FILE or -c CONFIG).")
+    return command
+
+
+main = with_subcommands(build_command())
 
 
 def run() -> None:

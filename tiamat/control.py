@@ -138,11 +138,30 @@ class SocketService:
 
 
 # --- server side ---------------------------------------------------------------------------
+def _owner(path: str) -> int | None:
+    """The pid of the master answering on ``path``, 0 if something else answers, None if
+    nothing does (a stale file)."""
+    try:
+        return int(request(path, {"command": "status"}, timeout=3.0)["master"]["pid"])
+    except ControlError as exc:
+        return None if "nothing listens" in str(exc) or "no control socket" in str(exc) else 0
+    except (KeyError, TypeError, ValueError):
+        return 0
+
+
 def bind_unix(path: str) -> socket.socket:
-    """Bind the control socket with mode 0600.  An existing socket file is replaced: after
-    USR2 the new master takes the path over (the old one leaves it alone on exit)."""
+    """Bind the control socket with mode 0600.
+
+    A stale socket file is replaced.  A live one is only taken over from this process's
+    parent — the old master after USR2, which then leaves the path alone on exit; any other
+    live owner means a second server was pointed at the same path, which is an error.
+    """
     try:
         if stat.S_ISSOCK(os.lstat(path).st_mode):
+            owner = _owner(path)
+            if owner is not None and owner != os.getppid():
+                raise OSError(f"control socket {path} is in use by another server"
+                              + (f" (pid {owner})" if owner else ""))
             os.unlink(path)
     except FileNotFoundError:
         pass

@@ -2,7 +2,8 @@
 
 The error log (``tiamat.error``) goes to stderr or ``--error-logfile`` with time, pid and
 level.  The access log (``tiamat.access``) is off unless ``--access-logfile`` is given; when
-it is off, workers skip building the line altogether.  :func:`reopen` (USR1) reopens every
+it is off, workers skip building the line altogether (the line itself is built by
+:mod:`tiamat.accesslog`).  :func:`reopen` (USR1) reopens every
 file handler so logrotate can move the files away.
 """
 
@@ -13,7 +14,6 @@ import logging
 import logging.config
 import os
 import sys
-import time
 from typing import Any
 
 ERROR_FORMAT = "[%(asctime)s] [%(process)d] [%(levelname)s] %(message)s"
@@ -73,10 +73,12 @@ def setup(cfg: Any) -> None:
         access_log.setLevel(logging.INFO)
     else:
         access_log.setLevel(logging.CRITICAL + 1)
+    # a user's dictConfig adds to tiamat's loggers; it must not silence the ones it omits
     if cfg.logconfig_dict:
-        logging.config.dictConfig(cfg.logconfig_dict)
+        logging.config.dictConfig({"disable_existing_loggers": False, **cfg.logconfig_dict})
     if cfg.logconfig:
-        logging.config.dictConfig(_read_logconfig(cfg.logconfig))
+        logging.config.dictConfig({"disable_existing_loggers": False,
+                                   **_read_logconfig(cfg.logconfig)})
 
 
 def _read_logconfig(path: str) -> dict[str, Any]:
@@ -111,13 +113,3 @@ def reopen() -> None:
 def access_enabled() -> bool:
     return access_log.isEnabledFor(logging.INFO)
 
-
-def format_access(environ: dict[str, Any], status: int, length: int, duration: float) -> str:
-    """One line in gunicorn's default access format (issue 7 extends the atoms)."""
-    request_line = (f"{environ.get('REQUEST_METHOD', '-')} {environ.get('RAW_URI', '-')} "
-                    f"{environ.get('SERVER_PROTOCOL', '-')}")
-    stamp = time.strftime("[%d/%b/%Y:%H:%M:%S %z]")
-    text = (f'{environ.get("REMOTE_ADDR", "-")} - - {stamp} "{request_line}" {status} '
-            f'{length or "-"} "{environ.get("HTTP_REFERER", "-")}" '
-            f'"{environ.get("HTTP_USER_AGENT", "-")}"')
-    return text.encode("unicode_escape").decode("ascii") if not text.isprintable() else text

@@ -10,8 +10,9 @@ monotonic across restarts.
 What the master adds on top: busy / idle / booting workers from the scoreboard, worker
 restarts by reason (counted in :meth:`MasterMetrics.worker_exited`), and the accept backlog
 of each TCP listener, read from ``/proc/net/tcp`` and ``/proc/net/tcp6`` (for a listening
-socket the kernel reports the current accept-queue length as ``rx_queue`` and the backlog
-limit as ``tx_queue``; unix sockets have no such figure there, so they are left out).
+socket the kernel reports the current accept-queue length as ``rx_queue``; the limit is
+``--backlog`` capped by ``net.core.somaxconn``.  Unix sockets have no such figure there, so
+they are left out).
 
 Exposed as Prometheus text (:func:`render_prometheus`) at ``--metrics-bind HOST:PORT``
 ``/metrics``, and pushed to StatsD over UDP every ``--statsd-interval`` seconds when
@@ -26,6 +27,7 @@ import logging
 import mmap
 import os
 import socket
+import threading
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -90,6 +92,25 @@ class Recorder:
         row[COUNT] += 1
         row[SUM_US] += int(duration * 1_000_000)
         row[BUCKET + bisect.bisect_left(BUCKETS, duration)] += 1
+
+
+class LockedRecorder(Recorder):
+    """For workers that run requests on several threads: the read-modify-writes of one
+    process must not interleave (rows are never shared between processes)."""
+
+    __slots__ = ("_lock",)
+
+    def __init__(self, row: memoryview) -> None:
+        super().__init__(row)
+        self._lock = threading.Lock()
+
+    def start(self) -> None:
+        with self._lock:
+            Recorder.start(self)
+
+    def done(self, status: int, duration: float) -> None:
+        with self._lock:
+            Recorder.done(self, status, duration)
 
 
 @dataclass
@@ -170,7 +191,7 @@ class MasterMetrics:
             sum_seconds=totals[SUM_US] / 1_000_000,
             buckets=totals[BUCKET:BUCKET + len(BUCKETS) + 1], in_flight=max(0, totals[IN_FLIGHT]),
             workers=states, target=state.target, restarts=dict(self.restarts),
-            backlog=listen_backlog(state.listeners))
+            backlog=listen_backlog(state.listeners, state.cfg.backlog))
 
 
 def restart_reason(state: Any, worker: Any, code: int) -> str | None:
@@ -205,16 +226,31 @@ def setup(cfg: Any, capacity: int) -> MasterMetrics:
     return _master
 
 
-def recorder() -> Recorder | None:
-    """In a worker: its counters row, or None when metrics are off (then record nothing)."""
+def recorder(threaded: bool = False) -> Recorder | None:
+    """In a worker: its counters row, or None when metrics are off (then record nothing).
+    ``threaded`` when requests run on several threads of the process."""
     if _master is None or _master.table is None or _master.pending < 0:
         return None
-    return Recorder(_master.table.row(_master.pending))
+    row = _master.table.row(_master.pending)
+    return LockedRecorder(row) if threaded else Recorder(row)
 
 
 # --- the accept backlog -----------------------------------------------------------------------
-def listen_backlog(listeners: list[Any]) -> dict[str, tuple[int, int]]:
-    """``{"127.0.0.1:8000": (queued, limit)}`` for each TCP listener, from /proc/net/tcp*."""
+def _somaxconn() -> int | None:
+    try:
+        with open("/proc/sys/net/core/somaxconn", encoding="ascii") as f:
+            return int(f.read())
+    except (OSError, ValueError):
+        return None
+
+
+def listen_backlog(listeners: list[Any], backlog: int) -> dict[str, tuple[int, int]]:
+    """``{"127.0.0.1:8000": (queued, limit)}`` for each TCP listener.
+
+    ``queued`` is the accept queue's current length (``rx_queue`` of the LISTEN row in
+    /proc/net/tcp*, matched by socket inode); ``limit`` is ``--backlog`` capped by
+    net.core.somaxconn, as the kernel applies it.
+    """
     wanted: dict[int, str] = {}
     for sock in listeners:
         try:
@@ -228,6 +264,8 @@ def listen_backlog(listeners: list[Any]) -> dict[str, tuple[int, int]]:
     found: dict[str, tuple[int, int]] = {}
     if not wanted:
         return found
+    cap = _somaxconn()
+    limit = min(backlog, cap) if cap else backlog
     for table in ("/proc/net/tcp", "/proc/net/tcp6"):
         try:
             with open(table, encoding="ascii") as f:
@@ -238,8 +276,7 @@ def listen_backlog(listeners: list[Any]) -> dict[str, tuple[int, int]]:
                         continue
                     name = wanted.get(int(parts[9]))
                     if name is not None:
-                        tx, _, rx = parts[4].partition(":")
-                        found[name] = (int(rx, 16), int(tx, 16))
+                        found[name] = (int(parts[4].partition(":")[2], 16), limit)
         except (OSError, ValueError):
             continue
     return found

@@ -19,7 +19,7 @@ from collections.abc import Callable, Iterable
 from typing import Any, BinaryIO, Protocol
 from urllib.parse import unquote_to_bytes
 
-from tiamat import __version__, logs
+from tiamat import __version__, accesslog, metrics
 from tiamat.http.h1 import RequestHead
 from tiamat.http.response import (
     CHUNKED_HEADER,
@@ -117,6 +117,9 @@ class WSGIHandler:
         self.keepalive = cfg.keepalive > 0
         self.sendfile_ok = cfg.sendfile
         self.root_path = cfg.root_path.rstrip("/")
+        #: None when off: then a request builds no log line and touches no counter
+        self.access = accesslog.for_worker(cfg)
+        self.recorder = metrics.recorder(threaded=multithread)
         self.base_environ: dict[str, Any] = {
             "wsgi.version": (1, 0),
             "wsgi.multithread": multithread,
@@ -185,17 +188,27 @@ class WSGIHandler:
         becomes a 500 if nothing was sent yet; otherwise the connection is closed.
         """
         environ = self.build_environ(head, body, conn_environ)
-        if not logs.access_enabled():
-            return self._respond(environ, head, transport)
+        access, recorder = self.access, self.recorder
+        if access is None and recorder is None:
+            return self._respond(environ, head, transport, _Response())
+        response = _Response()
+        if recorder is not None:
+            recorder.start()
         start = time.perf_counter()
-        result = self._respond(environ, head, transport)
-        logs.access_log.info(logs.format_access(environ, result[1], result[2],
-                                                time.perf_counter() - start))
+        result = (False, 500, 0)
+        try:
+            result = self._respond(environ, head, transport, response)
+        finally:
+            duration = time.perf_counter() - start
+            if recorder is not None:
+                recorder.done(result[1], duration)
+        if access is not None:
+            access.log_wsgi(environ, result[1], result[2], duration, head.headers,
+                            response.headers)
         return result
 
-    def _respond(self, environ: dict[str, Any], head: RequestHead,
-                 transport: Transport) -> tuple[bool, int, int]:
-        response = _Response()
+    def _respond(self, environ: dict[str, Any], head: RequestHead, transport: Transport,
+                 response: _Response) -> tuple[bool, int, int]:
         written = 0
         framing = None
         expected: int | None = None
