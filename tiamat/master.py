@@ -5,6 +5,13 @@ signals, reads worker channels, acts on liveness deadlines, tops the worker coun
 down) and sleeps on the signal pipe and the channels.  Signal handlers only append to
 ``state.signals``; ``signal.set_wakeup_fd`` wakes the sleep.  All mutable master state is
 in one :class:`MasterState` passed to small functions, so each step can be read alone.
+
+Workers have stable slots 0..N-1.  A slot may briefly hold two workers: the one serving
+and its replacement (after HUP, or a max-requests recycle); the old one is retired only
+once the new one has reported ready, so a reload never lowers capacity and a reload that
+fails to boot leaves the old workers serving.  Each process has its own scoreboard record
+(``board_index``), distinct from its slot for that reason.  docs/signals.md describes
+every signal and hook.
 """
 
 from __future__ import annotations
@@ -22,7 +29,7 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Any
 
-from tiamat import apploader, hooks, logs, ops, pidfile, sockets
+from tiamat import apploader, daemon, hooks, logs, ops, pidfile, sockets, systemd
 from tiamat.channel import Channel
 from tiamat.scoreboard import BOOTING, BUSY, Scoreboard
 from tiamat.workers import WorkerClassError, resolve
@@ -30,6 +37,7 @@ from tiamat.workers.base import (
     EXIT_APP_LOAD_ERROR,
     EXIT_BOOT_ERROR,
     Worker,
+    install_stack_dump,
     set_title,
     worker_main,
 )
@@ -42,6 +50,26 @@ STOP_SIGNALS = {signal.SIGTERM, signal.SIGQUIT, signal.SIGINT}
 BOOT_ERRORS = (EXIT_BOOT_ERROR, EXIT_APP_LOAD_ERROR)
 MAX_BACKOFF = 30.0
 TICK = 1.0
+#: sent to a worker before a timeout kill: its faulthandler writes the Python stack to the error log
+DUMP_SIGNAL = signal.SIGUSR2
+#: sent right after DUMP_SIGNAL: the worker runs the worker_abort hook and exits
+ABORT_SIGNAL = signal.SIGABRT
+#: how long a timed-out worker gets for the stack dump and worker_abort before SIGKILL
+ABORT_GRACE = 1.0
+#: the directory the server was started from; a USR2 re-exec runs there (set by the CLI)
+START_CWD = os.getcwd()
+#: signals that count once per loop pass however often they arrived
+COALESCED = frozenset({signal.SIGHUP, signal.SIGUSR1, signal.SIGUSR2, signal.SIGWINCH})
+#: a runaway sender cannot grow the queue without bound
+MAX_QUEUED_SIGNALS = 1024
+#: the environment variable a new master (USR2) finds its ready pipe in
+READY_ENV = "TIAMAT_READY_FD"
+#: ``key.data`` of the ready pipe in the master's selector
+REEXEC = object()
+#: settings HUP cannot change in a running master (they need a USR2 upgrade)
+RESTART_ONLY = ("bind", "port", "host", "tcp", "backlog", "reuse_port", "pidfile", "daemon",
+                "preload_app", "chdir", "umask", "user", "group", "control_socket",
+                "metrics_bind")
 
 
 @dataclass
@@ -61,6 +89,12 @@ class WorkerProc:
     boot_details: str = ""
     #: why the master ended it, for the log and metrics (timeout, reload, max-requests ...)
     reason: str | None = None
+    #: this process's record in the scoreboard (a slot may briefly hold two processes)
+    board_index: int = 0
+    #: max-requests: None, "requested" (by the worker) or "granted" (replacement under way)
+    recycle: str | None = None
+    #: after a timeout: when SIGKILL follows the stack dump and worker_abort
+    kill_at: float | None = None
 
 
 @dataclass
@@ -92,25 +126,75 @@ class MasterState:
     fatal: str | None = None
     #: unix socket paths this master bound, removed on exit
     unix_paths: list[str] = field(default_factory=list)
+    #: a HUP is being applied: outdated workers remain
+    reloading: bool = False
+    #: a USR2 child master: its pid, the read end of its ready pipe, and whether this
+    #: master stops by itself once it is ready (HUP with --preload)
+    reexec_pid: int = 0
+    reexec_ready_fd: int = -1
+    reexec_handover: bool = False
+    #: in a master started by USR2: the pipe on which to tell the old master "ready"
+    upgrade_fd: int = -1
+    #: the command-line settings, re-applied over the config file on HUP
+    cli: dict[str, Any] = field(default_factory=dict)
+
+    # --- for hooks (``server`` in every master hook is this object) ---------------------
+    def send(self, worker: WorkerProc, message: Any) -> bool:
+        """Deliver ``message`` to one worker's ``tiamat.worker.on_message`` callbacks."""
+        return worker.channel.send("message", message)
+
+    def broadcast(self, message: Any) -> int:
+        """Deliver ``message`` to every live worker; returns how many got it."""
+        return broadcast(self, message)
+
+    @property
+    def num_workers(self) -> int:
+        return self.target
 
 
 # --- start-up ----------------------------------------------------------------------------
 def start(cfg: Any) -> int:
     """Bind, fork the first workers and run the loop; returns the process exit code."""
-    state = MasterState(cfg=cfg, listeners=[], board=Scoreboard(max(1024, cfg.workers * 2)),
-                        worker_class=None, target=cfg.workers)
+    state = MasterState(cfg=cfg, listeners=[], board=Scoreboard(max(1024, cfg.workers * 4)),
+                        worker_class=None, target=cfg.workers, cli=command_line_settings(cfg))
+    code = prepare(state)
+    if code:
+        if state.fatal:
+            print(f"tiamat: {state.fatal}", file=sys.stderr)
+        daemon.report_failure(code, state.fatal or "cannot start")
+        return code
+    try:
+        if ops.start(state):  # metrics, control socket, --reload (tiamat.ops)
+            run_loop(state)
+    finally:
+        finish(state)
+    if state.fatal:
+        print(f"tiamat: {state.fatal}", file=sys.stderr)
+        daemon.report_failure(state.exit_code, state.fatal)
+    elif not state.ready_announced:
+        daemon.report_failure(state.exit_code or 1, "stopped before any worker was ready")
+    return state.exit_code
+
+
+def prepare(state: MasterState) -> int:
+    """Everything before the loop: hooks, --preload, sockets, pidfile, signals.
+
+    Returns 0, or an exit code with ``state.fatal`` saying why.
+    """
+    cfg = state.cfg
     hooks.call(cfg, "on_starting", state)
+    state.upgrade_fd = _take_fd_env(READY_ENV)
     if cfg.preload_app:
         try:
             state.app = apploader.load_app(cfg.app, cfg)
         except apploader.AppLoadError as exc:
             log.debug("%s", exc.details.rstrip())
-            print(f"tiamat: {exc}", file=sys.stderr)
+            state.fatal = str(exc)
             return EXIT_APP_LOAD_ERROR
     try:
         state.worker_class = pick_worker_class(cfg, state.app)
     except WorkerClassError as exc:
-        print(f"tiamat: {exc}", file=sys.stderr)
+        state.fatal = str(exc)
         return 2
     try:
         state.listeners = sockets.create_listeners(
@@ -118,8 +202,10 @@ def start(cfg: Any) -> int:
             explicit=cfg.sources.get("bind", "default") != "default"
             or cfg.sources.get("port", "default") != "default")
     except OSError as exc:
-        print(f"tiamat: {exc.strerror or exc}", file=sys.stderr)
+        state.fatal = str(exc.strerror or exc)
         return 1
+    os.environ.pop(sockets.INHERIT_ENV, None)
+    systemd.forget_activation_env()
     state.unix_paths = [s.getsockname() for s in state.listeners
                         if s.family == sockets.socket.AF_UNIX]
     if state.app is not None and cfg.gc_freeze:
@@ -129,7 +215,7 @@ def start(cfg: Any) -> int:
         try:
             pidfile.write(cfg.pidfile, state.pid)
         except (pidfile.PidfileError, OSError) as exc:
-            print(f"tiamat: {exc}", file=sys.stderr)
+            state.fatal = str(exc)
             for sock in state.listeners:
                 sock.close()
             return 1
@@ -140,14 +226,19 @@ def start(cfg: Any) -> int:
         log.info("Listening at: %s (%s)", sockets.describe(sock), state.pid)
     if state.worker_class is not None:
         log.info("Using worker: %s", _class_name(state.worker_class))
-    try:
-        if ops.start(state):  # metrics, control socket, --reload (tiamat.ops)
-            run_loop(state)
-    finally:
-        finish(state)
-    if state.fatal:
-        print(f"tiamat: {state.fatal}", file=sys.stderr)
-    return state.exit_code
+    return 0
+
+
+def command_line_settings(cfg: Any) -> dict[str, Any]:
+    """The settings given on the command line: HUP re-reads the file but keeps these."""
+    return {name: value for name, value in cfg.values.items()
+            if cfg.sources.get(name) == "command line"}
+
+
+def _take_fd_env(name: str) -> int:
+    """An fd number handed over in the environment (removed, so workers never see it)."""
+    value = os.environ.pop(name, "")
+    return int(value) if value.isdigit() else -1
 
 
 def pick_worker_class(cfg: Any, app: Any) -> type[Worker] | None:
@@ -176,7 +267,7 @@ def install_signals(state: MasterState) -> None:
     signal.set_wakeup_fd(state.wake_w, warn_on_full_buffer=False)
 
     def queue(signum: int, frame: Any) -> None:
-        if signum != signal.SIGCHLD:
+        if signum != signal.SIGCHLD and len(state.signals) < MAX_QUEUED_SIGNALS:
             state.signals.append(signum)
 
     for sig in HANDLED_SIGNALS:
@@ -191,20 +282,21 @@ def run_loop(state: MasterState) -> None:
         handle_signals(state)
         read_channels(state)
         check_liveness(state)
+        enforce_stop_deadline(state)
         ops.step(state)
         if state.stopping:
             if not state.workers:
                 return
-            enforce_stop_deadline(state)
         else:
             maintain_workers(state)
         sleep(state)
 
 
 def sleep(state: MasterState) -> None:
-    timeout = TICK
-    if state.not_before:
-        timeout = max(0.0, min(timeout, min(state.not_before.values()) - time.monotonic()))
+    now = time.monotonic()
+    deadlines = [*state.not_before.values(),
+                 *(w.kill_at for w in state.workers.values() if w.kill_at is not None)]
+    timeout = max(0.0, min([now + TICK, *deadlines]) - now)
     for key, _ in state.selector.select(timeout):
         if key.data is None:
             try:
@@ -212,11 +304,13 @@ def sleep(state: MasterState) -> None:
                     pass
             except (BlockingIOError, InterruptedError):
                 pass
+        elif key.data is REEXEC:
+            read_reexec_pipe(state)
 
 
 # --- reaping -----------------------------------------------------------------------------
 def reap(state: MasterState) -> None:
-    """Collect every exited child (no zombies) and decide what its exit means."""
+    """Collect every exited child (no zombies, orphans included when we are PID 1)."""
     while True:
         try:
             pid, status = os.waitpid(-1, os.WNOHANG)
@@ -226,26 +320,38 @@ def reap(state: MasterState) -> None:
             continue
         if pid == 0:
             return
-        worker = state.workers.pop(pid, None)
-        if worker is None:
-            continue
         code = os.waitstatus_to_exitcode(status)
-        # a message sent just before exiting (boot_error) must be read before the channel closes
-        for message in worker.channel.receive() or ():
-            handle_message(state, worker, message)
-        _forget(state, worker)
-        hooks.call(state.cfg, "child_exit", state, worker)
-        ops.worker_exited(state, worker, code)
-        if worker.boot_error is None and code in BOOT_ERRORS and not worker.booted:
-            worker.boot_error = f"worker {worker.slot} exited with code {code} while booting"
-        if worker.boot_error is not None and not worker.booted:
-            boot_failed(state, worker, code)
-        elif code != 0 and worker.stop_deadline is None and not state.stopping:
-            how = f"signal {-code}" if code < 0 else f"code {code}"
-            log.warning("Worker %s (pid %s) exited with %s%s", worker.slot, pid, how,
-                        f" ({worker.reason})" if worker.reason else "")
+        if pid == state.reexec_pid:
+            reexec_exited(state, code)
+            continue
+        worker = state.workers.pop(pid, None)
+        if worker is not None:
+            worker_exited(state, worker, code)
+
+
+def worker_exited(state: MasterState, worker: WorkerProc, code: int) -> None:
+    """Decide what a worker's exit means: a boot failure, a crash, or a planned stop."""
+    # a message sent just before exiting (boot_error) must be read before the channel closes
+    for message in worker.channel.receive() or ():
+        handle_message(state, worker, message)
+    _forget(state, worker)
+    hooks.call(state.cfg, "child_exit", state, worker)
+    ops.worker_exited(state, worker, code)
+    planned = worker.stop_deadline is not None or state.stopping is not None
+    if not worker.booted and worker.boot_error is None and not planned:
+        if worker.reason == "boot-timeout":
+            worker.boot_error = (f"worker {worker.slot} did not boot within "
+                                 f"{state.cfg.effective_boot_timeout:g}s")
         else:
-            log.info("Worker %s (pid %s) exited", worker.slot, pid)
+            worker.boot_error = f"worker {worker.slot} exited with code {code} while booting"
+    how = f"signal {-code}" if code < 0 else f"code {code}"
+    why = f" ({worker.reason})" if worker.reason else ""
+    if worker.boot_error is not None and not worker.booted:
+        boot_failed(state, worker, code)
+    elif code != 0 and not planned:
+        log.warning("Worker %s (pid %s) exited with %s%s", worker.slot, worker.pid, how, why)
+    else:
+        log.info("Worker %s (pid %s) exited%s", worker.slot, worker.pid, why)
 
 
 def _forget(state: MasterState, worker: WorkerProc) -> None:
@@ -254,31 +360,50 @@ def _forget(state: MasterState, worker: WorkerProc) -> None:
     except (KeyError, ValueError):
         pass
     worker.channel.close()
-    state.board.clear(worker.slot)
+    state.board.clear(worker.board_index)
+
+
+def free_board_index(state: MasterState, slot: int) -> int | None:
+    """The scoreboard record for a new process: the slot's own if free (so status tools
+    reading by slot are right in the steady state), else the first free one above."""
+    used = {w.board_index for w in state.workers.values()}
+    if slot not in used and slot < state.board.capacity:
+        return slot
+    return next((i for i in range(state.board.capacity - 1, -1, -1) if i not in used), None)
 
 
 def boot_failed(state: MasterState, worker: WorkerProc, code: int) -> None:
-    """A worker could not boot.  Before any worker ever booted this ends the server (the
-    app is broken, respawning cannot help); afterwards old workers keep serving and the
-    slot is retried with exponential back-off."""
-    if not state.ever_booted and not state.stopping:
+    """A worker could not boot.  Before any worker ever booted, a boot or app-load error
+    ends the server (the app is broken, respawning cannot help); otherwise the old workers
+    keep serving and the slot is retried with exponential back-off."""
+    if not state.ever_booted and not state.stopping and code in BOOT_ERRORS:
         state.fatal = worker.boot_error
-        state.exit_code = code if code in BOOT_ERRORS else EXIT_BOOT_ERROR
+        state.exit_code = code
         if worker.boot_details:
             log.debug("%s", worker.boot_details)
         begin_stop(state, graceful=False)
         return
-    if state.fatal is not None:
+    if state.fatal is not None or state.stopping:
         return  # the other workers failed the same way: the one line is printed at exit
     state.backoff = min(MAX_BACKOFF, max(1.0, state.backoff * 2))
     state.not_before[worker.slot] = time.monotonic() + state.backoff
-    log.error("%s; retrying in %.0fs", worker.boot_error, state.backoff)
+    serving = sum(1 for w in state.workers.values() if w.booted and w.stop_deadline is None)
+    log.error("%s; retrying in %.0fs (%s worker(s) still serving)", worker.boot_error,
+              state.backoff, serving)
+    if worker.boot_details:
+        log.debug("%s", worker.boot_details)
 
 
 # --- signals -----------------------------------------------------------------------------
 def handle_signals(state: MasterState) -> None:
+    """Act on queued signals; repeats of HUP, USR1, USR2 and WINCH in one pass count once."""
+    seen: set[int] = set()
     while state.signals:
         signum = state.signals.popleft()
+        if signum in COALESCED:
+            if signum in seen:
+                continue
+            seen.add(signum)
         action = SIGNAL_ACTIONS.get(signum)
         if action is not None:
             action(state)
@@ -292,28 +417,102 @@ def on_int(state: MasterState) -> None:
     begin_stop(state, graceful=False)
 
 
+def on_hup(state: MasterState) -> None:
+    """Re-read the config file and replace every worker, readiness-gated (see module doc)."""
+    if state.stopping:
+        return
+    if state.cfg.preload_app:
+        log.info("HUP with --preload: re-executing to load the new code")
+        reexec(state, handover=True)
+        return
+    log.info("HUP: reloading the configuration and the app")
+    systemd.reloading()
+    loaded = reload_config(state)
+    if loaded is None:
+        systemd.reloaded()
+        return
+    cfg, worker_class = loaded
+    old_target = state.target
+    state.cfg, state.worker_class = cfg, worker_class
+    logs.setup(cfg)
+    state.generation += 1
+    state.reloading = True
+    state.backoff = 0.0
+    state.not_before.clear()
+    state.target = cfg.workers
+    hooks.call(cfg, "on_reload", state)
+    if state.target != old_target:
+        hooks.call(cfg, "nworkers_changed", state, state.target, old_target)
+
+
+def reload_config(state: MasterState) -> tuple[Any, type[Worker] | None] | None:
+    """The new settings (file and environment re-read, command line kept), or None."""
+    from tiamat.config import load_config
+
+    try:
+        cfg = load_config(state.cli)
+        worker_class = pick_worker_class(cfg, None)
+    except Exception as exc:
+        log.error("HUP: configuration not reloaded: %s; the running workers keep serving", exc)
+        return None
+    for warning in cfg.warnings:
+        log.warning("%s", warning)
+    for name in RESTART_ONLY:
+        if cfg.values.get(name) != state.cfg.values.get(name):
+            log.warning("HUP: %s changed; it takes effect after a USR2 upgrade", name)
+            cfg.values[name] = state.cfg.values.get(name)
+    return cfg, worker_class
+
+
 def on_ttin(state: MasterState) -> None:
     if state.stopping:
         return
-    old = state.target
-    state.target += 1
-    log.info("TTIN: workers %s -> %s", old, state.target)
-    hooks.call(state.cfg, "nworkers_changed", state, state.target, old)
+    set_target(state, state.target + 1, "TTIN")
 
 
 def on_ttou(state: MasterState) -> None:
     if state.stopping or state.target <= 1:
         return
-    old = state.target
-    state.target -= 1
-    log.info("TTOU: workers %s -> %s", old, state.target)
-    hooks.call(state.cfg, "nworkers_changed", state, state.target, old)
+    set_target(state, state.target - 1, "TTOU")
+
+
+def on_winch(state: MasterState) -> None:
+    """Stop every worker gracefully; the master keeps its sockets until HUP or TTIN."""
+    if state.stopping or state.target == 0:
+        return
+    if _has_terminal():
+        log.info("WINCH ignored: the master has a controlling terminal (window resizes send "
+                 "WINCH); run it with -D or setsid to use WINCH")
+        return
+    set_target(state, 0, "WINCH")
+
+
+def set_target(state: MasterState, target: int, why: str) -> None:
+    old, state.target = state.target, target
+    log.info("%s: workers %s -> %s", why, old, target)
+    hooks.call(state.cfg, "nworkers_changed", state, target, old)
+
+
+def _has_terminal() -> bool:
+    try:
+        fd = os.open("/dev/tty", os.O_RDONLY | os.O_NOCTTY)
+    except OSError:
+        return False
+    os.close(fd)
+    return True
 
 
 def on_usr1(state: MasterState) -> None:
+    """Reopen the log files here, then have every worker reopen its own."""
     logs.reopen()
+    daemon.reopen_std_streams(state.cfg)
+    log.info("USR1: reopened the log files")
     for worker in state.workers.values():
         worker.channel.send("reopen_logs")
+
+
+def on_usr2(state: MasterState) -> None:
+    reexec(state, handover=False)
 
 
 def on_unsupported(state: MasterState) -> None:
@@ -324,13 +523,117 @@ SIGNAL_ACTIONS = {
     signal.SIGTERM: on_term,
     signal.SIGQUIT: on_term,
     signal.SIGINT: on_int,
+    signal.SIGHUP: on_hup,
     signal.SIGTTIN: on_ttin,
     signal.SIGTTOU: on_ttou,
+    signal.SIGWINCH: on_winch,
     signal.SIGUSR1: on_usr1,
-    signal.SIGHUP: on_unsupported,
-    signal.SIGUSR2: on_unsupported,
-    signal.SIGWINCH: on_unsupported,
+    signal.SIGUSR2: on_usr2,
 }
+
+
+# --- re-exec (USR2) ----------------------------------------------------------------------
+def reexec(state: MasterState, handover: bool) -> None:
+    """Start a new master from the same command line, handing it the listening sockets.
+
+    The pidfile becomes PIDFILE.oldbin; the new master writes PIDFILE.  It reports ready
+    through a pipe (``TIAMAT_READY_FD``); if it dies first, :func:`reexec_exited` puts the
+    pidfile back and this master simply keeps serving.
+    """
+    if state.stopping:
+        return
+    if state.reexec_pid:
+        log.warning("re-exec ignored: new master (pid %s) is still running", state.reexec_pid)
+        return
+    cfg = state.cfg
+    if cfg.pidfile and pidfile.read_pid(cfg.pidfile) == state.pid:
+        os.replace(cfg.pidfile, cfg.pidfile + ".oldbin")
+    hooks.call(cfg, "pre_exec", state)
+    read_fd, write_fd = os.pipe()
+    env = dict(os.environ)
+    env[sockets.INHERIT_ENV] = ",".join(str(sock.fileno()) for sock in state.listeners)
+    env[READY_ENV] = str(write_fd)
+    env.pop("TIAMAT_WORKER_ID", None)
+    argv = [sys.executable, *sys.orig_argv[1:]]
+    for handler in log.handlers:
+        handler.flush()
+    pid = os.fork()
+    if pid == 0:
+        _exec_master(argv, env, write_fd)
+    os.close(write_fd)
+    state.reexec_pid, state.reexec_ready_fd, state.reexec_handover = pid, read_fd, handover
+    state.selector.register(read_fd, selectors.EVENT_READ, REEXEC)
+    log.info("Re-executing: new master pid %s", pid)
+
+
+def _exec_master(argv: list[str], env: dict[str, str], ready_fd: int) -> None:
+    try:
+        signal.set_wakeup_fd(-1)
+        for sig in HANDLED_SIGNALS:
+            signal.signal(sig, signal.SIG_DFL)
+        os.set_inheritable(ready_fd, True)
+        os.chdir(START_CWD)
+        os.execve(argv[0], argv, env)
+    except BaseException as exc:
+        print(f"tiamat: re-exec failed: {exc}", file=sys.stderr)
+    os._exit(127)
+
+
+def read_reexec_pipe(state: MasterState) -> None:
+    try:
+        data = os.read(state.reexec_ready_fd, 64)
+    except (BlockingIOError, InterruptedError):
+        return
+    _close_reexec_pipe(state)
+    if data.startswith(b"ready"):
+        then = ("stopping this one" if state.reexec_handover else
+                f"send QUIT to this master (pid {state.pid}) to complete the upgrade")
+        log.info("New master (pid %s) is ready; %s", state.reexec_pid, then)
+        if state.reexec_handover:
+            begin_stop(state, graceful=True)
+
+
+def _close_reexec_pipe(state: MasterState) -> None:
+    if state.reexec_ready_fd >= 0:
+        try:
+            state.selector.unregister(state.reexec_ready_fd)
+        except (KeyError, ValueError):
+            pass
+        os.close(state.reexec_ready_fd)
+        state.reexec_ready_fd = -1
+
+
+def reexec_exited(state: MasterState, code: int) -> None:
+    """The new master is gone: take the pidfile back and carry on serving."""
+    log.error("New master (pid %s) exited with code %s; this master (pid %s) keeps serving",
+              state.reexec_pid, code, state.pid)
+    _close_reexec_pipe(state)
+    state.reexec_pid = 0
+    cfg = state.cfg
+    oldbin = f"{cfg.pidfile}.oldbin" if cfg.pidfile else None
+    if oldbin and pidfile.read_pid(oldbin) == state.pid:
+        other = pidfile.read_pid(cfg.pidfile)
+        if other is None or not pidfile.is_running(other):
+            os.replace(oldbin, cfg.pidfile)
+    if state.reexec_handover and state.stopping == "graceful" and state.workers:
+        log.warning("the new master died during the hand-over; this master stops as asked")
+    state.reexec_handover = False
+
+
+def announce_ready(state: MasterState) -> None:
+    """The first workers serve: when_ready, systemd, the -D parent, an old master."""
+    state.ready_announced = True
+    log.info("Ready: %s worker(s) serving", state.target)
+    hooks.call(state.cfg, "when_ready", state)
+    systemd.ready(state.pid)
+    daemon.report_ready()
+    if state.upgrade_fd >= 0:
+        try:
+            os.write(state.upgrade_fd, b"ready\n")
+        except OSError:
+            pass
+        os.close(state.upgrade_fd)
+        state.upgrade_fd = -1
 
 
 # --- channels ----------------------------------------------------------------------------
@@ -344,19 +647,34 @@ def read_channels(state: MasterState) -> None:
 def handle_message(state: MasterState, worker: WorkerProc, message: tuple[Any, ...]) -> None:
     kind = message[0]
     if kind == "ready":
-        worker.booted = True
-        state.backoff = 0.0
-        state.not_before.pop(worker.slot, None)
-        if not state.ever_booted:
-            state.ever_booted = True
-        if not state.ready_announced and _all_ready(state):
-            state.ready_announced = True
-            hooks.call(state.cfg, "when_ready", state)
+        worker_ready(state, worker)
     elif kind == "boot_error":
         worker.boot_error = str(message[2])
         worker.boot_details = str(message[3]).rstrip() if len(message) > 3 else ""
     elif kind == "message":
         hooks.call(state.cfg, "on_message", state, worker, message[1])
+    elif kind == "broadcast":
+        broadcast(state, message[1])
+    elif kind == "recycle" and worker.recycle is None:
+        worker.recycle = "requested"
+
+
+def worker_ready(state: MasterState, worker: WorkerProc) -> None:
+    worker.booted = True
+    state.ever_booted = True
+    state.backoff = 0.0
+    state.not_before.pop(worker.slot, None)
+    if not state.ready_announced and _all_ready(state):
+        announce_ready(state)
+
+
+def broadcast(state: MasterState, message: Any) -> int:
+    """Send ``message`` to every worker that is not stopping."""
+    sent = 0
+    for worker in list(state.workers.values()):
+        if worker.stop_deadline is None and worker.channel.send("message", message):
+            sent += 1
+    return sent
 
 
 def _all_ready(state: MasterState) -> bool:
@@ -366,31 +684,52 @@ def _all_ready(state: MasterState) -> bool:
 
 # --- liveness ----------------------------------------------------------------------------
 def check_liveness(state: MasterState) -> None:
-    """Kill workers stuck in a request, with a stalled loop, or hanging while booting."""
-    cfg = state.cfg
-    timeout = cfg.timeout
-    boot_timeout = cfg.effective_boot_timeout
+    """Kill workers stuck in a request, with a stalled loop, or hanging while booting.
+
+    The stack dump and worker_abort come first; SIGKILL follows ABORT_GRACE later.
+    """
     now = time.monotonic()
     for worker in list(state.workers.values()):
-        if worker.reason == "timeout":
+        if worker.kill_at is not None:
+            if now >= worker.kill_at:
+                worker.kill_at = float("inf")
+                _signal(worker.pid, signal.SIGKILL)
             continue
-        record = state.board.read(worker.slot)
-        if not worker.booted or record.state == BOOTING:
-            if boot_timeout and now - worker.started > boot_timeout:
-                log.error("Worker %s (pid %s) did not boot within %.0fs; killing",
-                          worker.slot, worker.pid, boot_timeout)
-                kill_worker(state, worker, "boot-timeout")
-            continue
-        if not timeout:
-            continue
-        if record.state == BUSY and now - record.request_start > timeout:
-            log.error("WORKER TIMEOUT: worker %s (pid %s) spent %.1fs on %s; killing",
-                      worker.slot, worker.pid, now - record.request_start, record.label or "?")
-            kill_worker(state, worker, "timeout")
-        elif record.state != BUSY and now - record.beat > timeout:
-            log.error("WORKER TIMEOUT: worker %s (pid %s) stopped beating %.1fs ago; killing",
-                      worker.slot, worker.pid, now - record.beat)
-            kill_worker(state, worker, "timeout")
+        problem = liveness_problem(state, worker, now)
+        if problem is not None:
+            reason, text = problem
+            log.error("%s", text)
+            abort_worker(state, worker, reason, now)
+
+
+def liveness_problem(state: MasterState, worker: WorkerProc, now: float) -> tuple[str, str] | None:
+    """(reason, log line) if ``worker`` must be killed now, else None."""
+    cfg = state.cfg
+    record = state.board.read(worker.board_index)
+    if not worker.booted or record.state == BOOTING:
+        boot_timeout = cfg.effective_boot_timeout
+        if boot_timeout and now - worker.started > boot_timeout:
+            return "boot-timeout", (f"Worker {worker.slot} (pid {worker.pid}) did not boot within "
+                                    f"{boot_timeout:g}s; killing it")
+        return None
+    timeout = cfg.timeout
+    if not timeout:
+        return None
+    if record.state == BUSY and now - record.request_start > timeout:
+        return "timeout", (f"WORKER TIMEOUT: worker {worker.slot} (pid {worker.pid}) spent "
+                           f"{now - record.request_start:.1f}s on {record.label or '?'}; killing it")
+    if record.state != BUSY and worker.stop_deadline is None and now - record.beat > timeout:
+        return "timeout", (f"WORKER TIMEOUT: worker {worker.slot} (pid {worker.pid}) stopped "
+                           f"beating {now - record.beat:.1f}s ago; killing it")
+    return None
+
+
+def abort_worker(state: MasterState, worker: WorkerProc, reason: str, now: float) -> None:
+    """Stack dump to the error log and worker_abort in the worker, then SIGKILL."""
+    worker.reason = reason
+    worker.kill_at = now + ABORT_GRACE
+    _signal(worker.pid, DUMP_SIGNAL)
+    _signal(worker.pid, ABORT_SIGNAL)
 
 
 def kill_worker(state: MasterState, worker: WorkerProc, reason: str) -> None:
@@ -407,19 +746,67 @@ def _signal(pid: int, sig: int) -> None:
 
 # --- worker count ------------------------------------------------------------------------
 def maintain_workers(state: MasterState) -> None:
-    """Fork workers for empty slots below the target; retire slots above it (highest first)."""
-    now = time.monotonic()
-    active = {w.slot: w for w in state.workers.values() if w.stop_deadline is None}
-    for slot in sorted(active, reverse=True):
+    """Bring every slot below the target to one current, booted worker; retire the rest."""
+    grant_recycle(state)
+    by_slot: dict[int, list[WorkerProc]] = {}
+    for worker in state.workers.values():
+        if worker.stop_deadline is None:
+            by_slot.setdefault(worker.slot, []).append(worker)
+    for slot in sorted(by_slot, reverse=True):  # scale down: highest slot first
         if slot >= state.target:
-            retire(state, active.pop(slot), "scale-down")
+            for worker in by_slot.pop(slot):
+                retire(state, worker, "scale-down")
+    now = time.monotonic()
     for slot in range(state.target):
-        if slot in active or any(w.slot == slot for w in state.workers.values()):
-            continue
-        if state.not_before.get(slot, 0.0) > now:
-            continue
+        fill_slot(state, slot, by_slot.get(slot, []), now)
+    check_reload_done(state)
+
+
+def outdated(state: MasterState, worker: WorkerProc) -> bool:
+    """Due for replacement: from before the last HUP, or granted a max-requests recycle."""
+    return worker.generation < state.generation or worker.recycle == "granted"
+
+
+def fill_slot(state: MasterState, slot: int, workers: list[WorkerProc], now: float) -> None:
+    """Fork a current worker for the slot if it has none; once that one is ready, retire
+    the outdated ones (readiness-gated replacement).  Outdated workers that never booted
+    serve nobody and go at once (a flood of HUPs forks no pile of processes)."""
+    current = [w for w in workers if not outdated(state, w)]
+    stale = [w for w in workers if outdated(state, w)]
+    if not current and state.not_before.get(slot, 0.0) <= now:
         state.not_before.pop(slot, None)
         spawn(state, slot)
+    ready = any(w.booted for w in current)
+    for worker in stale:
+        if ready or not worker.booted:
+            retire(state, worker, "recycle" if worker.recycle == "granted" else "reload")
+
+
+def grant_recycle(state: MasterState) -> None:
+    """Let one worker that reached max-requests be replaced; never two at the same time."""
+    if any(w.recycle == "granted" for w in state.workers.values()):
+        return
+    waiting = [w for w in state.workers.values()
+               if w.recycle == "requested" and w.stop_deadline is None and not outdated(state, w)]
+    if waiting:
+        worker = min(waiting, key=lambda w: w.started)
+        worker.recycle = "granted"
+        log.info("Worker %s (pid %s) reached max-requests; replacing it", worker.slot, worker.pid)
+
+
+def check_reload_done(state: MasterState) -> None:
+    if not state.reloading:
+        return
+    if any(w.generation < state.generation and w.stop_deadline is None
+           for w in state.workers.values()):
+        return
+    booted = {w.slot for w in state.workers.values()
+              if w.booted and w.stop_deadline is None and w.generation == state.generation}
+    if all(slot in booted for slot in range(state.target)):
+        state.reloading = False
+        log.info("Reload complete: %s worker(s) of generation %s serving", state.target,
+                 state.generation)
+        systemd.reloaded()
 
 
 def retire(state: MasterState, worker: WorkerProc, reason: str) -> None:
@@ -432,13 +819,18 @@ def retire(state: MasterState, worker: WorkerProc, reason: str) -> None:
 def spawn(state: MasterState, slot: int) -> WorkerProc | None:
     """Fork one worker into ``slot``."""
     cfg = state.cfg
+    index = free_board_index(state, slot)
+    if index is None:
+        log.error("scoreboard full: cannot start worker %s", slot)
+        state.not_before[slot] = time.monotonic() + 1.0
+        return None
     parent_end, child_end = Channel.pair()
     now = time.monotonic()
     info = WorkerProc(slot=slot, pid=0, channel=parent_end, started=now,
-                      generation=state.generation)
+                      generation=state.generation, board_index=index)
     hooks.call(cfg, "pre_fork", state, info)
     ops.before_fork(state, info)
-    state.board.reset(slot, 0, now)
+    state.board.reset(index, 0, now)
     for handler in logging.getLogger("tiamat.error").handlers:
         handler.flush()
     # A stop signal must not land in the child while it still has the master's handlers
@@ -458,7 +850,7 @@ def spawn(state: MasterState, slot: int) -> WorkerProc | None:
         for sig in STOP_SIGNALS:
             signal.signal(sig, _exit_before_boot)  # until the worker installs its own
         signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
-        _become_worker(state, slot, parent_end, child_end)
+        _become_worker(state, info, parent_end, child_end)
     signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
     child_end.close()
     info.pid = pid
@@ -473,12 +865,18 @@ def _exit_before_boot(signum: int, frame: Any) -> None:
     os._exit(128 + signum)
 
 
-def _become_worker(state: MasterState, slot: int, parent_end: Channel, child_end: Channel) -> None:
+def _become_worker(state: MasterState, info: WorkerProc, parent_end: Channel,
+                   child_end: Channel) -> None:
     code = 1
+    slot = info.slot
     try:
         signal.set_wakeup_fd(-1)
-        os.close(state.wake_r)
-        os.close(state.wake_w)
+        install_stack_dump()
+        signal.signal(ABORT_SIGNAL, _exit_before_boot)  # a boot timeout before boot() runs
+        for fd in (state.wake_r, state.wake_w, state.reexec_ready_fd, state.upgrade_fd):
+            if fd >= 0:
+                os.close(fd)
+        daemon.close_status_fd()
         parent_end.close()
         for other in state.workers.values():
             other.channel.close()
@@ -491,11 +889,12 @@ def _become_worker(state: MasterState, slot: int, parent_end: Channel, child_end
         worker_class, app = state.worker_class, state.app
         if worker_class is None:
             worker_class, app = _load_and_pick(state, child_end)
-        board = state.board.writer(slot)
-        state.board.reset(slot, os.getpid(), time.monotonic())
+        board = state.board.writer(info.board_index)
+        state.board.reset(info.board_index, os.getpid(), time.monotonic())
         worker = worker_class(slot=slot, cfg=state.cfg, listeners=state.listeners,
                               channel=child_end, board=board, app=app,
                               master_pid=state.pid, generation=state.generation)
+        worker.server = state
         worker_main(worker)
     except SystemExit as exc:
         code = exc.code if isinstance(exc.code, int) else 1
@@ -522,23 +921,28 @@ def begin_stop(state: MasterState, graceful: bool) -> None:
     """QUIT/TERM: workers finish in-flight requests (up to graceful_timeout); INT: at once."""
     if state.stopping == "quick" or (state.stopping and graceful):
         return
+    if not state.stopping and not state.reexec_pid:
+        systemd.stopping()  # not when handing over to a new master: the service goes on
     state.stopping = "graceful" if graceful else "quick"
     state.stop_deadline = time.monotonic() + (state.cfg.graceful_timeout if graceful else 1.0)
     log.info("Shutting down: %s", "graceful" if graceful else "quick")
     for sock in state.listeners:
         sock.close()
     for worker in state.workers.values():
-        _signal(worker.pid, signal.SIGTERM if graceful else signal.SIGINT)
+        if worker.kill_at is None:
+            _signal(worker.pid, signal.SIGTERM if graceful else signal.SIGINT)
 
 
 def enforce_stop_deadline(state: MasterState) -> None:
+    """SIGKILL for workers still there after their graceful deadline."""
     now = time.monotonic()
     for worker in state.workers.values():
         deadline = worker.stop_deadline
         if state.stopping:
             deadline = min(deadline or state.stop_deadline, state.stop_deadline)
         if deadline is not None and now > deadline and worker.reason != "killed":
-            log.warning("Worker %s (pid %s) did not stop in time; killing", worker.slot, worker.pid)
+            log.warning("Worker %s (pid %s) did not stop in time; killing it", worker.slot,
+                        worker.pid)
             worker.reason = "killed"
             _signal(worker.pid, signal.SIGKILL)
 
@@ -560,10 +964,15 @@ def finish(state: MasterState) -> None:
             _forget(state, worker)
     for sock in state.listeners:
         sock.close()
-    for path in state.unix_paths:
-        _unlink_unix(path)
+    if state.reexec_pid:
+        log.info("The new master (pid %s) keeps serving", state.reexec_pid)
+    else:  # a new master from USR2 still listens on them: leave them alone
+        for path in state.unix_paths:
+            _unlink_unix(path)
     if state.cfg.pidfile:
         pidfile.remove(state.cfg.pidfile, state.pid)
+        pidfile.remove(state.cfg.pidfile + ".oldbin", state.pid)
+    _close_reexec_pipe(state)
     ops.close(state)
     hooks.call(state.cfg, "on_exit", state)
     log.info("Shutdown complete")

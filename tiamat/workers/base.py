@@ -14,17 +14,19 @@ Subclass :class:`Worker` and implement :meth:`run` to write a worker class of yo
 
 from __future__ import annotations
 
+import faulthandler
 import logging
 import os
 import random
 import signal
 import sys
+import threading
 import time
 import traceback
 from collections.abc import Callable
 from typing import Any
 
-from tiamat import apploader, hooks, logs
+from tiamat import apploader, daemon, hooks, logs
 from tiamat.channel import Channel
 from tiamat.scoreboard import SlotWriter
 
@@ -33,6 +35,16 @@ EXIT_BOOT_ERROR = 3
 EXIT_APP_LOAD_ERROR = 4
 
 log = logging.getLogger("tiamat.error")
+
+#: the master sends this before a timeout kill: faulthandler writes every thread's stack
+#: to the error log (works even when the worker is stuck in C code)
+DUMP_SIGNAL = signal.SIGUSR2
+#: then this: the worker runs the worker_abort hook and exits
+ABORT_SIGNAL = signal.SIGABRT
+#: how often the watchdog thread checks that the master is still there
+WATCHDOG_INTERVAL = 0.25
+#: after the master is gone, how long the loop gets to stop by itself before os._exit
+ORPHAN_GRACE = 1.0
 
 #: the worker running in this process (None in the master); see ``tiamat.worker``
 current: Worker | None = None
@@ -69,6 +81,9 @@ class Worker:
         self.wake_fd = -1
         self._wake_w = -1
         self.message_callbacks: list[Callable[[Any], None]] = []
+        #: the master's state as it was at the fork (``server`` in worker hooks)
+        self.server: Any = None
+        self.recycle_asked = False
         #: set when the master promoted this worker to the mold (--refork-after): once run()
         #: returns, tiamat.refork.run_mold takes over instead of exiting
         self.mold_request: tuple[Any, ...] | None = None
@@ -80,8 +95,12 @@ class Worker:
         """Everything between the fork and serving; raising here is a boot failure."""
         self.pid = os.getpid()
         self._install_signals()
+        self._start_watchdog()
         set_title(f"worker {self.slot}", self.cfg)
-        hooks.call(self.cfg, "post_fork", None, self)
+        from tiamat import worker as public_api
+
+        self.message_callbacks.extend(public_api.take_pending())
+        hooks.call(self.cfg, "post_fork", self.server, self)
         if self.app is None:
             self.app = self.load_app()
         self.check_app()
@@ -117,11 +136,15 @@ class Worker:
             self.quick = True
 
     def count_request(self) -> None:
-        """Call after each request; starts a graceful exit once max_requests is reached."""
-        if self.max_requests and self.board.requests >= self.max_requests and self.alive:
-            log.info("worker %s: served %s requests (max_requests); restarting",
+        """Call after each request.  Once max_requests is reached the worker asks the master
+        to replace it and keeps serving: the master starts the replacement, one worker at a
+        time, and stops this one (SIGTERM) once the replacement is ready."""
+        if self.max_requests and self.board.requests >= self.max_requests and not self.recycle_asked:
+            self.recycle_asked = True
+            log.info("worker %s: served %s requests (max_requests); asking to be replaced",
                      self.slot, self.board.requests)
-            self.alive = False
+            if not self.channel.send("recycle", self.board.requests):
+                self.alive = False
 
     def handle_channel(self) -> None:
         """Act on what the master sent; EOF means the master died, so stop at once."""
@@ -135,7 +158,7 @@ class Worker:
         for message in messages:
             kind = message[0]
             if kind == "reopen_logs":
-                logs.reopen()
+                self.reopen_log_files()
             elif kind == "stop":
                 self.alive = False
             elif kind == "mold":
@@ -157,13 +180,42 @@ class Worker:
             pass
         if self.reopen_logs:
             self.reopen_logs = False
-            logs.reopen()
+            self.reopen_log_files()
+
+    def reopen_log_files(self) -> None:
+        """USR1 (from the master over the channel, or sent to this worker directly)."""
+        logs.reopen()
+        daemon.reopen_std_streams(self.cfg)
+        install_stack_dump()
+        log.info("worker %s: reopened the log files", self.slot)
+
+    # --- master watchdog ----------------------------------------------------------------
+    def _start_watchdog(self) -> None:
+        """A thread that notices a dead master even while the loop is busy in a request
+        (channel EOF and the beat only work between requests): the worker must not serve
+        on as an orphan."""
+        thread = threading.Thread(target=self._watch_master, name="tiamat-watchdog", daemon=True)
+        thread.start()
+
+    def _watch_master(self) -> None:
+        while os.getppid() == self.master_pid:
+            time.sleep(WATCHDOG_INTERVAL)
+        log.warning("worker %s: master %s is gone; exiting", self.slot, self.master_pid)
+        self.alive = False
+        self.quick = True
+        try:
+            os.write(self._wake_w, b"!")
+        except OSError:
+            pass
+        time.sleep(ORPHAN_GRACE)
+        os._exit(1)
 
     # --- signals ------------------------------------------------------------------------
     def _install_signals(self) -> None:
-        for sig in (signal.SIGHUP, signal.SIGTTIN, signal.SIGTTOU, signal.SIGWINCH,
-                    signal.SIGUSR2):
+        for sig in (signal.SIGHUP, signal.SIGTTIN, signal.SIGTTOU, signal.SIGWINCH):
             signal.signal(sig, signal.SIG_IGN)
+        install_stack_dump()
+        signal.signal(ABORT_SIGNAL, self._on_abort)
         signal.signal(signal.SIGCHLD, signal.SIG_DFL)
         signal.signal(signal.SIGTERM, self._on_graceful)
         signal.signal(signal.SIGQUIT, self._on_graceful)
@@ -184,6 +236,37 @@ class Worker:
 
     def _on_reopen(self, signum: int, frame: Any) -> None:
         self.reopen_logs = True
+
+    def _on_abort(self, signum: int, frame: Any) -> None:
+        """The master is about to SIGKILL this worker (timeout): worker_abort, then go."""
+        hooks.call(self.cfg, "worker_abort", self)
+        _flush_and_exit(1)
+
+
+def install_stack_dump() -> None:
+    """Make DUMP_SIGNAL write every thread's Python stack to the error log (faulthandler
+    writes from the C signal handler, so it works even when the worker is stuck)."""
+    stream: Any = sys.stderr
+    for handler in log.handlers:
+        candidate = getattr(handler, "stream", None)
+        if candidate is not None and hasattr(candidate, "fileno"):
+            stream = candidate
+            break
+    try:
+        stream.flush()
+        faulthandler.register(DUMP_SIGNAL, file=stream, all_threads=True, chain=False)
+    except (AttributeError, ValueError, OSError, RuntimeError):
+        pass
+
+
+def _flush_and_exit(code: int) -> None:
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except Exception:
+            pass
+    logging.shutdown()
+    os._exit(code)
 
 
 def set_title(role: str, cfg: Any) -> None:
@@ -227,12 +310,6 @@ def worker_main(worker: Worker) -> None:
         except BaseException:
             log.exception("worker %s crashed", worker.slot)
             code = 1
-        hooks.call(worker.cfg, "worker_exit", None, worker)
+        hooks.call(worker.cfg, "worker_exit", worker.server, worker)
     finally:
-        for stream in (sys.stdout, sys.stderr):
-            try:
-                stream.flush()
-            except Exception:
-                pass
-        logging.shutdown()
-        os._exit(code)
+        _flush_and_exit(code)
