@@ -92,6 +92,8 @@ class Config:
         lines = []
         for s in SETTINGS:
             value = self.values[s.name]
+            if s.name == "bind" and not value:
+                value = self.bind_addresses()  # what will really be bound
             if s.kind == "callable" and value is not None:
                 value = f"{getattr(value, '__module__', '?')}.{getattr(value, '__qualname__', value)}"
             lines.append(f"{s.name:<{width}} = {value!r}")
@@ -262,7 +264,7 @@ def _apply(values: dict[str, Any], sources: dict[str, str], items: Mapping[str, 
         setting = BY_KEY.get(key)
         if setting is None:
             raise ConfigError(f"{origin}: {describe_key(key)}: unknown setting")
-        if origin != "command line" and not setting.in_file:
+        if origin not in ("command line", "environment") and not setting.in_file:
             raise ConfigError(f"{origin}: {describe_key(key)}: can only be given on the command line")
         if setting.name in seen:
             raise ConfigError(
