@@ -29,7 +29,7 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Any
 
-from tiamat import apploader, daemon, hooks, logs, ops, pidfile, sockets, systemd
+from tiamat import apploader, daemon, hooks, logs, memory, ops, pidfile, refork, sockets, systemd
 from tiamat.channel import Channel
 from tiamat.scoreboard import BOOTING, BUSY, Scoreboard
 from tiamat.workers import WorkerClassError, resolve
@@ -89,6 +89,8 @@ class WorkerProc:
     boot_details: str = ""
     #: why the master ended it, for the log and metrics (timeout, reload, max-requests ...)
     reason: str | None = None
+    #: "worker", or "mold": the process that forks the next generation (tiamat.refork)
+    role: str = "worker"
     #: this process's record in the scoreboard (a slot may briefly hold two processes)
     board_index: int = 0
     #: max-requests: None, "requested" (by the worker) or "granted" (replacement under way)
@@ -163,6 +165,8 @@ def start(cfg: Any) -> int:
             print(f"tiamat: {state.fatal}", file=sys.stderr)
         daemon.report_failure(code, state.fatal or "cannot start")
         return code
+    refork.setup(state)  # --refork-after: subreaper and thresholds (tiamat.refork)
+    memory.setup(state)  # --max-worker-memory (tiamat.memory)
     try:
         if ops.start(state):  # metrics, control socket, --reload (tiamat.ops)
             run_loop(state)
@@ -284,6 +288,8 @@ def run_loop(state: MasterState) -> None:
         check_liveness(state)
         enforce_stop_deadline(state)
         ops.step(state)
+        refork.step(state)
+        memory.step(state)
         if state.stopping:
             if not state.workers:
                 return
@@ -653,6 +659,8 @@ def handle_message(state: MasterState, worker: WorkerProc, message: tuple[Any, .
         worker.boot_details = str(message[3]).rstrip() if len(message) > 3 else ""
     elif kind == "message":
         hooks.call(state.cfg, "on_message", state, worker, message[1])
+    elif kind == "molded":
+        refork.on_message(state, worker, message)
     elif kind == "broadcast":
         broadcast(state, message[1])
     elif kind == "recycle" and worker.recycle is None:
@@ -838,7 +846,7 @@ def spawn(state: MasterState, slot: int) -> WorkerProc | None:
     # never stop): block them across the fork; the child resets them before unblocking.
     signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
     try:
-        pid = os.fork()
+        pid = refork.fork(state, info, child_end)  # os.fork(), or through the mold
     except OSError as exc:
         signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
         log.error("fork failed: %s", exc)

@@ -10,18 +10,19 @@ How (``--refork-after N[,M,...]``):
 * The master sets ``PR_SET_CHILD_SUBREAPER`` on itself, so processes forked below it whose
   parent exits are reparented to the master, not to init.
 * Once a worker of the current generation has served N requests, the master sends it
-  ``("mold", generation, mold_slot)``.  The worker finishes what it is doing, stops
-  accepting, leaves its serving slot for a scoreboard record of its own, freezes the GC
-  and answers ``("molded", pid)``; from then on it serves nothing and only forks.
+  ``("mold", generation)``.  The worker finishes what it is doing, stops accepting, freezes
+  the GC and answers ``("molded", pid)``; from then on it serves nothing and only forks.
+  The master moves it out of its slot (to ``MOLD_SLOT``), so the slot gets a new worker.
 * To fork a worker, the master creates the worker's channel (a socketpair), sends one end to
-  the mold with SCM_RIGHTS together with ``("spawn", slot, generation, token)``, and waits
+  the mold with SCM_RIGHTS together with ``("spawn", slot, generation, token, record)``, and waits
   (a few milliseconds) for ``("spawned", token, pid)``.  The mold double-forks: the middle
   process exits at once, so the new worker is reparented to the master, which reaps it,
   signals it and watches it like any worker (slots, scoreboard, timeouts, max-requests).
-* Old-generation workers are then retired one at a time, each only once every slot again
-  has a booted worker; each replacement is forked by the mold.  The next generation uses the
-  next number in the list (N, then M, ...); after the last one the mold stays, and keeps
-  forking replacements (max-requests, crashes, memory), but no new mold is made.
+* Old-generation workers are then replaced one at a time, each only once every slot again
+  has a booted worker; each successor is forked by the mold, and the old worker goes once
+  its successor is ready.  The next generation uses the next number in the list (N, then
+  M, ...); after the last one the mold stays, and keeps forking replacements (max-requests,
+  crashes, memory), but no new mold is made.
 
 Where the subreaper cannot be set (not Linux, no prctl) workers are forked from the master
 as usual and the log says so.  A HUP reload drops the mold (it holds the old code).
@@ -43,7 +44,7 @@ import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from tiamat import logs
+from tiamat import logs, memory
 from tiamat.channel import MAX_MESSAGE, Channel
 
 if TYPE_CHECKING:
@@ -54,6 +55,8 @@ if TYPE_CHECKING:
 log = logging.getLogger("tiamat.error")
 
 PR_SET_CHILD_SUBREAPER = 36
+#: the slot number of a mold: outside 0..workers-1, so the master neither fills nor retires it
+MOLD_SLOT = -1
 #: how long the master waits for the mold to report a forked worker's pid
 SPAWN_TIMEOUT = 5.0
 #: the scoreboard made by the master; forked workers (and so the mold) inherit this reference
@@ -107,7 +110,6 @@ class ReforkState:
     mold: WorkerProc | None = None
     promoting: WorkerProc | None = None
     promote_deadline: float = 0.0
-    promote_slot: int = 0
     #: refork generation of every worker pid the master forked
     gen_of: dict[int, int] = field(default_factory=dict)
     token: int = 0
@@ -140,12 +142,6 @@ def _master() -> Any:
     return master
 
 
-def _mold_slots(state: MasterState) -> tuple[int, int]:
-    """Two scoreboard records past every serving slot: the mold and the one it replaces."""
-    cap = state.board.capacity
-    return cap - 1, cap - 2
-
-
 def step(state: MasterState) -> None:
     """One pass of the master loop: promote a mold, replace the old generation, notice losses."""
     rs = state.refork
@@ -169,13 +165,15 @@ def step(state: MasterState) -> None:
 
 
 def _serving(state: MasterState) -> list[WorkerProc]:
-    return [w for w in state.workers.values() if w.role == "worker" and w.stop_deadline is None]
+    return [w for w in state.workers.values()
+            if getattr(w, "role", "worker") == "worker" and w.stop_deadline is None]
 
 
 def _replace_old(state: MasterState, rs: ReforkState) -> bool:
-    """Retire one old-generation worker when the previous replacement is up; True while busy."""
+    """Replace one old-generation worker when the previous replacement is up; True while busy."""
     serving = _serving(state)
-    old = [w for w in serving if rs.gen_of.get(w.pid, -1) < rs.generation]
+    old = [w for w in serving if rs.gen_of.get(w.pid, -1) < rs.generation
+           and getattr(w, "recycle", None) != "granted"]
     if not old:
         if rs.replacing:
             rs.replacing = False
@@ -183,15 +181,12 @@ def _replace_old(state: MasterState, rs: ReforkState) -> bool:
                      rs.generation, rs.mold.pid if rs.mold else "?")
         return False
     rs.replacing = True
-    if any(w.role == "worker" and w.reason == "refork" for w in state.workers.values()):
-        return True  # the previous one is still finishing its requests
-    booted = sum(1 for w in serving if w.booted)
-    if booted < state.target:
-        return True  # wait until every slot again has a booted worker
+    if memory.replacement_pending(state):
+        return True  # one at a time
     victim = min(old, key=lambda w: (rs.gen_of.get(w.pid, -1), w.slot))
     log.info("Refork: replacing worker %s (pid %s, generation %s) with one of generation %s",
              victim.slot, victim.pid, rs.gen_of.get(victim.pid, 0), rs.generation)
-    _master().retire(state, victim, "refork")
+    memory.replace(state, victim, "refork")
     return True
 
 
@@ -200,16 +195,15 @@ def _maybe_promote(state: MasterState, rs: ReforkState) -> None:
     best: WorkerProc | None = None
     best_count = -1
     for worker in _serving(state):
-        if not worker.booted or rs.gen_of.get(worker.pid, -1) != rs.generation:
+        if (not worker.booted or rs.gen_of.get(worker.pid, -1) != rs.generation
+                or getattr(worker, "recycle", None) is not None):
             continue
         count = state.board.read(worker.slot).requests
         if count >= threshold and count > best_count:
             best, best_count = worker, count
     if best is None:
         return
-    slots = _mold_slots(state)
-    rs.promote_slot = slots[1] if rs.mold is not None and rs.mold.slot == slots[0] else slots[0]
-    if not best.channel.send("mold", rs.generation + 1, rs.promote_slot):
+    if not best.channel.send("mold", rs.generation + 1):
         return
     rs.promoting = best
     cfg = state.cfg
@@ -239,8 +233,7 @@ def on_message(state: MasterState, worker: WorkerProc, message: tuple[Any, ...])
         return
     rs.promoting = None
     old_mold = rs.mold
-    state.board.clear(worker.slot)  # its serving slot is free for a worker of the new generation
-    worker.slot = rs.promote_slot
+    worker.slot = MOLD_SLOT  # its serving slot is free for a worker of the new generation
     worker.role = "mold"
     rs.mold = worker
     rs.generation += 1
@@ -261,12 +254,12 @@ def _check_reload(state: MasterState, rs: ReforkState) -> None:
     rs.replacing = False
     for worker in (rs.mold, rs.promoting):
         if worker is not None and worker.pid in state.workers and worker.stop_deadline is None:
-            _master().retire(state, worker, "reload")
+            _master().retire(state, worker, "reload")  # a mold serves nobody: no successor needed
     rs.mold = rs.promoting = None
 
 
-def fork(state: MasterState, slot: int, child_end: Channel) -> int:
-    """Fork a worker for ``slot``: through the mold when there is one, else ``os.fork()``.
+def fork(state: MasterState, info: WorkerProc, child_end: Channel) -> int:
+    """Fork the worker ``info`` describes: through the mold when there is one, else ``os.fork()``.
 
     Returns like ``os.fork()`` (0 in a child forked here); raises OSError when the mold
     failed, after which the master retries the slot later (from the master if the mold died).
@@ -281,8 +274,11 @@ def fork(state: MasterState, slot: int, child_end: Channel) -> int:
         if pid:
             rs.gen_of[pid] = rs.generation
         return pid
+    slot = info.slot
+    record = getattr(info, "board_index", slot)
     rs.token += 1
-    data = pickle.dumps(("spawn", slot, rs.generation, rs.token), protocol=pickle.HIGHEST_PROTOCOL)
+    data = pickle.dumps(("spawn", slot, rs.generation, rs.token, record),
+                        protocol=pickle.HIGHEST_PROTOCOL)
     try:
         socket.send_fds(mold.channel.sock, [data], [child_end.fileno()])
     except OSError as exc:
@@ -338,13 +334,9 @@ def run_mold(worker: Worker) -> None:
     has stopped accepting and closed its connections.  Returning ends the process.
     """
     request = worker.mold_request
-    assert request is not None and _board is not None
-    _, generation, mold_slot = request[:3]
-    board = _board
-    now = time.monotonic()
-    board.reset(mold_slot, os.getpid(), now)
-    worker.board = board.writer(mold_slot)
-    worker.board.ready(now)
+    assert request is not None
+    generation = request[1]
+    worker.board.ready(time.monotonic())  # its own record: idle, beating, serving nothing
     worker.alive = True
     worker.quick = False
     from tiamat.workers.base import set_title
@@ -410,7 +402,7 @@ def _close_all(fds: list[int]) -> None:
 
 def _spawn(mold: Worker, message: tuple[Any, ...], fds: list[int]) -> None:
     """Double-fork one worker; the middle process exits so the master adopts the worker."""
-    _, slot, generation, token = message[:4]
+    _, slot, generation, token, record = message[:5]
     if len(fds) != 1:
         _close_all(fds)
         mold.channel.send("spawn_failed", token, "no channel was passed")
@@ -431,7 +423,7 @@ def _spawn(mold: Worker, message: tuple[Any, ...], fds: list[int]) -> None:
             pid = os.fork()
             if pid == 0:
                 os.close(w)
-                _become_worker(mold, slot, generation, fd)
+                _become_worker(mold, slot, generation, record, fd)
             os.write(w, pid.to_bytes(8, "little"))
         finally:
             os._exit(0)
@@ -461,7 +453,7 @@ def _spawn(mold: Worker, message: tuple[Any, ...], fds: list[int]) -> None:
         mold.channel.send("spawn_failed", token, "the intermediate process died")
 
 
-def _become_worker(mold: Worker, slot: int, generation: int, fd: int) -> None:
+def _become_worker(mold: Worker, slot: int, generation: int, record: int, fd: int) -> None:
     """In the new worker: drop the mold's ends, wait to be adopted, boot and serve; never returns."""
     from tiamat.workers.base import worker_main
 
@@ -480,9 +472,9 @@ def _become_worker(mold: Worker, slot: int, generation: int, fd: int) -> None:
         sock = socket.socket(fileno=fd)
         sock.setblocking(False)
         assert _board is not None
-        _board.reset(slot, os.getpid(), time.monotonic())
+        _board.reset(record, os.getpid(), time.monotonic())
         worker = type(mold)(slot=slot, cfg=mold.cfg, listeners=mold.listeners, channel=Channel(sock),
-                            board=_board.writer(slot), app=mold.app, master_pid=mold.master_pid,
+                            board=_board.writer(record), app=mold.app, master_pid=mold.master_pid,
                             generation=mold.generation)
         worker.refork_generation = generation
         worker_main(worker)

@@ -1,0 +1,191 @@
+"""Process memory: RSS/PSS/USS readers, and the ``--max-worker-memory`` policy.
+
+Readers (Linux ``/proc``; used by the policy, ``bench/memory.py`` and the tests):
+
+* RSS: pages resident in the process, shared ones counted in full (what ``ps`` shows and
+  what ``--max-worker-memory`` limits: it is cheap to read, from ``/proc/PID/statm``).
+* PSS: each shared page divided by the number of processes sharing it; summed over the
+  master and its workers it is the memory the server really costs.
+* USS: pages only this process maps (private clean + private dirty): what is freed when
+  the worker exits.
+
+Policy: once a second the master reads each serving worker's RSS; a worker above the limit
+is replaced, gracefully (it finishes its current request), after a random delay of up to
+``JITTER`` seconds, and one at a time: the next one only once every slot again has a booted
+worker, so workers that grow together do not all restart together.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import random
+import time
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from tiamat.master import MasterState
+
+log = logging.getLogger("tiamat.error")
+
+PAGE_SIZE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
+MB = 1024 * 1024
+#: seconds between two RSS checks by the master
+CHECK_INTERVAL = 1.0
+#: up to this many seconds between finding a worker over the limit and retiring it
+JITTER = 2.0
+
+
+# --- readers -----------------------------------------------------------------------------
+def rss(pid: int) -> int | None:
+    """Resident set size in bytes, or None if the process is gone."""
+    try:
+        with open(f"/proc/{pid}/statm", "rb") as f:
+            return int(f.read().split()[1]) * PAGE_SIZE
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def rollup(pid: int) -> dict[str, int] | None:
+    """The fields of ``/proc/PID/smaps_rollup`` in bytes (``Rss``, ``Pss``, ``Private_Dirty``
+    ...), summed from ``/proc/PID/smaps`` on kernels without the rollup; None if gone."""
+    for name in ("smaps_rollup", "smaps"):
+        try:
+            with open(f"/proc/{pid}/{name}", "rb") as f:
+                text = f.read()
+        except FileNotFoundError:
+            if name == "smaps_rollup" and os.path.exists(f"/proc/{pid}"):
+                continue
+            return None
+        except (ProcessLookupError, PermissionError, OSError):
+            return None
+        fields: dict[str, int] = {}
+        for line in text.splitlines():
+            key, sep, rest = line.partition(b":")
+            parts = rest.split()
+            if not sep or len(parts) != 2 or parts[1] != b"kB":
+                continue
+            name_ = key.decode("ascii", "replace")
+            fields[name_] = fields.get(name_, 0) + int(parts[0]) * 1024
+        return fields
+    return None
+
+
+@dataclass
+class Usage:
+    """One process's memory, in bytes."""
+
+    pid: int
+    rss: int
+    pss: int
+    uss: int
+
+    @classmethod
+    def of(cls, pid: int) -> Usage | None:
+        fields = rollup(pid)
+        if fields is None:
+            return None
+        uss = fields.get("Private_Clean", 0) + fields.get("Private_Dirty", 0)
+        return cls(pid, fields.get("Rss", 0), fields.get("Pss", 0), uss)
+
+
+def children(pid: int) -> list[int]:
+    """Direct children of ``pid`` (every thread's list), from /proc."""
+    result: list[int] = []
+    try:
+        tasks = os.listdir(f"/proc/{pid}/task")
+    except OSError:
+        return result
+    for tid in tasks:
+        try:
+            with open(f"/proc/{pid}/task/{tid}/children") as f:
+                result.extend(int(p) for p in f.read().split())
+        except (OSError, ValueError):
+            continue
+    return result
+
+
+def descendants(pid: int) -> list[int]:
+    """Every process below ``pid``, parents before their children."""
+    found: list[int] = []
+    todo = [pid]
+    while todo:
+        for child in children(todo.pop(0)):
+            if child not in found:
+                found.append(child)
+                todo.append(child)
+    return found
+
+
+# --- the master's policy -----------------------------------------------------------------
+@dataclass
+class MemoryPolicy:
+    limit: int
+    next_check: float = 0.0
+    #: pid -> the time at which a worker found over the limit gets retired
+    due: dict[int, float] = field(default_factory=dict)
+
+
+def setup(state: MasterState) -> None:
+    """Called once by the master: turns the policy on when ``max_worker_memory`` is set."""
+    limit = int(state.cfg.max_worker_memory or 0)
+    state.memory = MemoryPolicy(limit=limit * MB) if limit > 0 else None
+    if limit > 0:
+        log.info("Replacing workers whose RSS exceeds %s MB", limit)
+
+
+def step(state: MasterState) -> None:
+    """One pass of the master loop: retire at most one worker that grew past the limit."""
+    policy: MemoryPolicy | None = state.memory
+    if policy is None or state.stopping:
+        return
+    now = time.monotonic()
+    if now < policy.next_check:
+        return
+    policy.next_check = now + CHECK_INTERVAL
+    serving = [w for w in state.workers.values() if getattr(w, "role", "worker") == "worker"
+               and w.stop_deadline is None and w.booted and getattr(w, "recycle", None) != "granted"]
+    sizes: dict[int, int] = {}
+    for worker in serving:
+        size = rss(worker.pid)
+        if size is not None and size > policy.limit:
+            sizes[worker.pid] = size
+            policy.due.setdefault(worker.pid, now + random.uniform(0.0, JITTER))
+    policy.due = {pid: when for pid, when in policy.due.items() if pid in sizes}
+    if replacement_pending(state):
+        return  # one at a time
+    ripe = [w for w in serving if policy.due.get(w.pid, now + 1) <= now]
+    if not ripe:
+        return
+    worker = min(ripe, key=lambda w: policy.due[w.pid])
+    del policy.due[worker.pid]
+    log.warning("Worker %s (pid %s) uses %.0f MB, above max_worker_memory (%.0f MB); replacing it",
+                worker.slot, worker.pid, sizes[worker.pid] / MB, policy.limit / MB)
+    replace(state, worker, "memory")
+
+
+def replacement_pending(state: MasterState) -> bool:
+    """True while a replacement is under way: a worker granted one, one still stopping, or a
+    slot without a booted worker (so replacements happen one at a time)."""
+    serving = 0
+    for w in state.workers.values():
+        if getattr(w, "role", "worker") != "worker":
+            continue
+        if getattr(w, "recycle", None) == "granted" or w.stop_deadline is not None:
+            return True
+        serving += w.booted
+    return serving < state.target
+
+
+def replace(state: MasterState, worker: Any, reason: str) -> None:
+    """Replace ``worker`` gracefully: it finishes its current request.  Where the master
+    gates replacements on readiness (``recycle``), its successor is forked first and the
+    worker is retired once that one is ready; otherwise it is retired at once."""
+    from tiamat import master  # the master imports this module: import late
+
+    if hasattr(worker, "recycle"):
+        worker.recycle = "granted"
+        worker.reason = reason
+    else:
+        master.retire(state, worker, reason)
