@@ -38,6 +38,8 @@ APPS = os.path.join(BENCH, "apps")
 VENV = os.path.join(BENCH, ".venv")
 VPY = os.path.join(VENV, "bin", "python")
 RESULTS = os.path.join(BENCH, "results")
+#: where tiamat is imported from (the working tree; --src or --head change it)
+SRC = ROOT
 HOST = "127.0.0.1"
 SERVER_CPU = "0"
 CLIENT_CPU = "1"
@@ -83,10 +85,11 @@ def versions() -> dict[str, str]:
             "'httptools', 'uvloop', 'websockets')}}))")
     out = subprocess.run([VPY, "-c", code], capture_output=True, text=True, check=True).stdout
     found = json.loads(out)
-    sys.path.insert(0, ROOT)
-    from tiamat import __version__
-
-    found["tiamat"] = __version__ + " (" + git_head() + ")"
+    code = "import tiamat, sys; print(tiamat.__version__, tiamat.__file__)"
+    out = subprocess.run([VPY, "-c", code], capture_output=True, text=True, check=True, cwd=APPS,
+                         env={**os.environ, "PYTHONPATH": SRC}).stdout.split()
+    where = "working tree" if SRC == ROOT else os.path.relpath(SRC, ROOT)
+    found["tiamat"] = f"{out[0]} ({where} at {git_head()}, {os.path.relpath(out[1], ROOT)})"
     wrk = subprocess.run(["wrk", "-v"], capture_output=True, text=True).stdout.split("\n")[0]
     found["wrk"] = wrk.split(" [")[0]
     return found
@@ -198,7 +201,7 @@ class Running:
         self.argv = argv
         self.log_path = log_path
         self.log = open(log_path, "wb")  # noqa: SIM115 - closed in stop()
-        env = {**os.environ, "PYTHONPATH": os.pathsep.join([APPS, ROOT]), "PYTHONUNBUFFERED": "1"}
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join([APPS, SRC]), "PYTHONUNBUFFERED": "1"}
         env.pop("WEB_CONCURRENCY", None)
         command = ["taskset", "-c", pin, *argv] if pin else argv
         self.started = time.perf_counter()
@@ -637,6 +640,10 @@ def main() -> int:
     parser.add_argument("--all", action="store_true", help="throughput, balance and start/stop")
     parser.add_argument("--profile", metavar="APP", help="py-spy the tiamat worker on one app row")
     parser.add_argument("--no-install", action="store_true", help="fail instead of installing")
+    parser.add_argument("--src", help="import tiamat from this source tree instead of the working tree")
+    parser.add_argument("--head", action="store_true",
+                        help="benchmark the committed HEAD (exported to bench/results/src-SHA), not "
+                             "the working tree with others' uncommitted edits")
     args = parser.parse_args()
     args.rounds = args.rounds or (1 if args.quick else 3)
     args.duration = args.duration or (2.0 if args.quick else 8.0)
@@ -649,6 +656,16 @@ def main() -> int:
 
     signal.signal(signal.SIGTERM, interrupted)
     ensure_tools(args.no_install)
+    global SRC
+    if args.head:
+        SRC = os.path.join(RESULTS, "src-" + git_head())
+        if not os.path.isdir(SRC):
+            os.makedirs(SRC)
+            archive = subprocess.run(["git", "-C", ROOT, "archive", "HEAD", "tiamat"], check=True,
+                                     capture_output=True).stdout
+            subprocess.run(["tar", "-x", "-C", SRC], input=archive, check=True)
+    elif args.src:
+        SRC = os.path.abspath(args.src)
     stamp = time.strftime("%Y%m%d-%H%M%S", time.gmtime())
     log_dir = os.path.join(RESULTS, stamp)
     os.makedirs(log_dir, exist_ok=True)
