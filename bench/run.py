@@ -602,7 +602,8 @@ def profile(args: argparse.Namespace, log_dir: str) -> str:
 
 
 def summarize_profile(path: str, top: int = 25) -> str:
-    """Self and inclusive share per function from py-spy's collapsed stacks."""
+    """Self and inclusive share per function from py-spy's collapsed stacks (the raw file,
+    with line numbers, stays next to the logs)."""
     own: dict[str, int] = {}
     inclusive: dict[str, int] = {}
     total = 0
@@ -610,7 +611,8 @@ def summarize_profile(path: str, top: int = 25) -> str:
         for line in f:
             stack, _, count_text = line.rstrip().rpartition(" ")
             count = int(count_text)
-            frames = stack.split(";")
+            # "func (file.py:123)" -> "func (file.py)": one row per function, not per line
+            frames = [re.sub(r":\d+\)$", ")", frame) for frame in stack.split(";")]
             total += count
             own[frames[-1]] = own.get(frames[-1], 0) + count
             for frame in set(frames):
