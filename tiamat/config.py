@@ -314,6 +314,7 @@ def validate(values: Mapping[str, Any], sources: Mapping[str, str] | None = None
 
     Each error names the key and where its value came from, like the per-key checks do.
     """
+    from tiamat.refork import parse_thresholds  # refork imports nothing from config
     from tiamat.sockets import parse_address  # sockets imports nothing from config
 
     def fail(name: str, reason: str) -> ConfigError:
@@ -329,6 +330,10 @@ def validate(values: Mapping[str, Any], sources: Mapping[str, str] | None = None
             raise fail("bind", str(exc)) from None
     if values["keyfile"] and not values["certfile"]:
         raise fail("keyfile", "given without certfile")
+    try:
+        parse_thresholds(values["refork_after"])
+    except ValueError as exc:
+        raise fail("refork_after", str(exc)) from None
     for key in ("certfile", "keyfile", "ca_certs"):
         path = values[key]
         if path and not os.path.isfile(path):

@@ -175,6 +175,9 @@ def _replace_old(state: MasterState, rs: ReforkState) -> bool:
     old = [w for w in serving if rs.gen_of.get(w.pid, -1) < rs.generation
            and getattr(w, "recycle", None) != "granted"]
     if not old:
+        if any(w.role == "worker" and rs.gen_of.get(w.pid, -1) < rs.generation
+               for w in state.workers.values()):
+            return True  # the last old one has not exited yet
         if rs.replacing:
             rs.replacing = False
             log.info("Refork: generation %s complete (every worker forked by the mold, pid %s)",
@@ -327,6 +330,24 @@ def _lose_mold(state: MasterState, rs: ReforkState) -> None:
 
 
 # --- the mold ----------------------------------------------------------------------------
+def promoted(worker: Worker, message: tuple[Any, ...]) -> None:
+    """In the worker, on ``("mold", generation)``: stop serving; ``run_mold`` follows.
+
+    The listening sockets are duplicated first: the worker closes its own when it stops
+    accepting, and the generation forked from the mold needs them.
+    """
+    if worker.mold_request is not None:
+        return
+    try:
+        kept = [sock.dup() for sock in worker.listeners]
+    except (OSError, NotImplementedError) as exc:
+        log.error("worker %s cannot become the mold: %s", worker.slot, exc)
+        return
+    worker.mold_request = message
+    worker.mold_listeners = kept
+    worker.alive = False
+
+
 def run_mold(worker: Worker) -> None:
     """The promoted worker's life from now on: fork workers on request until told to stop.
 
@@ -336,6 +357,7 @@ def run_mold(worker: Worker) -> None:
     request = worker.mold_request
     assert request is not None
     generation = request[1]
+    worker.listeners = worker.mold_listeners
     worker.board.ready(time.monotonic())  # its own record: idle, beating, serving nothing
     worker.alive = True
     worker.quick = False

@@ -162,8 +162,9 @@ class Worker:
             elif kind == "stop":
                 self.alive = False
             elif kind == "mold":
-                self.mold_request = message
-                self.alive = False
+                from tiamat import refork
+
+                refork.promoted(self, message)
             elif kind == "message":
                 for callback in list(self.message_callbacks):
                     try:
