@@ -1,0 +1,535 @@
+"""The asgi worker's HTTP/1.1 connection: an ``asyncio.Protocol`` over the shared HTTP core.
+
+``data_received`` feeds the connection's request reader (made by
+:func:`tiamat.http.reader_factory`, so ``--http`` applies here too); its events drive one
+:class:`Cycle` per request, which is the ASGI ``receive``/``send`` pair.  Response framing
+is decided by :func:`tiamat.http.response.decide_framing`, as for every worker class.
+
+Lean on purpose: per-connection work (the scope's constant part, the reader) is done once
+per connection; a small response (start + one body message) is one ``transport.write``.
+Flow control both ways: reading pauses while an unread request body exceeds
+:data:`HIGH_WATER` (or a pipelined request waits behind the current one), and a streaming
+``send`` waits while the transport has asked the protocol to pause writing.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+from time import monotonic
+from typing import Any
+from urllib.parse import unquote_to_bytes
+
+from tiamat.asgi.state import ASGI_VERSION, ServerState
+from tiamat.http.errors import ProtocolError
+from tiamat.http.h1 import END_OF_MESSAGE, RequestHead
+from tiamat.http.response import (
+    CHUNKED_HEADER,
+    CONTINUE_100,
+    LAST_CHUNK,
+    SERVER_HEADER,
+    chunk,
+    connection_header,
+    date_header,
+    decide_framing,
+    error_response,
+    status_line,
+)
+
+log = logging.getLogger("tiamat.error")
+
+#: pause reading while this many request-body bytes wait for the app's receive()
+HIGH_WATER = 256 * 1024
+FOREVER = float("inf")
+SENDFILE_CHUNK = 256 * 1024
+EXTENSIONS: dict[str, Any] = {"http.response.pathsend": {}}
+_METHODS = {m.encode(): m for m in ("GET", "POST", "PUT", "DELETE", "HEAD", "OPTIONS", "PATCH")}
+
+
+def _decode_path(path: bytes) -> str:
+    if b"%" not in path and path.isascii():
+        return path.decode("ascii")
+    return unquote_to_bytes(path).decode("utf-8", "replace")
+
+
+def _is_websocket(head: RequestHead) -> bool:
+    for name, value in head.headers:
+        if name == b"upgrade":
+            return value.lower() == b"websocket"
+    return False
+
+
+class HttpProtocol(asyncio.Protocol):
+    """One client connection speaking HTTP/1.1 (until a WebSocket upgrade replaces it)."""
+
+    __slots__ = ("closing", "cycle", "deadline", "drain_waiter", "idle_since", "read_paused",
+                 "reader", "scope_base", "state", "transport", "write_paused")
+
+    def __init__(self, state: ServerState) -> None:
+        self.state = state
+        self.cycle: Cycle | None = None
+        self.read_paused = False
+        self.write_paused = False
+        self.drain_waiter: asyncio.Future[None] | None = None
+        #: close after the current response (graceful stop, half-closed client)
+        self.closing = False
+
+    # --- asyncio callbacks ------------------------------------------------------------------
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        state = self.state
+        self.transport: asyncio.Transport = transport  # type: ignore[assignment]
+        self.reader = state.new_reader()
+        state.connections.add(self)
+        peer = transport.get_extra_info("peername")
+        sockname = transport.get_extra_info("sockname")
+        self.scope_base = {
+            "type": "http",
+            "asgi": ASGI_VERSION,
+            "http_version": "1.1",
+            "server": (sockname[0], sockname[1]) if isinstance(sockname, tuple)
+            else (sockname, None) if sockname else None,
+            "client": (peer[0], peer[1]) if isinstance(peer, tuple) else None,
+            "scheme": "http",
+            "root_path": state.root_path,
+            "extensions": EXTENSIONS,
+        }
+        self.idle_since = now = monotonic()
+        self.deadline = now + state.header_timeout
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.state.connections.discard(self)
+        cycle = self.cycle
+        if cycle is not None:
+            cycle.disconnected = True
+            cycle.wake()
+        waiter = self.drain_waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    def data_received(self, data: bytes) -> None:
+        reader = self.reader
+        idle = not reader.in_message and self.cycle is None
+        reader.feed(data)
+        if reader.events:
+            self.handle_events()
+        elif idle and reader.in_message:
+            # the first bytes of a new request: its head must now arrive in time
+            self.deadline = self.idle_since + self.state.header_timeout
+
+    def eof_received(self) -> bool:
+        reader = self.reader
+        reader.feed_eof()
+        if reader.events:
+            self.handle_events()
+        if self.cycle is None or self.cycle.complete:
+            return False  # nothing more to answer: let the transport close
+        self.closing = True  # answer the request the client half-closed after, then close
+        return True
+
+    def pause_writing(self) -> None:
+        self.write_paused = True
+
+    def resume_writing(self) -> None:
+        self.write_paused = False
+        waiter = self.drain_waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    async def drain(self) -> None:
+        while self.write_paused and not self.transport.is_closing():
+            waiter = self.drain_waiter = self.state.loop.create_future()
+            await waiter
+        self.drain_waiter = None
+
+    # --- request events -------------------------------------------------------------------
+    def handle_events(self) -> None:
+        events = self.reader.events
+        while events:
+            event = events[0]
+            cls = event.__class__
+            if cls is bytes:
+                cycle = self.cycle
+                if cycle is not None:
+                    cycle.add_body(event)  # type: ignore[arg-type]
+                    self.deadline = monotonic() + self.state.body_timeout
+            elif event is END_OF_MESSAGE:
+                cycle = self.cycle
+                if cycle is not None:
+                    cycle.more_body = False
+                    cycle.wake()
+                    if cycle.complete:
+                        del events[0]
+                        self.request_finished(cycle)
+                        return
+                    self.deadline = FOREVER
+            elif cls is RequestHead:
+                if self.cycle is not None:  # pipelined: waits until this request is done
+                    self.pause_reading()
+                    return
+                del events[0]
+                self.start(event)  # type: ignore[arg-type]
+                if self.transport.is_closing() or self.transport.get_protocol() is not self:
+                    events.clear()
+                    return
+                continue
+            else:
+                events.clear()
+                self.reject(event)  # type: ignore[arg-type]
+                return
+            del events[0]
+
+    def start(self, head: RequestHead) -> None:
+        state = self.state
+        if head.upgrade and state.ws_factory is not None and _is_websocket(head):
+            self.upgrade_to_websocket(head)
+            return
+        limit = state.limit_concurrency
+        if limit and (len(state.connections) > limit or len(state.tasks) >= limit):
+            self.transport.write(error_response(503, "too many concurrent requests"))
+            self.transport.close()
+            return
+        scope = self.scope_base.copy()
+        method = head.method
+        scope["method"] = _METHODS.get(method) or method.decode("latin-1")
+        scope["http_version"] = head.version
+        path = head.path
+        if state.root_path:
+            scope["path"] = state.root_path + _decode_path(path)
+            scope["raw_path"] = state.root_path_bytes + path
+        else:
+            scope["path"] = _decode_path(path)
+            scope["raw_path"] = path
+        scope["query_string"] = head.query
+        scope["headers"] = head.headers
+        if state.lifespan_state is not None:
+            scope["state"] = state.lifespan_state.copy()
+        cycle = self.cycle = Cycle(self, scope, head)
+        self.deadline = monotonic() + state.body_timeout if head.has_body else FOREVER
+        task = state.loop.create_task(cycle.run(state.app))
+        state.tasks.add(task)
+        task.add_done_callback(state.tasks.discard)
+
+    def upgrade_to_websocket(self, head: RequestHead) -> None:
+        state = self.state
+        scope = self.scope_base.copy()
+        scope["type"] = "websocket"
+        scope["scheme"] = "ws"
+        path = head.path
+        scope["path"] = state.root_path + _decode_path(path)
+        scope["raw_path"] = state.root_path_bytes + path
+        scope["query_string"] = head.query
+        scope["headers"] = head.headers
+        scope["subprotocols"] = [
+            p.strip().decode("latin-1") for name, value in head.headers
+            if name == b"sec-websocket-protocol" for p in value.split(b",") if p.strip()]
+        scope["extensions"] = {"websocket.http.response": {}}
+        if state.lifespan_state is not None:
+            scope["state"] = state.lifespan_state.copy()
+        protocol = state.ws_factory(state, scope, head)
+        state.connections.discard(self)
+        self.transport.set_protocol(protocol)
+        protocol.connection_made(self.transport)
+        if self.read_paused:
+            self.transport.resume_reading()
+        protocol.start(self.reader.upgraded or b"")
+
+    def reject(self, error: ProtocolError) -> None:
+        cycle = self.cycle
+        if cycle is not None:
+            # the app is running (its body was cut short): it sees a disconnect
+            cycle.disconnected = True
+            cycle.wake()
+            self.transport.close()
+            return
+        log.debug("rejected request: %s %s", error.status, error.reason)
+        self.transport.write(error_response(error.status, error.reason))
+        self.transport.close()
+
+    # --- flow control and keep-alive ------------------------------------------------------------
+    def pause_reading(self) -> None:
+        if not self.read_paused:
+            self.read_paused = True
+            self.transport.pause_reading()
+
+    def resume_reading(self) -> None:
+        if self.read_paused:
+            self.read_paused = False
+            if not self.transport.is_closing():
+                self.transport.resume_reading()
+
+    def response_complete(self, cycle: Cycle, keep_alive: bool) -> None:
+        """The response is on its way; keep the connection for the next request, or close."""
+        if not keep_alive or self.closing or self.state.stopping or cycle.more_body:
+            # (an unread request body is not worth reading just to throw it away)
+            self.transport.close()
+            return
+        self.request_finished(cycle)
+
+    def request_finished(self, cycle: Cycle) -> None:
+        self.cycle = None
+        self.idle_since = now = monotonic()
+        self.deadline = now + self.state.keepalive
+        self.resume_reading()
+        if self.reader.events:
+            self.handle_events()
+
+    def expire(self, now: float) -> None:
+        """Called by the worker's sweep once ``deadline`` has passed."""
+        if self.cycle is not None:
+            self.transport.close()  # a request body stalled: the app sees http.disconnect
+        elif self.reader.in_message:
+            self.reject(ProtocolError(408, "request timed out"))
+        else:
+            self.transport.close()
+
+    def shutdown(self) -> None:
+        """Graceful stop: close now if idle, else after the current response."""
+        self.closing = True
+        if self.cycle is None and not self.reader.in_message:
+            self.transport.close()
+
+
+class Cycle:
+    """One request/response: the ASGI ``receive`` and ``send`` of one HTTP request."""
+
+    __slots__ = ("body", "body_size", "complete", "conn", "disconnected", "expect_100",
+                 "final_sent", "framing", "head", "headers", "length", "more_body", "scope",
+                 "sent", "started", "status", "waiter")
+
+    def __init__(self, conn: HttpProtocol, scope: dict[str, Any], head: RequestHead) -> None:
+        self.conn = conn
+        self.scope = scope
+        self.head = head
+        self.body: list[bytes] | None = None
+        self.body_size = 0
+        self.more_body = head.has_body
+        self.final_sent = False
+        self.expect_100 = head.expect_continue and head.version == "1.1" and head.has_body
+        self.waiter: asyncio.Future[None] | None = None
+        self.disconnected = False
+        self.started = False
+        self.complete = False
+        self.status = 500
+        self.headers: Any = ()
+        self.framing: Any = None
+        self.length: int | None = None
+        self.sent = 0
+
+    async def run(self, app: Any) -> None:
+        conn = self.conn
+        try:
+            await app(self.scope, self.receive, self.send)
+        except BaseException as exc:
+            if isinstance(exc, asyncio.CancelledError):
+                conn.transport.close()
+                raise
+            log.error("Exception in ASGI application", exc_info=exc)
+            self._fail()
+            if isinstance(exc, (KeyboardInterrupt, SystemExit)):
+                raise
+        else:
+            if not self.complete:
+                if not self.started:
+                    log.error("ASGI callable returned without starting a response")
+                self._fail()
+        finally:
+            conn.state.request_done()
+
+    def _fail(self) -> None:
+        transport = self.conn.transport
+        if not self.started and not self.disconnected:
+            self.complete = True
+            transport.write(error_response(500))
+        transport.close()
+
+    # --- receive ----------------------------------------------------------------------------
+    def add_body(self, data: bytes) -> None:
+        body = self.body
+        if body is None:
+            self.body = [data]
+        else:
+            body.append(data)
+        self.body_size += len(data)
+        if self.body_size > HIGH_WATER:
+            self.conn.pause_reading()
+        self.wake()
+
+    def wake(self) -> None:
+        waiter = self.waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    async def receive(self) -> dict[str, Any]:
+        if self.expect_100:
+            self.expect_100 = False
+            if not self.conn.transport.is_closing():
+                self.conn.transport.write(CONTINUE_100)
+        while not (self.disconnected or self.complete):
+            if self.body or (not self.more_body and not self.final_sent):
+                break
+            conn = self.conn
+            conn.resume_reading()
+            waiter = self.waiter = conn.state.loop.create_future()
+            try:
+                await waiter
+            finally:
+                self.waiter = None
+        if self.disconnected or self.complete:
+            return {"type": "http.disconnect"}
+        body = self.body
+        if body is None:
+            data = b""
+        else:
+            data = body[0] if len(body) == 1 else b"".join(body)
+            self.body = None
+            self.body_size = 0
+            self.conn.resume_reading()
+        more = self.more_body
+        if not more:
+            self.final_sent = True
+        return {"type": "http.request", "body": data, "more_body": more}
+
+    # --- send -------------------------------------------------------------------------------
+    async def send(self, message: dict[str, Any]) -> None:
+        kind = message["type"]
+        if kind == "http.response.body":
+            if not self.started:
+                raise RuntimeError("http.response.body sent before http.response.start")
+            if self.complete:
+                raise RuntimeError("http.response.body sent after the response was complete")
+            body = message.get("body", b"")
+            more = message.get("more_body", False)
+            if self.disconnected:
+                if not more:
+                    self.complete = True
+                return
+            conn = self.conn
+            framing = self.framing
+            if framing is None:
+                data = self._head(None if more else len(body))
+                framing = self.framing
+                if body and framing.send_body:
+                    data += self._frame(body, more)
+                elif not more and framing.chunked and framing.send_body:
+                    data += LAST_CHUNK
+                conn.transport.write(data)
+            elif framing.send_body and (body or not more):
+                conn.transport.write(self._frame(body, more))
+            if not more:
+                self._complete()
+            elif conn.write_paused:
+                await conn.drain()
+        elif kind == "http.response.start":
+            if self.started:
+                raise RuntimeError("http.response.start sent twice")
+            self.started = True
+            self.status = message["status"]
+            self.headers = message.get("headers", ())
+        elif kind == "http.response.pathsend":
+            await self._pathsend(message["path"])
+        elif kind == "http.response.trailers":
+            pass  # trailers are not sent (HTTP/1.1 clients rarely ask for them)
+        else:
+            raise RuntimeError(f"unexpected ASGI message {kind!r} in an HTTP request")
+
+    def _frame(self, body: bytes, more: bool) -> bytes:
+        """Body bytes as they go on the wire (chunked, truncated to Content-Length)."""
+        if self.framing.chunked:
+            if not more:
+                return chunk(body) + LAST_CHUNK if body else LAST_CHUNK
+            return chunk(body) if body else b""
+        length = self.length
+        self.sent += len(body)
+        if length is not None and self.sent > length:
+            body = body[:len(body) - (self.sent - length)]
+            self.sent = length
+            self.framing = self.framing._replace(keep_alive=False)
+        return body
+
+    def _head(self, body_length: int | None) -> bytes:
+        """The response head; decides framing once the app's headers are known."""
+        if not self.started:
+            raise RuntimeError("http.response.start was not sent")
+        head = self.head
+        conn = self.conn
+        status = self.status
+        keep_alive = head.keep_alive and not head.upgrade
+        length: int | None = None
+        parts = [status_line(status), SERVER_HEADER, date_header()]
+        append = parts.append
+        for name, value in self.headers:
+            lname = name.lower()
+            if lname == b"content-length":
+                length = int(value)
+                continue
+            if lname == b"connection":
+                if b"close" in value.lower():
+                    keep_alive = False
+                continue
+            if lname == b"transfer-encoding":
+                continue
+            if b"\n" in value or b"\r" in value or b"\n" in name or b"\r" in name:
+                raise RuntimeError(f"response header {name!r} contains a line break")
+            append(name + b": " + value + b"\r\n")
+        if length is None and body_length is not None and head.method != b"HEAD" \
+                and status >= 200 and status not in (204, 304):
+            length = body_length
+        framing = self.framing = decide_framing(status, length, head.method, head.version,
+                                                keep_alive, conn.state.server_keep_alive)
+        self.length = length if framing.send_body else None
+        if length is not None:
+            append(b"Content-Length: %d\r\n" % length)
+        if framing.chunked:
+            append(CHUNKED_HEADER)
+        append(connection_header(framing, head.version))
+        append(b"\r\n")
+        return b"".join(parts)
+
+    def _complete(self) -> None:
+        self.complete = True
+        framing = self.framing
+        keep_alive = framing.keep_alive and (self.length is None or self.sent == self.length)
+        self.conn.response_complete(self, keep_alive)
+        self.wake()
+
+    async def _pathsend(self, path: str) -> None:
+        if not self.started or self.framing is not None:
+            raise RuntimeError("http.response.pathsend must follow http.response.start alone")
+        conn = self.conn
+        with open(path, "rb") as file:
+            size = os.fstat(file.fileno()).st_size
+            data = self._head(size)
+            transport = conn.transport
+            transport.write(data)
+            count = self.length if self.length is not None else size
+            if self.framing.send_body and count:
+                if self.framing.chunked:  # HTTP/1.1 with no length is impossible here
+                    raise RuntimeError("pathsend needs a known length")
+                await self._send_file(file, count)
+        if not self.complete:
+            self._complete()
+
+    async def _send_file(self, file: Any, count: int) -> None:
+        conn = self.conn
+        transport = conn.transport
+        try:
+            await conn.state.loop.sendfile(transport, file, 0, count, fallback=True)
+            self.sent = count
+            return
+        except (NotImplementedError, AttributeError, TypeError):
+            pass  # no native sendfile on this loop/transport: copy in chunks
+        except (ConnectionError, OSError):
+            self.disconnected = True
+            return
+        file.seek(0)
+        remaining = count
+        while remaining > 0 and not self.disconnected:
+            data = file.read(min(SENDFILE_CHUNK, remaining))
+            if not data:
+                break
+            transport.write(data)
+            remaining -= len(data)
+            self.sent += len(data)
+            if conn.write_paused:
+                await conn.drain()

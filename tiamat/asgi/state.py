@@ -1,0 +1,48 @@
+"""What every connection of one asgi worker shares, computed once per worker."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+from time import monotonic
+from typing import Any
+
+from tiamat.http import reader_factory
+from tiamat.http.h1 import RequestReader
+
+ASGI_VERSION = {"version": "3.0", "spec_version": "2.4"}
+
+
+class ServerState:
+    """Per-worker settings and bookkeeping, read by every protocol instance."""
+
+    def __init__(self, app: Any, cfg: Any, loop: asyncio.AbstractEventLoop, worker: Any,
+                 lifespan_state: dict[str, Any] | None, ws_factory: Any) -> None:
+        self.app = app
+        self.cfg = cfg
+        self.loop = loop
+        self.worker = worker
+        self.board = worker.board if worker is not None else None
+        self.new_reader: Callable[[], RequestReader] = reader_factory(cfg)
+        self.keepalive = cfg.keepalive
+        self.server_keep_alive = cfg.keepalive > 0
+        self.header_timeout = cfg.header_timeout or 1e9
+        self.body_timeout = cfg.body_timeout or 1e9
+        self.limit_concurrency = cfg.limit_concurrency
+        self.root_path = cfg.root_path.rstrip("/")
+        self.root_path_bytes = self.root_path.encode("latin-1")
+        self.lifespan_state = lifespan_state
+        #: None when WebSocket is off (``--ws none``); else makes a WebSocket protocol
+        self.ws_factory = ws_factory
+        #: every open connection's protocol (HTTP and WebSocket)
+        self.connections: set[Any] = set()
+        #: running ASGI tasks (requests and WebSocket sessions)
+        self.tasks: set[asyncio.Task[None]] = set()
+        self.stopping = False
+
+    def request_done(self) -> None:
+        """Count one finished request for the scoreboard and --max-requests."""
+        worker = self.worker
+        if worker is not None:
+            worker.board.idle(monotonic())
+            worker.count_request()

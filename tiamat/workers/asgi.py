@@ -1,0 +1,151 @@
+"""``-k asgi``: ASGI 3 apps (ASGI 2 and WSGI adapted) on an asyncio event loop.
+
+Life cycle: ``init_app`` (part of booting) makes the loop (``--loop``), adapts the app and
+runs the lifespan startup, so a worker whose startup fails never says ready and the boot
+fails (exit 3).  ``run`` then serves every listener with :class:`tiamat.asgi.http.HttpProtocol`
+until the worker is told to stop, and stops gracefully: listeners closed, idle connections
+closed, in-flight requests given ``--graceful-timeout`` to finish, WebSockets closed with
+1012, then the lifespan shutdown.
+
+Liveness is proven from inside the loop: a loop timer calls :meth:`beat`, so a loop blocked
+by synchronous code stops beating and the master's ``--timeout`` replaces the worker.  Just
+before that, :mod:`faulthandler` prints every thread's stack, so the log shows the culprit.
+Signals and master messages arrive through ``wake_fd`` and the channel, both watched with
+``loop.add_reader``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import faulthandler
+import logging
+import signal
+from time import monotonic
+from typing import Any
+
+from tiamat.asgi.adapt import as_asgi3
+from tiamat.asgi.http import HttpProtocol
+from tiamat.asgi.lifespan import Lifespan
+from tiamat.asgi.loop import new_event_loop
+from tiamat.asgi.state import ServerState
+from tiamat.workers.base import Worker
+
+log = logging.getLogger("tiamat.error")
+
+TICK = 0.5
+
+
+def websocket_factory(choice: str) -> Any:
+    """The WebSocket protocol class ``--ws`` names (None: upgrades are answered as HTTP)."""
+    if choice == "none":
+        return None
+    if choice in ("auto", "websockets"):
+        try:
+            from tiamat.asgi.websocket import WebSocketProtocol
+        except ImportError:
+            if choice == "websockets":
+                raise RuntimeError("--ws websockets: the websockets package is not installed") from None
+        else:
+            return WebSocketProtocol
+    try:
+        from tiamat.asgi.ws_wsproto import WsprotoProtocol
+    except ImportError:
+        if choice == "wsproto":
+            raise RuntimeError("--ws wsproto: the wsproto package is not installed") from None
+        log.warning("no WebSocket library installed (websockets or wsproto): WebSocket is off")
+        return None
+    return WsprotoProtocol
+
+
+class AsgiWorker(Worker):
+    """One asyncio event loop serving HTTP/1.1 and WebSocket to an ASGI app."""
+
+    interface = "asgi"
+
+    def init_app(self) -> None:
+        cfg = self.cfg
+        self.loop = new_event_loop(cfg.loop)
+        asyncio.set_event_loop(self.loop)
+        self.asgi_app, kind = as_asgi3(self.app, cfg.threads if cfg.threads > 1 else 10)
+        self.lifespan = Lifespan(self.asgi_app, "off" if kind == "wsgi" else cfg.lifespan)
+        self.loop.run_until_complete(self.lifespan.startup())
+
+    def run(self) -> None:
+        cfg = self.cfg
+        lifespan = self.lifespan
+        self.state = ServerState(self.asgi_app, cfg, self.loop, self,
+                                 lifespan.state if lifespan.supported else None,
+                                 websocket_factory(cfg.ws))
+        self.stopping = False
+        try:
+            self.loop.run_until_complete(self.serve())
+        finally:
+            faulthandler.cancel_dump_traceback_later()
+
+    async def serve(self) -> None:
+        loop = self.loop
+        state = self.state
+        # uvloop installs its own wake-up fd while it runs; signals must wake this loop
+        signal.set_wakeup_fd(self._wake_w, warn_on_full_buffer=False)
+        self.stopped = asyncio.Event()
+        loop.add_reader(self.wake_fd, self.on_wakeup)
+        loop.add_reader(self.channel.sock.fileno(), self.on_channel)
+        servers = [await loop.create_server(lambda: HttpProtocol(state), sock=sock,
+                                            backlog=self.cfg.backlog)
+                   for sock in self.listeners]
+        self.tick()
+        self.notify_ready()
+        if self.alive:
+            await self.stopped.wait()
+        await self.shutdown(servers)
+
+    # --- the loop's housekeeping ------------------------------------------------------------
+    def tick(self) -> None:
+        """Twice a second: prove liveness, expire idle/slow connections, ping WebSockets."""
+        now = monotonic()
+        self.beat(now)
+        timeout = self.cfg.timeout
+        if timeout:
+            # if the loop blocks, print every stack shortly before the master kills us
+            faulthandler.dump_traceback_later(max(timeout - 1.5, timeout * 0.5), exit=False)
+        for conn in list(self.state.connections):
+            if conn.deadline <= now:
+                conn.expire(now)
+            elif conn.__class__ is not HttpProtocol:
+                conn.tick(now)
+        if not self.alive:
+            self.stopped.set()
+        self.loop.call_later(TICK, self.tick)
+
+    def on_wakeup(self) -> None:
+        self.handle_wakeup()
+        if not self.alive:
+            self.stopped.set()
+
+    def on_channel(self) -> None:
+        self.handle_channel()
+        if not self.alive:
+            self.stopped.set()
+
+    # --- stopping ---------------------------------------------------------------------------
+    async def shutdown(self, servers: list[asyncio.AbstractServer]) -> None:
+        loop = self.loop
+        state = self.state
+        state.stopping = True
+        self.board.stopping(monotonic())
+        for server in servers:
+            server.close()  # no more accepting: other workers (or the next master) take over
+        if not self.quick:
+            for conn in list(state.connections):
+                conn.shutdown()
+            deadline = monotonic() + self.cfg.graceful_timeout
+            while (state.connections or state.tasks) and not self.quick and monotonic() < deadline:
+                await asyncio.sleep(0.02)
+            if not self.quick:
+                await self.lifespan.shutdown(max(1.0, deadline - monotonic()))
+        for conn in list(state.connections):
+            conn.transport.abort()
+        for task in list(state.tasks):
+            task.cancel()
+        loop.remove_reader(self.wake_fd)
+        loop.remove_reader(self.channel.sock.fileno())
