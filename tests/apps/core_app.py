@@ -118,7 +118,7 @@ def _error_after_start(environ, start_response):
 
 def _file(environ, start_response):
     start_response("200 OK", [("Content-Type", "application/octet-stream")])
-    return environ["wsgi.file_wrapper"](open(_FILE.name, "rb"), 8192)  # noqa: SIM115
+    return environ["wsgi.file_wrapper"](open(_FILE.name, "rb"), 8192)
 
 
 def _errors(environ, start_response):

@@ -1,0 +1,3 @@
+"""An app whose import fails with an exception."""
+
+raise RuntimeError("database is not configured")

@@ -1,0 +1,3 @@
+"""``application`` is not callable."""
+
+application = 42
