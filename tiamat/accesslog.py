@@ -16,7 +16,7 @@ is a convenience that pulls those values out of a WSGI environ.
 
 Atoms (as in gunicorn): ``h`` remote address, ``l`` ``-``, ``u`` user from Basic auth,
 ``t`` request time ``[27/Nov/2026:23:43:29 +0000]``, ``r`` request line, ``m`` method,
-``U`` path, ``q`` query string, ``H`` protocol, ``s`` status, ``B`` body bytes, ``b`` body
+``U`` decoded path, ``q`` query string, ``H`` protocol, ``s`` status, ``B`` body bytes, ``b`` body
 bytes or ``-``, ``f`` referer, ``a`` user agent, ``T`` seconds, ``M`` milliseconds, ``D``
 microseconds, ``L`` decimal seconds, ``p`` ``<pid>``, ``{name}i`` request header,
 ``{name}o`` response header, ``{name}e`` environ (or OS environment) variable.
@@ -128,20 +128,25 @@ class AccessLog:
             length: int, duration: float,
             request_headers: Iterable[tuple[bytes | str, bytes | str]] = (),
             response_headers: Iterable[tuple[bytes | str, bytes | str]] = (),
-            environ: Mapping[str, Any] | None = None) -> None:
+            environ: Mapping[str, Any] | None = None, path: str | None = None) -> None:
         """Write the line for one completed response.
 
-        ``target`` is the raw request target (path and query), ``length`` the body bytes
-        sent, ``duration`` seconds from the complete request to the end of the response.
-        Header names are matched case-insensitively; values may be bytes or str.
+        ``target`` is the raw request target (path and query), ``path`` the decoded path
+        (``PATH_INFO``, the ASGI scope's ``path``; taken from ``target`` when None),
+        ``length`` the body bytes sent, ``duration`` seconds from the complete request to
+        the end of the response.  Header names are matched case-insensitively; values may
+        be bytes or str.
         """
+        if path is None:
+            path = target.partition("?")[0]
         try:
             if self.json:
-                line = self._json_line(remote_addr, method, target, protocol, status, length,
-                                       duration, request_headers, environ)
+                line = self._json_line(remote_addr, method, target, path, protocol, status,
+                                       length, duration, request_headers, environ)
             else:
-                line = self._text_line(remote_addr, method, target, protocol, status, length,
-                                       duration, request_headers, response_headers, environ)
+                line = self._text_line(remote_addr, method, target, path, protocol, status,
+                                       length, duration, request_headers, response_headers,
+                                       environ)
         except Exception:  # a bad format must never fail the request
             logging.getLogger("tiamat.error").exception("access log format failed")
             return
@@ -156,23 +161,24 @@ class AccessLog:
                  target=environ.get("RAW_URI") or "-",
                  protocol=environ.get("SERVER_PROTOCOL") or "-", status=status, length=length,
                  duration=duration, request_headers=request_headers,
-                 response_headers=response_headers, environ=environ)
+                 response_headers=response_headers, environ=environ,
+                 path=environ.get("PATH_INFO"))
 
     # --- the two writers --------------------------------------------------------------
-    def _text_line(self, remote_addr: str, method: str, target: str, protocol: str,
-                   status: int, length: int, duration: float,
+    def _text_line(self, remote_addr: str, method: str, target: str, path: str,
+                   protocol: str, status: int, length: int, duration: float,
                    request_headers: Iterable[tuple[bytes | str, bytes | str]],
                    response_headers: Iterable[tuple[bytes | str, bytes | str]],
                    environ: Mapping[str, Any] | None) -> str:
         request_headers = list(request_headers)
         atoms: dict[str, str] = {}
         for key in self.keys:
-            atoms[key] = self._atom(key, remote_addr, method, target, protocol, status, length,
-                                    duration, request_headers, response_headers, environ)
+            atoms[key] = self._atom(key, remote_addr, method, target, path, protocol, status,
+                                    length, duration, request_headers, response_headers, environ)
         return self.format % atoms
 
-    def _atom(self, key: str, remote_addr: str, method: str, target: str, protocol: str,
-              status: int, length: int, duration: float,
+    def _atom(self, key: str, remote_addr: str, method: str, target: str, path: str,
+              protocol: str, status: int, length: int, duration: float,
               request_headers: list[tuple[bytes | str, bytes | str]],
               response_headers: Iterable[tuple[bytes | str, bytes | str]],
               environ: Mapping[str, Any] | None) -> str:
@@ -202,7 +208,7 @@ class AccessLog:
         if key == "m":
             return _text(method)
         if key == "U":
-            return _text(target.partition("?")[0])
+            return _text(path)
         if key == "q":
             return escape(target.partition("?")[2])
         if key == "H":
@@ -229,13 +235,13 @@ class AccessLog:
             return self.pid
         return "-"
 
-    def _json_line(self, remote_addr: str, method: str, target: str, protocol: str,
-                   status: int, length: int, duration: float,
+    def _json_line(self, remote_addr: str, method: str, target: str, path: str,
+                   protocol: str, status: int, length: int, duration: float,
                    request_headers: Iterable[tuple[bytes | str, bytes | str]],
                    environ: Mapping[str, Any] | None) -> str:
         request_headers = list(request_headers)
         when = time.time() - duration
-        path, _, query = target.partition("?")
+        query = target.partition("?")[2]
         record = {
             "time": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(when))
             + f".{int(when % 1 * 1000):03d}Z",

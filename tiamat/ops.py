@@ -10,6 +10,7 @@ stays readable and every detail lives in :mod:`tiamat.metrics`, :mod:`tiamat.con
 from __future__ import annotations
 
 import logging
+import os
 import socket
 import sys
 import time
@@ -35,7 +36,8 @@ def start(state: Any) -> bool:
     """Create the metrics table and open what the settings ask for.  On failure the error
     is recorded as the master's fatal error (exit 1) and False is returned."""
     cfg = state.cfg
-    ops = state.ops = Ops(metrics=metrics.setup(cfg, state.board.capacity))
+    global _current
+    ops = state.ops = _current = Ops(metrics=metrics.setup(cfg, state.board.capacity))
     try:
         if cfg.metrics_bind:
             ops.exporter = _open_exporter(state, cfg.metrics_bind, ops.metrics)
@@ -64,6 +66,40 @@ def start(state: Any) -> bool:
     return True
 
 
+_current: Ops | None = None
+
+
+def _close_in_child() -> None:
+    """After any fork from the master: the child must not keep the master's listening
+    sockets (a lingering worker would hold the metrics port or the control socket).  Only
+    the descriptors are closed — the selector is shared with the parent through fork, so
+    it must not be touched here."""
+    ops = _current
+    if ops is None:
+        return
+    socks: list[socket.socket] = []
+    for service in (ops.exporter, ops.control.service if ops.control else None):
+        if service is not None:
+            socks.append(service.sock)
+            socks.extend(conn.sock for conn in service.conns)
+    for sock in socks:
+        try:
+            sock.close()
+        except OSError:
+            pass
+    if ops.reloader is not None:
+        for fd in (ops.reloader.read_fd, ops.reloader.write_fd):
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+    if ops.statsd is not None:
+        ops.statsd.sock.close()
+
+
+os.register_at_fork(after_in_child=_close_in_child)
+
+
 def _statsd_interval(cfg: Any) -> float:
     return float(getattr(cfg, "statsd_interval", 10.0) or 10.0)
 
@@ -77,6 +113,8 @@ def _open_exporter(state: Any, bind: str, master_metrics: metrics.MasterMetrics
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    # after USR2 the new master binds the same port while the old one still runs
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
     try:
         sock.bind((host, int(port)))
         sock.listen(64)
@@ -141,3 +179,5 @@ def close(state: Any) -> None:
         except Exception as exc:  # closing must never stop the master from finishing
             print(f"tiamat: closing {type(part).__name__}: {exc}", file=sys.stderr)
     ops.exporter = ops.control = ops.statsd = ops.reloader = None
+    global _current
+    _current = None
