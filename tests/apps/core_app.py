@@ -52,8 +52,8 @@ def _echo(environ, start_response):
     """Echo the body, read the way ?mode= says (read, read1k, readline, readlines, iter)."""
     stream = environ["wsgi.input"]
     mode = _query(environ).get("mode", "read")
-    if mode == "read":
-        body = stream.read()
+    if mode == "read":  # read(size) with CONTENT_LENGTH, as PEP 3333 apps do
+        body = stream.read(int(environ.get("CONTENT_LENGTH") or 0))
     elif mode == "read1k":
         parts = []
         while True:
