@@ -21,6 +21,7 @@ from urllib.parse import unquote_to_bytes
 
 from tiamat import __version__, accesslog, metrics
 from tiamat.http.h1 import RequestHead
+from tiamat.http.proxy import TRUSTED_KEY, ForwardedRules, apply_to_environ
 from tiamat.http.response import (
     CHUNKED_HEADER,
     LAST_CHUNK,
@@ -117,6 +118,7 @@ class WSGIHandler:
         self.keepalive = cfg.keepalive > 0
         self.sendfile_ok = cfg.sendfile
         self.root_path = cfg.root_path.rstrip("/")
+        self.forwarded = ForwardedRules.from_config(cfg)
         #: None when off: then a request builds no log line and touches no counter
         self.access = accesslog.for_worker(cfg)
         self.recorder = metrics.recorder(threaded=multithread)
@@ -178,6 +180,8 @@ class WSGIHandler:
             size = _stream_size(body)
             if size is not None:
                 environ["CONTENT_LENGTH"] = str(size)
+        if TRUSTED_KEY in conn_environ:  # decided once per connection by the worker
+            apply_to_environ(environ, head.headers, self.forwarded)
         return environ
 
     def handle(self, head: RequestHead, body: BinaryIO, conn_environ: dict[str, Any],

@@ -7,6 +7,11 @@ only once a request is complete (head and body buffered, large bodies spooled to
 temporary file).  So one sync worker with 100 idle keep-alive connections, or with clients
 trickling a header byte a second, still answers a new client at once.  Only the app call
 and the response write are blocking, the write bounded by ``--send-timeout``.
+
+Also in the loop, never blocking it: the PROXY protocol header (peeked, then consumed
+exactly), the TLS handshake (non-blocking, bounded by ``--header-timeout``), and the
+lingering close after an error response (stop writing, drain what the client still sends
+for a short bounded time, then close, so the response is not lost to a reset).
 """
 
 from __future__ import annotations
@@ -18,13 +23,16 @@ import os
 import select
 import selectors
 import socket
+import ssl
 import tempfile
 import time
 from typing import Any, BinaryIO
 
-from tiamat.http import reader_factory
+from tiamat import tls
+from tiamat.http import proxy_protocol, reader_factory
 from tiamat.http.errors import ProtocolError
 from tiamat.http.h1 import END_OF_MESSAGE, RequestHead, RequestReader
+from tiamat.http.proxy import TRUSTED_KEY, ForwardedRules
 from tiamat.http.response import CONTINUE_100, error_response
 from tiamat.workers.base import Worker
 from tiamat.wsgi import ClientDisconnected, WSGIHandler
@@ -35,6 +43,11 @@ _LISTENER, _WAKE, _CHANNEL = object(), object(), object()
 ACCEPT_BATCH = 32
 RECV_SIZE = 65536
 SWEEP_INTERVAL = 0.5
+#: after an error response: how long, and how many bytes, to keep draining the client
+LINGER_SECONDS = 2.0
+LINGER_BYTES = 16 * 1024 * 1024
+_WOULD_BLOCK = (BlockingIOError, InterruptedError, ssl.SSLWantReadError, ssl.SSLWantWriteError)
+_READ, _READ_WRITE = selectors.EVENT_READ, selectors.EVENT_READ | selectors.EVENT_WRITE
 
 
 class Connection:
@@ -49,11 +62,18 @@ class Connection:
         "closed",
         "deadline",
         "environ",
+        "handshaking",
         "head",
         "idle_since",
+        "linger_budget",
+        "lingering",
+        "proxy_buf",
+        "proxy_pending",
         "reader",
         "send_timeout",
+        "setup",
         "sock",
+        "tls",
     )
 
     def __init__(self, sock: socket.socket, reader: RequestReader, environ: dict[str, Any],
@@ -68,11 +88,20 @@ class Connection:
         self.idle_since = now
         self.send_timeout = send_timeout
         self.closed = False
+        #: True while a PROXY header or the TLS handshake is still to come (the slow path)
+        self.setup = False
+        self.proxy_pending = False
+        self.proxy_buf = b""
+        self.tls = False
+        self.handshaking = False
+        #: after an error response: draining the client before the close
+        self.lingering = False
+        self.linger_budget = 0
 
     def write(self, data: bytes) -> None:
         try:
             sent = self.sock.send(data)
-        except (BlockingIOError, InterruptedError):
+        except _WOULD_BLOCK:
             sent = 0
         except OSError as exc:
             raise ClientDisconnected(str(exc)) from None
@@ -89,15 +118,17 @@ class Connection:
                 raise ClientDisconnected("send timeout: the client stopped reading")
             try:
                 sent = self.sock.send(view)
-            except (BlockingIOError, InterruptedError):
+            except _WOULD_BLOCK:
                 continue
             except OSError as exc:
                 raise ClientDisconnected(str(exc)) from None
             view = view[sent:]
 
     def sendfile(self, file: BinaryIO, offset: int, count: int | None) -> int:
-        total = 0
         remaining = count if count is not None else os.fstat(file.fileno()).st_size - offset
+        if self.tls:
+            return self._copy_file(file, offset, remaining)
+        total = 0
         poller = select.poll()
         poller.register(self.sock, select.POLLOUT)
         while remaining > 0:
@@ -116,6 +147,19 @@ class Connection:
             remaining -= sent
         return total
 
+    def _copy_file(self, file: BinaryIO, offset: int, remaining: int) -> int:
+        """sendfile for TLS: the kernel cannot encrypt, so read and write in blocks."""
+        file.seek(offset)
+        total = 0
+        while remaining > 0:
+            data = file.read(min(remaining, 65536))
+            if not data:
+                break
+            self.write(data)
+            total += len(data)
+            remaining -= len(data)
+        return total
+
 
 class SyncWorker(Worker):
     """One request at a time, with every connection multiplexed while waiting for one."""
@@ -123,10 +167,21 @@ class SyncWorker(Worker):
     interface = "wsgi"
     multithread = False
 
+    def init_app(self) -> None:
+        """Build the TLS context once per worker, at boot (a bad certificate is a boot error)."""
+        super().init_app()
+        self.ssl_context = tls.server_context(self.cfg)
+
     def run(self) -> None:
         cfg = self.cfg
         self.handler = WSGIHandler(self.app, cfg, multithread=self.multithread)
         self.new_reader = reader_factory(cfg)
+        if not hasattr(self, "ssl_context"):
+            self.ssl_context = tls.server_context(cfg)
+        self.scheme = "https" if self.ssl_context is not None else "http"
+        self.forwarded = ForwardedRules.from_config(cfg)
+        self.proxy_mode = cfg.proxy_protocol
+        self.proxy_peers = ForwardedRules(cfg.proxy_allow_ips) if self.proxy_mode != "off" else None
         self.selector = selectors.DefaultSelector()
         self.connections: dict[int, Connection] = {}
         self.accepting = False
@@ -210,16 +265,46 @@ class SyncWorker(Worker):
             if sock.family != socket.AF_UNIX:
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             environ = self.handler.connection_environ(
-                peer, self.sockname[listener.fileno()], "http")
+                peer, self.sockname[listener.fileno()], self.scheme)
             conn = Connection(sock, self.new_reader(), environ, now, cfg.send_timeout)
             conn.deadline = now + (cfg.header_timeout or 1e9)
+            peer_addr = peer[0] if isinstance(peer, tuple) else None
+            if self.proxy_peers is not None and self.proxy_peers.trusts(peer_addr):
+                conn.setup = conn.proxy_pending = True
+            else:
+                self._trust(conn, peer_addr)
             self.connections[sock.fileno()] = conn
-            self.selector.register(sock, selectors.EVENT_READ, conn)
+            if self.ssl_context is not None and not conn.proxy_pending:
+                self._start_tls(conn)
+            self.selector.register(conn.sock, selectors.EVENT_READ, conn)
+
+    def _trust(self, conn: Connection, client_addr: str | None) -> None:
+        """Decide once per connection whether its forwarding headers count."""
+        if self.forwarded.trusts(client_addr):
+            conn.environ[TRUSTED_KEY] = True
+        else:
+            conn.environ.pop(TRUSTED_KEY, None)
+
+    def _start_tls(self, conn: Connection) -> None:
+        """Wrap the (unregistered) socket; the handshake then runs in the loop."""
+        assert self.ssl_context is not None
+        conn.sock = self.ssl_context.wrap_socket(conn.sock, server_side=True,
+                                                 do_handshake_on_connect=False)
+        conn.tls = conn.handshaking = conn.setup = True
 
     def on_readable(self, conn: Connection) -> None:
+        if conn.setup and not self._setup(conn):
+            return
+        if conn.lingering:
+            self._drain(conn)
+            return
+        sock = conn.sock
         try:
-            data = conn.sock.recv(RECV_SIZE)
-        except (BlockingIOError, InterruptedError):
+            data = sock.recv(RECV_SIZE)
+            if conn.tls:
+                while data and sock.pending():  # decrypted bytes the selector cannot see
+                    data += sock.recv(RECV_SIZE)
+        except _WOULD_BLOCK:
             return
         except OSError:
             self.close(conn)
@@ -231,13 +316,116 @@ class SyncWorker(Worker):
                 self.process(conn)
             self.close(conn)
             return
+        self.feed(conn, data)
+
+    def feed(self, conn: Connection, data: bytes) -> None:
+        reader = conn.reader
         was_idle = not reader.in_message
         reader.feed(data)
         if reader.events:
             self.process(conn)
+            if not conn.closed and conn.head is None and reader.in_message:
+                # a pipelined request has started: its head must arrive in time
+                conn.deadline = conn.idle_since + (self.cfg.header_timeout or 1e9)
         elif was_idle and not conn.closed:
             # the first bytes of a new request: the head must now arrive in time
             conn.deadline = conn.idle_since + (self.cfg.header_timeout or 1e9)
+
+    # --- connection set-up: PROXY header, TLS handshake (never blocking the loop) --------
+    def _setup(self, conn: Connection) -> bool:
+        """Advance the PROXY header / TLS handshake; True once the connection carries HTTP."""
+        if conn.lingering:
+            return True
+        if conn.proxy_pending and not self._read_proxy_header(conn):
+            return False
+        if conn.handshaking and not self._handshake(conn):
+            return False
+        conn.setup = False
+        if conn.proxy_buf:  # bytes consumed while looking for a header that was not there
+            data, conn.proxy_buf = conn.proxy_buf, b""
+            self.feed(conn, data)
+            return not conn.closed
+        return True
+
+    def _read_proxy_header(self, conn: Connection) -> bool:
+        sock = conn.sock
+        try:
+            peeked = sock.recv(proxy_protocol.V2_MAX, socket.MSG_PEEK)
+        except (BlockingIOError, InterruptedError):
+            return False
+        except OSError:
+            self.close(conn)
+            return False
+        if not peeked:
+            self.close(conn)
+            return False
+        data = conn.proxy_buf + peeked
+        try:
+            header = proxy_protocol.parse(data, self.proxy_mode)
+        except proxy_protocol.ProxyProtocolError as exc:
+            log.debug("closing %s: %s", conn.environ.get("REMOTE_ADDR"), exc)
+            self.close(conn)
+            return False
+        if header is None:
+            # everything seen so far belongs to the header: take it off the socket, so the
+            # level-triggered selector does not wake us again for the same bytes
+            self._consume(conn, len(peeked))
+            conn.proxy_buf = data
+            return False
+        self._consume(conn, max(0, header.length - len(conn.proxy_buf)))
+        conn.proxy_buf = data[header.length:len(conn.proxy_buf)] if header.length < len(conn.proxy_buf) \
+            else b""
+        conn.proxy_pending = False
+        environ = conn.environ
+        if header.source is not None:
+            environ["REMOTE_ADDR"], port = header.source
+            environ["REMOTE_PORT"] = str(port)
+        if header.destination is not None:
+            environ["SERVER_NAME"], port = header.destination
+            environ["SERVER_PORT"] = str(port)
+        self._trust(conn, environ["REMOTE_ADDR"] if header.source is not None else None)
+        if self.ssl_context is not None:
+            if conn.proxy_buf:  # a TLS client cannot start with PROXY-looking bytes
+                self.close(conn)
+                return False
+            self.selector.unregister(sock)
+            self._start_tls(conn)
+            self.selector.register(conn.sock, selectors.EVENT_READ, conn)
+        return True
+
+    def _consume(self, conn: Connection, count: int) -> None:
+        while count > 0:
+            try:
+                got = conn.sock.recv(count)
+            except (BlockingIOError, InterruptedError):
+                return  # cannot happen for peeked bytes; the next wake-up retries
+            if not got:
+                return
+            count -= len(got)
+
+    def _handshake(self, conn: Connection) -> bool:
+        try:
+            conn.sock.do_handshake()  # type: ignore[attr-defined]
+        except ssl.SSLWantReadError:
+            self._watch(conn, _READ)
+            return False
+        except ssl.SSLWantWriteError:
+            self._watch(conn, _READ_WRITE)
+            return False
+        except OSError as exc:
+            log.debug("TLS handshake with %s failed: %s", conn.environ.get("REMOTE_ADDR"), exc)
+            self.close(conn)
+            return False
+        conn.handshaking = False
+        self._watch(conn, _READ)
+        return True
+
+    def _watch(self, conn: Connection, events: int) -> None:
+        try:
+            if self.selector.get_key(conn.sock).events != events:
+                self.selector.modify(conn.sock, events, conn)
+        except (KeyError, ValueError):
+            pass
 
     def process(self, conn: Connection) -> None:
         """Handle every event the reader has produced, in order (pipelined requests too)."""
@@ -316,12 +504,61 @@ class SyncWorker(Worker):
         """Close connections whose deadline passed: idle keep-alive, slow heads or bodies."""
         expired = [c for c in self.connections.values() if c.deadline <= now]
         for conn in expired:
-            if conn.reader.in_message:
+            if conn.reader.in_message and not conn.lingering and not conn.setup:
                 self.reject(conn, ProtocolError(408, "request timed out"))
             else:
-                self.close(conn)
+                self._close_now(conn)
 
     def close(self, conn: Connection, linger: bool = False) -> None:
+        """Close ``conn``; with ``linger``, after draining it for a short bounded time.
+
+        Closing a socket that still has unread bytes makes the kernel send a reset, and the
+        client may then lose the error response it was just sent.  So after an error the
+        worker stops writing (``shutdown(SHUT_WR)``: the client sees the end of the
+        response), keeps reading and discarding for up to LINGER_SECONDS / LINGER_BYTES in
+        its loop, and closes when the client closes or the time is up.
+        """
+        if conn.closed or conn.lingering:
+            return
+        if not linger or not self.alive:
+            self._close_now(conn)
+            return
+        try:
+            conn.sock.shutdown(socket.SHUT_WR)
+        except OSError:
+            self._close_now(conn)
+            return
+        conn.lingering = True
+        conn.setup = False
+        conn.linger_budget = LINGER_BYTES
+        conn.deadline = time.monotonic() + LINGER_SECONDS
+        if conn.body is not None:
+            conn.body.close()
+            conn.body = None
+        try:
+            self.selector.modify(conn.sock, selectors.EVENT_READ, conn)
+        except (KeyError, ValueError):
+            self._close_now(conn)
+
+    def _drain(self, conn: Connection) -> None:
+        sock = conn.sock
+        for _ in range(16):
+            try:
+                data = sock.recv(RECV_SIZE)
+            except _WOULD_BLOCK:
+                return
+            except OSError:
+                break
+            if not data:
+                break
+            conn.linger_budget -= len(data)
+            if conn.linger_budget <= 0:
+                break
+        else:
+            return
+        self._close_now(conn)
+
+    def _close_now(self, conn: Connection) -> None:
         if conn.closed:
             return
         conn.closed = True
@@ -331,12 +568,6 @@ class SyncWorker(Worker):
             self.selector.unregister(sock)
         except (KeyError, ValueError):
             pass
-        if linger:
-            # let the error response reach the client before the close resets the connection
-            try:
-                sock.shutdown(socket.SHUT_WR)
-            except OSError:
-                pass
         sock.close()
         if conn.body is not None:
             conn.body.close()
@@ -348,5 +579,5 @@ class SyncWorker(Worker):
         self.board.stopping(time.monotonic())
         self._release_listeners()
         for conn in list(self.connections.values()):
-            self.close(conn)
+            self._close_now(conn)
         self.selector.close()
