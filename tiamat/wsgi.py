@@ -260,7 +260,7 @@ class WSGIHandler:
             result = self.app(environ, start_response)
             try:
                 if (isinstance(result, FileWrapper) and self.sendfile_ok and send_body
-                        and result.fileno() is not None and head.method != b"HEAD"):
+                        and result.fileno() is not None):
                     written, framing, status_code = self._send_file(
                         result, head, response, transport)
                 else:
@@ -360,6 +360,8 @@ class WSGIHandler:
         framing, _, status_code, head_bytes = self._head(head, response, length)
         response.head_sent = True
         transport.write(head_bytes)
+        if not framing.send_body:  # HEAD, 304: the same headers as GET, no body
+            return 0, framing, status_code
         sent = transport.sendfile(fileobj, offset, length)
         if sent < length:
             raise ClientDisconnected("client went away during sendfile")
