@@ -301,6 +301,17 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
+def group_cpu(pid: int) -> dict[int, float]:
+    """CPU seconds of ``pid`` and every process below it."""
+    found = {}
+    for each in [pid, *descendants(pid)]:
+        try:
+            found[each] = cpu_seconds(each)
+        except OSError:
+            pass
+    return found
+
+
 def cmdline(pid: int) -> str:
     try:
         with open(f"/proc/{pid}/cmdline", "rb") as f:
@@ -319,6 +330,10 @@ class Sample:
     p99_ms: float = 0.0
     errors: int = 0
     failed: str = ""
+    requests: int = 0
+    #: server CPU (every process of it) per request, in microseconds: unlike req/s, barely
+    #: moved by other load on the machine
+    cpu_us: float = 0.0
 
 
 _UNITS = {"us": 0.001, "ms": 1.0, "s": 1000.0, "m": 60000.0}
@@ -344,6 +359,9 @@ def parse_wrk(out: str) -> Sample:
         sample.failed = "wrk printed no result: " + out.strip()[-200:]
         return sample
     sample.rps = float(match.group(1))
+    match = re.search(r"(\d+) requests in", out)
+    if match:
+        sample.requests = int(match.group(1))
     match = re.search(r"^\s+99%\s+([\d.]+)(us|ms|s|m)\s*$", out, re.M)
     if match:
         sample.p99_ms = float(match.group(1)) * _UNITS[match.group(2)]
@@ -364,7 +382,7 @@ def run_ws(port: int, scenario: Scenario, duration: float) -> Sample:
         result = json.loads(proc.stdout.strip().splitlines()[-1])
     except (IndexError, ValueError):
         return Sample(failed="wsload failed: " + (proc.stderr or proc.stdout).strip()[-200:])
-    return Sample(result["rps"], result["p99_ms"], result["errors"])
+    return Sample(result["rps"], result["p99_ms"], result["errors"], requests=result["messages"])
 
 
 # --------------------------------------------------------------------------------------------
@@ -387,6 +405,10 @@ class Row:
         values = [s.p99_ms for s in self.samples if not s.failed]
         return statistics.median(values) if values else None
 
+    def cpu_us(self) -> float | None:
+        values = [s.cpu_us for s in self.samples if not s.failed and s.cpu_us]
+        return statistics.median(values) if values else None
+
     def errors(self) -> int:
         return sum(s.errors for s in self.samples)
 
@@ -403,14 +425,15 @@ def measure(row: Row, duration: float, warmup: float, log_dir: str) -> None:
     running = Running(argv, os.path.join(log_dir, name + ".log"))
     try:
         running.wait_ready(port)
-        if scenario.websocket:
-            if warmup:
-                run_ws(port, scenario, warmup)
-            sample = run_ws(port, scenario, duration)
-        else:
-            if warmup:
-                run_wrk(port, scenario, warmup)
-            sample = run_wrk(port, scenario, duration)
+        load = run_ws if scenario.websocket else run_wrk
+        if warmup:
+            load(port, scenario, warmup)
+        before = group_cpu(running.pid)
+        sample = load(port, scenario, duration)
+        after = group_cpu(running.pid)
+        used = sum(after[pid] - before.get(pid, 0.0) for pid in after)
+        if sample.requests:
+            sample.cpu_us = used / sample.requests * 1e6
         if running.proc.poll() is not None:
             sample.failed = sample.failed or f"server died: {running.tail()}"
     except (RuntimeError, subprocess.TimeoutExpired, OSError) as exc:
@@ -421,7 +444,8 @@ def measure(row: Row, duration: float, warmup: float, log_dir: str) -> None:
         row.failures.append(sample.failed)
     row.samples.append(sample)
     state = f"FAILED {sample.failed[:150]}" if sample.failed else \
-        f"{sample.rps:10.0f} req/s  p99 {sample.p99_ms:7.2f} ms  errors {sample.errors}"
+        (f"{sample.rps:10.0f} req/s  p99 {sample.p99_ms:7.2f} ms  errors {sample.errors}  "
+         f"CPU {sample.cpu_us:6.1f} µs/req")
     print(f"  {scenario.name:18} {server.label:24} {state}", flush=True)
 
 
@@ -443,25 +467,27 @@ def fmt_num(value: float | None, digits: int = 0) -> str:
 
 
 def table(rows: list[Row]) -> str:
-    lines = ["| app | server | req/s (median) | p99 ms | errors | tiamat/peer |",
-             "|---|---|---:|---:|---:|---:|"]
+    lines = ["| app | server | req/s (median) | p99 ms | errors | tiamat/peer | server CPU µs/req | "
+             "peer/tiamat CPU |", "|---|---|---:|---:|---:|---:|---:|---:|"]
     for row in rows:
         tiamat_row = next((r for r in rows if r.scenario is row.scenario and r.server.is_tiamat), None)
-        median = row.median()
-        ratio = "—"
+        median, cpu = row.median(), row.cpu_us()
+        ratio = cpu_ratio = "—"
         if not row.server.is_tiamat and tiamat_row is not None:
-            mine = tiamat_row.median()
+            mine, my_cpu = tiamat_row.median(), tiamat_row.cpu_us()
             if mine is not None and median:
                 ratio = f"{mine / median:.2f}x"
+            if my_cpu and cpu:
+                cpu_ratio = f"{cpu / my_cpu:.2f}x"
         elif row.server.is_tiamat:
-            ratio = "(tiamat)"
+            ratio = cpu_ratio = "(tiamat)"
         rps = fmt_num(median)
         if row.failures:
             rps = f"FAILED ({len(row.failures)}/{len(row.samples)}): {row.failures[0][:80]}"
             if median is not None:
                 rps = f"{fmt_num(median)} ({len(row.failures)} failed)"
         lines.append(f"| {row.scenario.name} | {row.server.label} | {rps} | {fmt_num(row.p99(), 2)} | "
-                     f"{row.errors()} | {ratio} |")
+                     f"{row.errors()} | {ratio} | {fmt_num(cpu, 1)} | {cpu_ratio} |")
     return "\n".join(lines)
 
 
