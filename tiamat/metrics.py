@@ -194,6 +194,10 @@ class MasterMetrics:
             backlog=listen_backlog(state.listeners, state.cfg.backlog))
 
 
+#: the master's words for why it ended a worker -> the names metrics use
+_REASON_NAMES = {"recycle": "max-requests"}
+
+
 def restart_reason(state: Any, worker: Any, code: int) -> str | None:
     """Why a worker that just exited will be replaced, or None when it is not a restart
     (the server is stopping, or the worker count was lowered)."""
@@ -203,7 +207,7 @@ def restart_reason(state: Any, worker: Any, code: int) -> str | None:
     if reason == "scale-down":
         return None
     if reason:
-        return str(reason)
+        return _REASON_NAMES.get(reason, str(reason))
     if worker.boot_error is not None or not worker.booted:
         return "boot-error"
     return "max-requests" if code == 0 else "crash"
