@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import inspect
 import logging
-from typing import Any
+from typing import Any, NamedTuple
 
 log = logging.getLogger("tiamat.error")
 
@@ -45,3 +45,52 @@ def call(cfg: Any, name: str, *args: Any) -> Any:
     except Exception:
         log.exception("hook %s raised", name)
         return None
+
+
+class RequestResult(NamedTuple):
+    """``resp`` in ``post_request(worker, req, environ, resp)``."""
+
+    #: the status code sent (500 if the app failed before answering)
+    status: int
+    #: the app's status line ("200 OK"), None if it never called start_response
+    status_line: str | None
+    #: the app's response headers, as it gave them
+    headers: list[tuple[str, str]]
+    #: body bytes written
+    sent: int
+    keep_alive: bool
+
+
+class RequestHooks:
+    """pre_request / post_request for a WSGI handler; built only when one is configured,
+    so the request path without them pays a single ``is None`` test."""
+
+    __slots__ = ("cfg", "post", "pre")
+
+    def __init__(self, cfg: Any) -> None:
+        self.cfg = cfg
+        self.pre = getattr(cfg, "pre_request", None) is not None
+        self.post = getattr(cfg, "post_request", None) is not None
+
+    @classmethod
+    def for_config(cls, cfg: Any) -> RequestHooks | None:
+        hooks = cls(cfg)
+        return hooks if hooks.pre or hooks.post else None
+
+    def before(self, req: Any) -> None:
+        """``pre_request(worker, req)``; ``req`` is the :class:`tiamat.http.h1.RequestHead`."""
+        if self.pre:
+            call(self.cfg, "pre_request", _worker(), req)
+
+    def after(self, req: Any, environ: dict[str, Any], result: tuple[bool, int, int],
+              status_line: str | None, headers: list[tuple[str, str]]) -> None:
+        if self.post:
+            keep_alive, status, sent = result
+            call(self.cfg, "post_request", _worker(), req, environ,
+                 RequestResult(status, status_line, list(headers), sent, keep_alive))
+
+
+def _worker() -> Any:
+    from tiamat.workers import base
+
+    return base.current

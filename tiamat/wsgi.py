@@ -19,7 +19,7 @@ from collections.abc import Callable, Iterable
 from typing import Any, BinaryIO, Protocol
 from urllib.parse import unquote_to_bytes
 
-from tiamat import __version__, accesslog, metrics
+from tiamat import __version__, accesslog, hooks, metrics
 from tiamat.http.h1 import RequestHead
 from tiamat.http.proxy import TRUSTED_KEY, ForwardedRules, apply_to_environ
 from tiamat.http.response import (
@@ -122,6 +122,7 @@ class WSGIHandler:
         #: None when off: then a request builds no log line and touches no counter
         self.access = accesslog.for_worker(cfg)
         self.recorder = metrics.recorder(threaded=multithread)
+        self.request_hooks = hooks.RequestHooks.for_config(cfg)  # pre_request/post_request
         self.base_environ: dict[str, Any] = {
             "wsgi.version": (1, 0),
             "wsgi.multithread": multithread,
@@ -192,10 +193,12 @@ class WSGIHandler:
         becomes a 500 if nothing was sent yet; otherwise the connection is closed.
         """
         environ = self.build_environ(head, body, conn_environ)
-        access, recorder = self.access, self.recorder
-        if access is None and recorder is None:
+        access, recorder, request_hooks = self.access, self.recorder, self.request_hooks
+        if access is None and recorder is None and request_hooks is None:
             return self._respond(environ, head, transport, _Response())
         response = _Response()
+        if request_hooks is not None:
+            request_hooks.before(head)
         if recorder is not None:
             recorder.start()
         start = time.perf_counter()
@@ -209,6 +212,8 @@ class WSGIHandler:
         if access is not None:
             access.log_wsgi(environ, result[1], result[2], duration, head.headers,
                             response.headers)
+        if request_hooks is not None:
+            request_hooks.after(head, environ, result, response.status, response.headers)
         return result
 
     def _respond(self, environ: dict[str, Any], head: RequestHead, transport: Transport,
