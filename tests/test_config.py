@@ -407,3 +407,25 @@ def test_python_m_and_console_script_agree():
     out = subprocess.run([str(script), "--version"], capture_output=True, text=True, env=env,
                          timeout=30)
     assert out.returncode == 0 and out.stdout == run_tiamat("--version").stdout
+
+
+# --- docs/settings.md is generated from the table --------------------------------------------
+def test_docs_settings_md_is_current():
+    """Fails when the table changed and docs/settings.md was not regenerated with
+    ``python -m tiamat.settings_doc > docs/settings.md``."""
+    from tiamat.settings_doc import render
+
+    committed = (Path(__file__).resolve().parent.parent / "docs" / "settings.md").read_text()
+    assert committed == render(), \
+        "docs/settings.md is stale: run python -m tiamat.settings_doc > docs/settings.md"
+
+
+def test_settings_doc_covers_every_setting_and_key():
+    result = subprocess.run([sys.executable, "-m", "tiamat.settings_doc"], capture_output=True,
+                            text=True, check=True, timeout=30)
+    for setting in SETTINGS:
+        assert f"### `{setting.name}`" in result.stdout
+        for flag in (*setting.flags, *setting.off_flags):
+            assert f"`{flag}`" in result.stdout
+        for alias in setting.aliases:
+            assert f"`{alias}`" in result.stdout
