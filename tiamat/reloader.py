@@ -31,20 +31,26 @@ class ReloadError(Exception):
     """--reload cannot work here (watchfiles is not installed)."""
 
 
+def _inside(path: str, root: str) -> bool:
+    return path == root or path.startswith(root.rstrip(os.sep) + os.sep)
+
+
 def watch_roots(cfg: Any, cwd: str | None = None) -> list[str]:
-    """The directories to watch recursively (no directory inside another)."""
+    """What to watch: directories (recursively; none inside another), then each extra
+    file that lies outside them (watched on its own, not its whole directory)."""
     roots = [os.path.abspath(cwd or os.getcwd())]
     app = str(cfg.app or "")
-    app_path = app.split(":", 1)[0] if not app.startswith(("/", ".")) else app.rsplit(":", 1)[0]
+    app_path = app.rsplit(":", 1)[0] if app.startswith(("/", ".")) else app.split(":", 1)[0]
     if app_path.endswith(".py"):
         roots.append(os.path.dirname(os.path.abspath(app_path)))
-    for extra in cfg.reload_extra_files:
-        roots.append(os.path.dirname(os.path.abspath(extra)))
-    roots = sorted(set(roots), key=len)
     kept: list[str] = []
-    for root in roots:
-        if not any(root == k or root.startswith(k.rstrip(os.sep) + os.sep) for k in kept):
+    for root in sorted(set(roots), key=len):
+        if not any(_inside(root, k) for k in kept):
             kept.append(root)
+    for extra in cfg.reload_extra_files:
+        path = os.path.abspath(extra)
+        if not any(_inside(path, k) for k in kept) and path not in kept:
+            kept.append(path)
     return kept
 
 
@@ -106,7 +112,7 @@ class Reloader:
                     return True
                 return bool(super().__call__(change, path)) and rules.relevant(path)
 
-        existing = [p for p in self.roots if os.path.isdir(p)]
+        existing = [p for p in self.roots if os.path.exists(p)]
         try:
             for changes in watchfiles.watch(*existing, watch_filter=_Filter(),
                                             stop_event=self.stop_event, debounce=200, step=50,
