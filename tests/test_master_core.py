@@ -21,8 +21,9 @@ import pytest
 from conftest import APPS, run_tiamat, wait_for
 
 APP = "core_app:application"
-LOG_LINE = re.compile(r"^\[\d{4}-\d\d-\d\d \d\d:\d\d:\d\d [+-]\d{4}\] \[(\d+)\] \[(INFO|DEBUG|WARNING|ERROR)\] ",
-                      re.MULTILINE)
+LOG_LINE = re.compile(
+    r"^\[\d{4}-\d\d-\d\d \d\d:\d\d:\d\d [+-]\d{4}\] \[(\d+)\] \[(INFO|DEBUG|WARNING|ERROR)\] ",
+    re.MULTILINE)
 
 
 def _listening(server) -> list[str]:
