@@ -63,7 +63,7 @@ def _is_websocket(head: RequestHead) -> bool:
 class HttpProtocol(asyncio.Protocol):
     """One client connection speaking HTTP/1.1 (until a WebSocket upgrade replaces it)."""
 
-    __slots__ = ("closing", "cycle", "deadline", "drain_waiter", "idle_since", "read_paused",
+    __slots__ = ("closing", "cycle", "deadline", "drain_waiter", "eof", "idle_since", "read_paused",
                  "reader", "scope_base", "state", "transport", "write_paused")
 
     def __init__(self, state: ServerState) -> None:
@@ -74,6 +74,8 @@ class HttpProtocol(asyncio.Protocol):
         self.drain_waiter: asyncio.Future[None] | None = None
         #: close after the current response (graceful stop, half-closed client)
         self.closing = False
+        #: the client half-closed: a waiting receive() gets http.disconnect, send() still works
+        self.eof = False
 
     # --- asyncio callbacks ------------------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -124,7 +126,8 @@ class HttpProtocol(asyncio.Protocol):
             self.handle_events()
         if self.cycle is None or self.cycle.complete:
             return False  # nothing more to answer: let the transport close
-        self.closing = True  # answer the request the client half-closed after, then close
+        self.closing = self.eof = True  # answer the request, then close
+        self.cycle.wake()
         return True
 
     def pause_writing(self) -> None:
@@ -365,10 +368,12 @@ class Cycle:
             self.expect_100 = False
             if not self.conn.transport.is_closing():
                 self.conn.transport.write(CONTINUE_100)
+        conn = self.conn
         while not (self.disconnected or self.complete):
             if self.body or (not self.more_body and not self.final_sent):
                 break
-            conn = self.conn
+            if conn.eof:
+                return {"type": "http.disconnect"}
             conn.resume_reading()
             waiter = self.waiter = conn.state.loop.create_future()
             try:
@@ -454,7 +459,7 @@ class Cycle:
         head = self.head
         conn = self.conn
         status = self.status
-        keep_alive = head.keep_alive and not head.upgrade
+        keep_alive = head.keep_alive and not head.upgrade and not conn.closing
         length: int | None = None
         parts = [status_line(status), SERVER_HEADER, date_header()]
         append = parts.append

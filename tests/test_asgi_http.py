@@ -1,0 +1,321 @@
+"""``-k asgi`` over HTTP/1.1: scope, bodies both ways, keep-alive, limits, framing edges.
+
+Every case runs under both tokenisers (``--http httptools`` and ``--http h11``); a few
+run under both event loops too.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+from conftest import wait_for
+
+APP = "tests/apps/wk_asgi.py:app"
+
+
+@pytest.fixture(params=["httptools", "h11"])
+def http_impl(request):
+    return request.param
+
+
+@pytest.fixture
+def server(tiamat_server, http_impl, tmp_path):
+    return tiamat_server("-k", "asgi", "--http", http_impl, APP, env={"WK_MARK_DIR": str(tmp_path)})
+
+
+def read_response(sock: socket.socket, buffer: bytes = b"") -> tuple[bytes, bytes, bytes]:
+    """One response (Content-Length or chunked) from ``sock``; returns (head, body, rest)."""
+    while b"\r\n\r\n" not in buffer:
+        data = sock.recv(65536)
+        assert data, f"connection closed mid-head: {buffer!r}"
+        buffer += data
+    head, _, buffer = buffer.partition(b"\r\n\r\n")
+    lower = head.lower()
+    if b"content-length:" in lower:
+        length = int(lower.split(b"content-length:")[1].split(b"\r\n")[0])
+        while len(buffer) < length:
+            data = sock.recv(65536)
+            assert data
+            buffer += data
+        return head, buffer[:length], buffer[length:]
+    if b"transfer-encoding: chunked" in lower:
+        body = b""
+        while True:
+            while b"\r\n" not in buffer:
+                buffer += sock.recv(65536)
+            size_line, _, buffer = buffer.partition(b"\r\n")
+            size = int(size_line, 16)
+            while len(buffer) < size + 2:
+                buffer += sock.recv(65536)
+            body += buffer[:size]
+            buffer = buffer[size + 2:]
+            if size == 0:
+                return head, body, buffer
+    return head, b"", buffer
+
+
+def test_scope_is_complete(server):
+    response = httpx.get(f"http://{server.host}:{server.port}/scope?a=1&b=%20x",
+                         headers={"X-Custom": "Value", "Cookie": "k=v"})
+    assert response.status_code == 200
+    scope = response.json()
+    assert scope["type"] == "http"
+    assert scope["asgi"]["version"] == "3.0"
+    assert scope["http_version"] == "1.1"
+    assert scope["method"] == "GET"
+    assert scope["scheme"] == "http"
+    assert scope["path"] == "/scope"
+    assert scope["raw_path"] == "/scope"
+    assert scope["query_string"] == "a=1&b=%20x"
+    assert scope["root_path"] == ""
+    assert scope["types"] == {"raw_path": "bytes", "query_string": "bytes", "header": "bytes"}
+    assert scope["server"] == ["127.0.0.1", server.port]
+    assert scope["client"][0] == "127.0.0.1" and isinstance(scope["client"][1], int)
+    assert ["x-custom", "Value"] in scope["headers"]
+    assert all(name == name.lower() for name, _ in scope["headers"])
+    assert scope["pathsend"] is True
+
+
+def test_percent_encoded_path_and_root_path(tiamat_server, http_impl):
+    server = tiamat_server("-k", "asgi", "--http", http_impl, "--root-path", "/api", APP)
+    head, body, _ = _get_raw(server, b"/scope/caf%C3%A9%2Fx?q")
+    assert head.startswith(b"HTTP/1.1 200")
+    scope = json.loads(body)
+    assert scope["root_path"] == "/api"
+    assert scope["path"] == "/api/scope/caf\u00e9/x"
+    assert scope["raw_path"] == "/api/scope/caf%C3%A9%2Fx"
+    assert scope["query_string"] == "q"
+
+
+def _get_raw(server, target: bytes, extra: bytes = b"") -> tuple[bytes, bytes, bytes]:
+    with socket.create_connection((server.host, server.port), timeout=5) as sock:
+        sock.sendall(b"GET " + target + b" HTTP/1.1\r\nHost: t\r\n" + extra + b"\r\n")
+        return read_response(sock)
+
+
+def test_keep_alive_and_pipelining(server):
+    with socket.create_connection((server.host, server.port), timeout=5) as sock:
+        sock.sendall(b"GET /slow?s=0.1 HTTP/1.1\r\nHost: t\r\n\r\n"
+                     b"POST /echo HTTP/1.1\r\nHost: t\r\nContent-Length: 5\r\n\r\nhello"
+                     b"GET /stream?n=2 HTTP/1.1\r\nHost: t\r\n\r\n")
+        _, body1, rest = read_response(sock)
+        _, body2, rest = read_response(sock, rest)
+        head3, body3, rest = read_response(sock, rest)
+        assert (body1, body2, body3) == (b"slow done", b"hello", b"part0\npart1\n")
+        assert b"Transfer-Encoding: chunked" in head3
+        # the connection is still usable afterwards
+        sock.sendall(b"GET / HTTP/1.1\r\nHost: t\r\n\r\n")
+        assert read_response(sock, rest)[1] == b"hello"
+
+
+def test_small_response_is_one_write_with_content_length(server):
+    head, body, _ = _get_raw(server, b"/")
+    assert b"Content-Length: 5" in head
+    assert body == b"hello"
+    assert b"Connection" not in head  # HTTP/1.1 keep-alive is the default
+
+
+def test_chunked_request_body(server):
+    with socket.create_connection((server.host, server.port), timeout=5) as sock:
+        sock.sendall(b"POST /echo HTTP/1.1\r\nHost: t\r\nTransfer-Encoding: chunked\r\n\r\n"
+                     b"3\r\nabc\r\n4\r\ndefg\r\n0\r\n\r\n")
+        head, body, _ = read_response(sock)
+    assert head.startswith(b"HTTP/1.1 200")
+    assert body == b"abcdefg"
+
+
+def test_large_streamed_request_body(server):
+    size = 12 * 1024 * 1024
+
+    def chunks():
+        block = b"y" * 65536
+        for _ in range(size // len(block)):
+            yield block
+
+    response = httpx.post(f"http://{server.host}:{server.port}/count", content=chunks(), timeout=30)
+    assert response.text == str(size)
+
+
+def test_streaming_request_and_response_together(server):
+    with socket.create_connection((server.host, server.port), timeout=5) as sock:
+        sock.sendall(b"POST /stream-echo HTTP/1.1\r\nHost: t\r\nTransfer-Encoding: chunked\r\n\r\n"
+                     b"5\r\nfirst\r\n")
+        data = b""
+        while b"first" not in data:  # echoed before the request is complete
+            data += sock.recv(4096)
+        sock.sendall(b"6\r\nsecond\r\n0\r\n\r\n")
+        body = read_response(sock, data)[1]
+    assert body == b"firstsecond"
+
+
+def _rss_kb(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1])
+    return 0
+
+
+def test_response_flow_control_keeps_memory_flat(server):
+    """A client that does not read a 64 MB response: the app must wait, not buffer it all."""
+    worker = wait_for(lambda: server.worker_pids())[0]
+    before = _rss_kb(worker)
+    sock = socket.create_connection((server.host, server.port), timeout=10)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 65536)
+    sock.sendall(b"GET /big?mb=64 HTTP/1.1\r\nHost: t\r\n\r\n")
+    time.sleep(1.0)
+    grown = _rss_kb(worker) - before
+    assert grown < 24 * 1024, f"worker grew by {grown} kB while the client was not reading"
+    received = 0
+    while received < 64 * 1024 * 1024:
+        data = sock.recv(1 << 20)
+        assert data
+        received += len(data)
+    sock.close()
+
+
+def test_http_disconnect_reaches_the_app(server, tmp_path):
+    sock = socket.create_connection((server.host, server.port), timeout=5)
+    sock.sendall(b"GET /wait-disconnect HTTP/1.1\r\nHost: t\r\n\r\n")
+    assert b"waiting" in sock.recv(4096) or b"waiting" in sock.recv(4096)
+    sock.close()
+    wait_for(lambda: (tmp_path / "disconnect").exists(), 5, message="http.disconnect in the app")
+    assert (tmp_path / "disconnect").read_text().strip() == "http.disconnect"
+
+
+def test_keep_alive_timeout_closes_idle_connections(tiamat_server, http_impl):
+    server = tiamat_server("-k", "asgi", "--http", http_impl, "--keep-alive", "1", APP)
+    with socket.create_connection((server.host, server.port), timeout=5) as sock:
+        sock.sendall(b"GET / HTTP/1.1\r\nHost: t\r\n\r\n")
+        _, body, rest = read_response(sock)
+        assert body == b"hello" and rest == b""
+        start = time.monotonic()
+        assert sock.recv(100) == b""  # closed by the server
+        assert time.monotonic() - start < 3.5
+
+
+def test_keep_alive_zero_closes_after_each_response(tiamat_server, http_impl):
+    server = tiamat_server("-k", "asgi", "--http", http_impl, "--keep-alive", "0", APP)
+    reply = server.request(b"GET / HTTP/1.1\r\nHost: t\r\n\r\n")
+    assert reply.startswith(b"HTTP/1.1 200")
+    assert b"Connection: close" in reply
+
+
+def test_limit_concurrency_answers_503(tiamat_server, http_impl):
+    server = tiamat_server("-k", "asgi", "--http", http_impl, "--limit-concurrency", "1", APP)
+    busy = socket.create_connection((server.host, server.port), timeout=5)
+    busy.sendall(b"GET /slow?s=2 HTTP/1.1\r\nHost: t\r\n\r\n")
+    time.sleep(0.3)
+    reply = server.request(b"GET / HTTP/1.1\r\nHost: t\r\n\r\n")
+    assert reply.startswith(b"HTTP/1.1 503")
+    assert read_response(busy)[1] == b"slow done"
+    busy.close()
+    wait_for(lambda: server.request(b"GET / HTTP/1.1\r\nHost: t\r\n\r\n").startswith(b"HTTP/1.1 200"))
+
+
+def test_pathsend(server):
+    head, body, _ = _get_raw(server, b"/pathsend")
+    assert head.startswith(b"HTTP/1.1 200")
+    expected = Path("tests/apps/wk_asgi.py").read_bytes()
+    assert b"Content-Length: %d" % len(expected) in head
+    assert body == expected
+
+
+def test_app_errors_are_500_and_the_worker_lives(server):
+    for path in (b"/error", b"/nothing"):
+        reply = server.request(b"GET " + path + b" HTTP/1.1\r\nHost: t\r\n\r\n")
+        assert reply.startswith(b"HTTP/1.1 500"), reply
+    assert "Exception in ASGI application" in server.log()
+    assert server.get("/")[2] == b"hello"
+
+
+def test_head_and_204_framing(server):
+    with socket.create_connection((server.host, server.port), timeout=5) as sock:
+        sock.sendall(b"HEAD /head-length HTTP/1.1\r\nHost: t\r\n\r\n")
+        buffer = b""
+        while b"\r\n\r\n" not in buffer:
+            buffer += sock.recv(4096)
+        head, _, rest = buffer.partition(b"\r\n\r\n")
+        assert b"Content-Length: 11" in head  # but no body follows
+        assert rest == b""
+        sock.sendall(b"GET /no-content HTTP/1.1\r\nHost: t\r\n\r\n")
+        buffer = rest
+        while b"\r\n\r\n" not in buffer:
+            buffer += sock.recv(4096)
+        head, _, rest = buffer.partition(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 204")
+        assert b"Content-Length" not in head and b"chunked" not in head
+        sock.sendall(b"GET / HTTP/1.1\r\nHost: t\r\n\r\n")
+        assert read_response(sock, rest)[1] == b"hello"
+
+
+def test_http10_closes_without_length(server):
+    reply = server.request(b"GET /stream?n=2 HTTP/1.0\r\n\r\n")
+    assert reply.startswith(b"HTTP/1.1 200")
+    assert b"chunked" not in reply
+    assert reply.endswith(b"part0\npart1\n")
+
+
+def test_expect_100_continue(server):
+    with socket.create_connection((server.host, server.port), timeout=5) as sock:
+        sock.sendall(b"POST /echo HTTP/1.1\r\nHost: t\r\nContent-Length: 4\r\n"
+                     b"Expect: 100-continue\r\n\r\n")
+        interim = sock.recv(4096)
+        assert interim.startswith(b"HTTP/1.1 100 Continue\r\n\r\n")
+        sock.sendall(b"body")
+        _, body, _ = read_response(sock, interim[len(b"HTTP/1.1 100 Continue\r\n\r\n"):])
+        assert body == b"body"
+
+
+@pytest.mark.parametrize("raw, status", [
+    (b"GET / HTTP/1.1\r\n\r\n", b"400"),  # no Host
+    (b"GET / HTTP/1.1\r\nHost: t\r\nContent-Length: 1\r\nTransfer-Encoding: chunked\r\n\r\n", b"400"),
+    (b"GET /" + b"a" * 9000 + b" HTTP/1.1\r\nHost: t\r\n\r\n", b"414"),
+    (b"GET / HTTP/1.1\r\nHost: t\r\nNo colon here\r\n\r\n", b"400"),
+])
+def test_protocol_errors_come_from_the_shared_core(server, raw, status):
+    reply = server.request(raw)
+    assert reply.startswith(b"HTTP/1.1 " + status), reply[:80]
+    assert b"Connection: close" in reply
+
+
+def test_body_larger_than_limit_is_413(tiamat_server, http_impl):
+    server = tiamat_server("-k", "asgi", "--http", http_impl, "--limit-request-body", "10", APP)
+    reply = server.request(b"POST /echo HTTP/1.1\r\nHost: t\r\nContent-Length: 11\r\n\r\nhello world")
+    assert reply.startswith(b"HTTP/1.1 413")
+
+
+@pytest.mark.parametrize("loop", ["asyncio", "uvloop"])
+def test_both_event_loops(tiamat_server, loop):
+    server = tiamat_server("-k", "asgi", "--loop", loop, APP)
+    assert server.get("/")[2] == b"hello"
+    with socket.create_connection((server.host, server.port), timeout=5) as sock:
+        sock.sendall(b"POST /echo HTTP/1.1\r\nHost: t\r\nContent-Length: 3\r\n\r\nabc")
+        assert read_response(sock)[1] == b"abc"
+
+
+def test_graceful_stop_finishes_in_flight_requests(server):
+    sock = socket.create_connection((server.host, server.port), timeout=10)
+    sock.sendall(b"GET /slow?s=1 HTTP/1.1\r\nHost: t\r\n\r\n")
+    time.sleep(0.3)
+    server.signal(15)
+    head, body, _ = read_response(sock)
+    assert body == b"slow done"
+    assert b"Connection: close" in head
+    assert server.wait(10) == 0
+    sock.close()
+
+
+def test_max_requests_restarts_the_worker(tiamat_server):
+    server = tiamat_server("-k", "asgi", "--max-requests", "3", APP)
+    first = wait_for(lambda: server.worker_pids())[0]
+    for _ in range(6):
+        server.get("/")
+    wait_for(lambda: server.worker_pids() and server.worker_pids()[0] != first, 10,
+             message="a new worker after --max-requests")
+    assert os.path.exists(f"/proc/{server.pid}")
