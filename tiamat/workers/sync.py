@@ -43,6 +43,8 @@ _LISTENER, _WAKE, _CHANNEL = object(), object(), object()
 ACCEPT_BATCH = 32
 RECV_SIZE = 65536
 SWEEP_INTERVAL = 0.5
+#: on a graceful stop: how long a just-accepted connection has to send its request
+STOP_GRACE = 0.5
 #: after an error response: how long, and how many bytes, to keep draining the client
 LINGER_SECONDS = 2.0
 LINGER_BYTES = 16 * 1024 * 1024
@@ -575,9 +577,30 @@ class SyncWorker(Worker):
             self._set_accepting(True)
 
     def shutdown(self) -> None:
-        """Stop accepting and close every connection (in-flight requests are already done)."""
-        self.board.stopping(time.monotonic())
+        """Stop accepting, answer the requests already on their way, close every connection.
+
+        A connection accepted just before the stop (in the same loop pass, say) gets up to
+        STOP_GRACE seconds for its request to be read and answered: closing it at once would
+        reset a client that did nothing wrong.  Idle keep-alive connections close at once.
+        """
+        now = time.monotonic()
+        self.board.stopping(now)
         self._release_listeners()
+        deadline = now + STOP_GRACE
+        while not self.quick and self.connections and now < deadline:
+            for conn in list(self.connections.values()):
+                if not (conn.reader.in_message or conn.setup or now - conn.idle_since < STOP_GRACE):
+                    self._close_now(conn)
+            if not self.connections:
+                break
+            for key, _ in self.selector.select(min(0.05, deadline - now)):
+                if key.data.__class__ is Connection:
+                    self.on_readable(key.data)
+                elif key.data is _WAKE:
+                    self.handle_wakeup()
+                elif key.data is _CHANNEL:
+                    self.handle_channel()
+            now = time.monotonic()
         for conn in list(self.connections.values()):
             self._close_now(conn)
         self.selector.close()
