@@ -1,0 +1,63 @@
+"""Worker life cycle: --max-requests recycling (one at a time, no lost request), --preload."""
+
+from __future__ import annotations
+
+import re
+
+from apps.pc_support import Load, one_per_slot, try_get
+from conftest import wait_for
+
+APP = "tests/apps/pc_app.py"
+GRANT = re.compile(r"Worker (\d+) \(pid (\d+)\) reached max-requests; replacing it")
+EXITED = re.compile(r"Worker (\d+) \(pid (\d+)\) exited \(recycle\)")
+
+
+def test_max_requests_recycles_one_worker_at_a_time_without_failures(tiamat_server):
+    server = tiamat_server(APP, "-w", "3", "--max-requests", "15", "--max-requests-jitter", "5")
+    wait_for(lambda: one_per_slot(server.pid, 3), message="3 workers")
+    load = Load(server.host, server.port, clients=6, per_client=60).start()
+    load.join(60)
+    assert not load.running and load.done == 360
+    assert load.failures == []
+    wait_for(lambda: one_per_slot(server.pid, 3), timeout=20, message="3 workers again")
+    events = []
+    for line in server.log().splitlines():
+        if match := GRANT.search(line):
+            events.append(("grant", int(match.group(2))))
+        elif match := EXITED.search(line):
+            events.append(("exit", int(match.group(2))))
+    grants = [pid for kind, pid in events if kind == "grant"]
+    assert len(grants) >= 2, events  # (workers past their quota serve on until their turn)
+    recycling = None
+    for kind, pid in events:  # never a second grant before the previous recycled worker left
+        if kind == "grant":
+            assert recycling is None, f"{pid} granted while {recycling} was still recycling"
+            recycling = pid
+        elif pid == recycling:
+            recycling = None
+
+
+def test_max_requests_jitter_spreads_the_quotas(tiamat_server):
+    server = tiamat_server(APP, "-w", "2", "--max-requests", "5", "--max-requests-jitter", "50",
+                           "--log-level", "info")
+    wait_for(lambda: one_per_slot(server.pid, 2), message="2 workers")
+    load = Load(server.host, server.port, clients=2, per_client=60).start()
+    load.join(60)
+    assert load.failures == []
+    quotas = {int(n) for n in re.findall(r"served (\d+) requests \(max_requests\)", server.log())}
+    assert quotas and all(5 <= q <= 55 for q in quotas)
+
+
+def test_preload_loads_the_app_once_in_the_master(tiamat_server, tmp_path):
+    marker = tmp_path / "imports"
+    app = tmp_path / "counted.py"
+    app.write_text(
+        "import os\n"
+        f"with open({str(marker)!r}, 'a') as f: f.write(f'{{os.getpid()}}\\n')\n"
+        "def application(environ, start_response):\n"
+        "    start_response('200 OK', [('Content-Length', '2')])\n"
+        "    return [b'ok']\n")
+    server = tiamat_server(str(app), "-w", "3", "--preload")
+    wait_for(lambda: one_per_slot(server.pid, 3), message="3 workers")
+    assert marker.read_text().split() == [str(server.pid)]
+    assert try_get(server.host, server.port) == "ok"
