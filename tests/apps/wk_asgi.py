@@ -1,6 +1,6 @@
 """ASGI 3 test app for the asgi worker tests: one route per protocol edge.
 
-Environment: WK_LIFESPAN=fail|raise|none (startup behaviour), WK_MARK_DIR (files written
+Environment: WK_LIFESPAN=fail|raise|none (startup behaviour), WK_STARTUP_DELAY, WK_MARK_DIR (files written
 on lifespan shutdown and on http.disconnect, so tests can see them from outside).
 """
 
@@ -31,6 +31,7 @@ async def _lifespan(scope, receive, send):
                 return
             if mode == "raise":
                 raise ValueError("startup exploded")
+            await asyncio.sleep(float(os.environ.get("WK_STARTUP_DELAY", "0")))
             scope["state"]["greeting"] = "hello from lifespan"
             await send({"type": "lifespan.startup.complete"})
         elif message["type"] == "lifespan.shutdown":
