@@ -431,6 +431,8 @@ def measure(row: Row, duration: float, warmup: float, log_dir: str) -> None:
         before = group_cpu(running.pid)
         sample = load(port, scenario, duration)
         after = group_cpu(running.pid)
+        if not sample.failed and not sample.requests:
+            sample.failed = f"no request completed ({sample.errors} errors): {running.tail()}"
         used = sum(after[pid] - before.get(pid, 0.0) for pid in after)
         if sample.requests:
             sample.cpu_us = used / sample.requests * 1e6
