@@ -131,9 +131,14 @@ def test_backlog_is_honoured(tiamat_server):
 
 
 # --- workers ----------------------------------------------------------------------------
-def test_forks_workers_and_replaces_a_killed_one_quickly(tiamat_server):
-    server = tiamat_server("-w", "2", APP, cwd=APPS)
-    pids = wait_for(lambda: (p := server.worker_pids()) and len(p) == 2 and p, message="2 workers")
+def test_forks_workers_and_replaces_a_killed_one_quickly(tiamat_server, tmp_path):
+    ready = tmp_path / "ready"
+    conf = tmp_path / "c.py"
+    conf.write_text(f"def when_ready(server):\n    open({str(ready)!r}, 'w').close()\n")
+    server = tiamat_server("-c", str(conf), "-b", "127.0.0.1:0", "-w", "2", APP, cwd=APPS)
+    wait_for(ready.exists, message="both workers booted (when_ready)")
+    pids = server.worker_pids()
+    assert len(pids) == 2
     victim = pids[0]
     killed_at = time.monotonic()
     os.kill(victim, signal.SIGKILL)
