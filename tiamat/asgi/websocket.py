@@ -65,7 +65,7 @@ class WebSocketProtocol(asyncio.Protocol):
         extensions = [ServerPerMessageDeflateFactory()] if cfg.ws_per_message_deflate else None
         self.chosen_subprotocol: str | None = None
         self.ws = ServerProtocol(extensions=extensions, max_size=self.max_size,
-                                 select_subprotocol=self._select_subprotocol)
+                                 select_subprotocol=lambda _, offered: self.chosen_subprotocol)
         self.queue: deque[dict[str, Any]] = deque([{"type": "websocket.connect"}])
         self.waiter: asyncio.Future[None] | None = None
         self.drain_waiter: asyncio.Future[None] | None = None
@@ -294,9 +294,6 @@ class WebSocketProtocol(asyncio.Protocol):
                 self.closed = True
         else:
             raise RuntimeError(f"unexpected ASGI message {kind!r} on a WebSocket")
-
-    def _select_subprotocol(self, _: Any, offered: Any) -> Any:
-        return self.chosen_subprotocol
 
     def _accept(self, message: dict[str, Any]) -> None:
         ws = self.ws
