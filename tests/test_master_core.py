@@ -274,3 +274,32 @@ def test_stop_with_many_workers_reaps_them_all(tiamat_server):
     assert server.wait(15) == 0
     for pid in pids:
         wait_for(lambda pid=pid: _state(pid) is None, timeout=5, message=f"worker {pid} gone")
+
+
+def test_binds_an_inherited_fd(tmp_path):
+    """``-b fd://N``: serve on a listening socket the caller (systemd, a supervisor) opened."""
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(8)
+    port = listener.getsockname()[1]
+    fd = listener.fileno()
+    env = {k: v for k, v in os.environ.items() if k != "TIAMAT"}
+    log = open(tmp_path / "fd.log", "wb")  # noqa: SIM115 - closed below
+    proc = subprocess.Popen([sys.executable, "-m", "tiamat", "-b", f"fd://{fd}", APP], cwd=APPS,
+                            env=env, pass_fds=(fd,), stdout=log, stderr=subprocess.STDOUT,
+                            start_new_session=True)
+    listener.close()  # only the server holds it now
+    try:
+        wait_for(lambda: b"Listening at: http://127.0.0.1:%d" % port in (tmp_path / "fd.log").read_bytes(),
+                 message="listening on the inherited socket")
+        assert wait_for(lambda: _http_get("127.0.0.1", port).startswith(b"HTTP/1.1 200 "),
+                        message="an answer on the inherited socket")
+        os.kill(proc.pid, signal.SIGTERM)
+        assert proc.wait(15) == 0
+    finally:
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        proc.wait(10)
+        log.close()
