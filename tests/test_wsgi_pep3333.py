@@ -231,3 +231,26 @@ def test_client_gone_mid_response_does_not_hurt_the_worker(sendfile_server):
     with reader_sock:
         reader_sock.sendall(GET % b"/count")
         assert reader.read().status == 200
+
+
+def test_wsgi_errors_follows_the_error_logfile(tmp_path_factory):
+    """With --error-logfile, what the app writes to wsgi.errors goes to that file."""
+    import re
+
+    from conftest import wait_for
+
+    logfile = tmp_path_factory.mktemp("errlog") / "error.log"
+    srv = TiamatServer(["-b", "127.0.0.1:0", "--error-logfile", str(logfile), "core_app:validated"],
+                       tmp_path_factory.mktemp("errlog-run"), cwd=APPS).start(wait=False)
+    try:
+        match = wait_for(lambda: logfile.exists() and re.search(r"Listening at: http://127.0.0.1:(\d+)",
+                                                                  logfile.read_text()),
+                         message="the log file names the port")
+        srv.port = int(match.group(1))
+        srv.wait_answering()
+        assert exchange(srv, GET % b"/errors").status == 200
+        wait_for(lambda: "message to wsgi.errors\nsecond line to wsgi.errors" in logfile.read_text(),
+                 message="wsgi.errors output in the error log file")
+        assert "message to wsgi.errors" not in srv.log()
+    finally:
+        srv.stop()

@@ -110,6 +110,39 @@ def reopen() -> None:
                     handler.release()
 
 
+class ErrorStream:
+    """``wsgi.errors``: what an app writes there lands where the error log goes.
+
+    It looks the stream up at each write, so it follows ``--error-logfile`` and survives a
+    USR1 reopen; without a stream handler (a dictConfig sending the log elsewhere) it falls
+    back to stderr.
+    """
+
+    __slots__ = ()
+
+    @staticmethod
+    def _stream() -> Any:
+        for handler in error_log.handlers:
+            stream = getattr(handler, "stream", None)
+            if stream is not None and not getattr(stream, "closed", False):
+                return stream
+        return sys.stderr
+
+    def write(self, text: str) -> int:
+        return self._stream().write(text)
+
+    def writelines(self, lines: Any) -> None:
+        stream = self._stream()
+        for line in lines:
+            stream.write(line)
+
+    def flush(self) -> None:
+        self._stream().flush()
+
+
+error_stream = ErrorStream()
+
+
 def access_enabled() -> bool:
     return access_log.isEnabledFor(logging.INFO)
 

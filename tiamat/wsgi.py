@@ -13,13 +13,12 @@ from __future__ import annotations
 
 import logging
 import os
-import sys
 import time
 from collections.abc import Callable, Iterable
 from typing import Any, BinaryIO, Protocol
 from urllib.parse import unquote_to_bytes
 
-from tiamat import __version__, accesslog, hooks, metrics
+from tiamat import __version__, accesslog, hooks, logs, metrics
 from tiamat.http.h1 import RequestHead
 from tiamat.http.proxy import TRUSTED_KEY, ForwardedRules, apply_to_environ
 from tiamat.http.response import (
@@ -128,7 +127,7 @@ class WSGIHandler:
             "wsgi.multithread": multithread,
             "wsgi.multiprocess": multiprocess,
             "wsgi.run_once": False,
-            "wsgi.errors": sys.stderr,
+            "wsgi.errors": logs.error_stream,
             "wsgi.file_wrapper": FileWrapper,
             "wsgi.input_terminated": True,
             "SERVER_SOFTWARE": f"tiamat/{__version__}",
