@@ -1,0 +1,69 @@
+"""Zero downtime under continuous traffic: every single request succeeds across a HUP, and
+across USR2 followed by QUIT to the old master."""
+
+from __future__ import annotations
+
+import os
+import signal
+from pathlib import Path
+
+from apps.pc_support import Load, alive, one_per_slot, read_pid
+from conftest import wait_for
+
+APP = "tests/apps/pc_app.py"
+CLIENTS, PER_CLIENT = 8, 300  # 2400 requests, a new connection each
+
+
+def _start(tiamat_server, tmp_path: Path, *args: str):
+    version_file = tmp_path / "version"
+    version_file.write_text("v1")
+    server = tiamat_server(APP, "-w", "2", *args, env={"PC_VERSION_FILE": str(version_file)})
+    wait_for(lambda: one_per_slot(server.pid, 2), message="2 workers")
+    return server, version_file
+
+
+def _during(load: Load, fraction: float) -> None:
+    """Wait until the load has done ``fraction`` of its requests (it must still be running)."""
+    total = CLIENTS * PER_CLIENT
+    wait_for(lambda: load.done >= total * fraction or not load.running, timeout=60,
+             message=f"{fraction:.0%} of the load")
+    assert load.running, "the load finished before the event: make it longer"
+
+
+def test_every_request_succeeds_across_a_hup(tiamat_server, tmp_path):
+    server, version_file = _start(tiamat_server, tmp_path)
+    load = Load(server.host, server.port, CLIENTS, PER_CLIENT).start()
+    _during(load, 0.2)
+    version_file.write_text("v2")
+    server.signal(signal.SIGHUP)
+    server.wait_log(r"Reload complete", timeout=30)
+    load.join(90)
+    assert not load.running
+    assert load.failures == [], f"{len(load.failures)} failed: {load.failures[:5]}"
+    assert load.done == CLIENTS * PER_CLIENT
+    assert load.bodies == {"v1", "v2"}  # both generations served, none failed
+
+
+def test_every_request_succeeds_across_usr2_then_quit(tiamat_server, tmp_path):
+    pid_path = tmp_path / "tiamat.pid"
+    server, version_file = _start(tiamat_server, tmp_path, "--pid", str(pid_path))
+    load = Load(server.host, server.port, CLIENTS, PER_CLIENT).start()
+    _during(load, 0.15)
+    version_file.write_text("v2")
+    server.signal(signal.SIGUSR2)
+    server.wait_log(r"New master \(pid \d+\) is ready", timeout=30)
+    new_master = read_pid(pid_path)
+    _during(load, 0.5)
+    server.signal(signal.SIGQUIT)
+    assert server.wait(30) == 0
+    load.join(90)
+    try:
+        assert not load.running
+        assert load.failures == [], f"{len(load.failures)} failed: {load.failures[:5]}"
+        assert load.done == CLIENTS * PER_CLIENT
+        assert load.bodies == {"v1", "v2"}
+        assert new_master and alive(new_master)
+    finally:
+        if new_master:
+            os.kill(new_master, signal.SIGTERM)
+            wait_for(lambda: not alive(new_master), timeout=20, message="the new master to stop")
