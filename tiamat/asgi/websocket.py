@@ -62,10 +62,9 @@ class WebSocketProtocol(asyncio.Protocol):
         self.max_size: int = cfg.ws_max_size
         self.ping_interval: float = cfg.ws_ping_interval
         self.ping_timeout: float = cfg.ws_ping_timeout
-        extensions = [ServerPerMessageDeflateFactory()] if cfg.ws_per_message_deflate else None
+        self.deflate: bool = cfg.ws_per_message_deflate
         self.chosen_subprotocol: str | None = None
-        self.ws = ServerProtocol(extensions=extensions, max_size=self.max_size,
-                                 select_subprotocol=lambda _, offered: self.chosen_subprotocol)
+        self.ws: Any = self._new_engine()
         self.queue: deque[dict[str, Any]] = deque([{"type": "websocket.connect"}])
         self.waiter: asyncio.Future[None] | None = None
         self.drain_waiter: asyncio.Future[None] | None = None
@@ -87,6 +86,11 @@ class WebSocketProtocol(asyncio.Protocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport: asyncio.Transport = transport  # type: ignore[assignment]
         self.state.connections.add(self)
+
+    def _new_engine(self) -> Any:
+        extensions = [ServerPerMessageDeflateFactory()] if self.deflate else None
+        return ServerProtocol(extensions=extensions, max_size=self.max_size,
+                              select_subprotocol=lambda _, offered: self.chosen_subprotocol)
 
     def start(self, leftover: bytes) -> None:
         """Parse the handshake request and start the app's session."""
@@ -149,8 +153,7 @@ class WebSocketProtocol(asyncio.Protocol):
                 self.fragments.append(frame.data)
                 self.fragments_size += len(frame.data)
                 if self.fragments_size > self.max_size:
-                    self.ws.fail(1009, "message too big")
-                    self._flush()
+                    self._fail(1009, "message too big")
                     continue
                 if frame.fin:
                     data = b"".join(self.fragments)
@@ -175,8 +178,7 @@ class WebSocketProtocol(asyncio.Protocol):
             try:
                 message = {"type": "websocket.receive", "text": data.decode("utf-8")}
             except UnicodeDecodeError:
-                self.ws.fail(1007, "invalid UTF-8 in a text message")
-                self._flush()
+                self._fail(1007, "invalid UTF-8 in a text message")
                 return
         else:
             message = {"type": "websocket.receive", "bytes": data}
@@ -188,14 +190,33 @@ class WebSocketProtocol(asyncio.Protocol):
     def _disconnect(self, code: int, reason: str) -> None:
         self.disconnected = True
         self._put({"type": "websocket.disconnect", "code": code, "reason": reason})
-        if self.ws.close_expected() or self.ws.state is State.CLOSED:
-            self.deadline = monotonic() + CLOSE_TIMEOUT
+        self.deadline = min(self.deadline, monotonic() + CLOSE_TIMEOUT)
 
     def _put(self, message: dict[str, Any]) -> None:
         self.queue.append(message)
         waiter = self.waiter
         if waiter is not None and not waiter.done():
             waiter.set_result(None)
+
+    # --- the engine: what a different WebSocket library overrides ---------------------------------
+    def _send_message(self, data: str | bytes) -> None:
+        if isinstance(data, str):
+            self.ws.send_text(data.encode("utf-8"))
+        else:
+            self.ws.send_binary(data)
+        self._flush()
+
+    def _close(self, code: int, reason: str) -> None:
+        self.ws.send_close(code, reason)
+        self._flush()
+
+    def _fail(self, code: int, reason: str) -> None:
+        self.ws.fail(code, reason)
+        self._flush()
+
+    def _ping(self, data: bytes) -> None:
+        self.ws.send_ping(data)
+        self._flush()
 
     def _flush(self) -> None:
         """Write what the sans-I/O protocol has to send; an empty chunk means close."""
@@ -218,16 +239,14 @@ class WebSocketProtocol(asyncio.Protocol):
             if not self.accepted:
                 self._send_http(500, [], b"")
             elif not self.closed:
-                self.ws.send_close(1011, "")
-                self._flush()
+                self._close(1011, "")
             if isinstance(exc, (KeyboardInterrupt, SystemExit)):
                 raise
         else:
             if not self.accepted and self.http_response is None:
                 self._send_http(403, [], b"")
             elif self.accepted and not self.closed and not self.disconnected:
-                self.ws.send_close(1000, "")
-                self._flush()
+                self._close(1000, "")
         finally:
             self.state.request_done()
 
@@ -249,7 +268,6 @@ class WebSocketProtocol(asyncio.Protocol):
 
     async def send(self, message: dict[str, Any]) -> None:
         kind = message["type"]
-        ws = self.ws
         if kind == "websocket.send":
             if self.closed or self.disconnected:
                 raise ClientDisconnected("the WebSocket is closed")
@@ -257,10 +275,9 @@ class WebSocketProtocol(asyncio.Protocol):
                 raise RuntimeError("websocket.send before websocket.accept")
             text = message.get("text")
             if text is not None:
-                ws.send_text(text.encode("utf-8"))
+                self._send_message(text)
             else:
-                ws.send_binary(message.get("bytes") or b"")
-            self._flush()
+                self._send_message(message.get("bytes") or b"")
             if self.write_paused:
                 await self._drain()
         elif kind == "websocket.accept":
@@ -276,8 +293,7 @@ class WebSocketProtocol(asyncio.Protocol):
             if self.closed or self.disconnected:
                 return
             self.closed = True
-            ws.send_close(message.get("code", 1000) or 1000, message.get("reason") or "")
-            self._flush()
+            self._close(message.get("code", 1000) or 1000, message.get("reason") or "")
             self.deadline = monotonic() + CLOSE_TIMEOUT
         elif kind == "websocket.http.response.start":
             if self.accepted or self.http_response is not None:
@@ -351,21 +367,18 @@ class WebSocketProtocol(asyncio.Protocol):
             return
         if self.ping_sent_at is not None:
             if self.ping_timeout and now - self.ping_sent_at > self.ping_timeout:
-                self.ws.fail(1011, "keepalive ping timeout")
-                self._flush()
+                self._fail(1011, "keepalive ping timeout")
                 self._disconnect(1011, "keepalive ping timeout")
             return
         if now - self.last_ping >= self.ping_interval:
             self.last_ping = self.ping_sent_at = now
-            self.ws.send_ping(os.urandom(4))
-            self._flush()
+            self._ping(os.urandom(4))
 
     def shutdown(self) -> None:
         """Graceful stop: close with 1012 (service restart)."""
         if self.accepted and not self.closed and not self.disconnected:
             self.closed = True
-            self.ws.send_close(1012, "server shutting down")
-            self._flush()
+            self._close(1012, "server shutting down")
             self.deadline = monotonic() + min(CLOSE_TIMEOUT, 2.0)
         elif not self.accepted:
             self.transport.close()
