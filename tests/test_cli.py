@@ -202,3 +202,8 @@ def test_settings_from_environment_reach_the_server(tiamat_server, tmp_path):
     server = tiamat_server(APP, cwd=APPS, env={"TIAMAT_WORKERS": "2", "TIAMAT_PIDFILE": str(pidfile)})
     wait_for(lambda: len(server.worker_pids()) == 2, message="2 workers")
     assert int(pidfile.read_text()) == server.pid
+
+
+def test_check_config_unknown_worker_class_exits_2():
+    result = run_tiamat("--check-config", "-k", "no_such_class", APP, cwd=APPS)
+    assert result.returncode == 2 and "unknown worker class 'no_such_class'" in result.stderr

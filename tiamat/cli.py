@@ -96,13 +96,23 @@ def _redirect_stdout(path: str) -> None:
 
 def check(cfg: Config) -> int:
     """``--check-config``: load the app once and report, without binding anything."""
+    from tiamat.workers import WorkerClassError, resolve
+
     try:
-        apploader.load_app(cfg.app, cfg)
+        app = apploader.load_app(cfg.app, cfg)
     except apploader.AppLoadError as exc:
         click.echo(f"tiamat: {exc}", err=True)
         if exc.details and cfg.loglevel == "debug":
             click.echo(exc.details, err=True)
         return exc.exit_code
+    interface = cfg.interface
+    if interface == "auto":
+        interface = "asgi" if apploader.is_asgi(app) else "wsgi"
+    try:
+        resolve(cfg.worker_class, interface, cfg.threads)
+    except WorkerClassError as exc:
+        click.echo(f"tiamat: error: {exc}", err=True)
+        return ConfigError.exit_code
     click.echo(f"tiamat: configuration and app {cfg.app!r} are OK", err=True)
     return 0
 
