@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from conftest import TiamatServer
+from conftest import TiamatServer, wait_for
 
 WORKERS = ["sync", "thread", "asgi"]
 WSGI_APP = "tests.apps.sec_app:app"
@@ -31,17 +31,32 @@ def server_args(worker: str, *extra: str) -> list[str]:
     return [*args, *extra, app]
 
 
-def start_server(tmp: Path, worker: str, *extra: str, bind: bool = True) -> TiamatServer:
+def start_server(tmp: Path, worker: str, *extra: str, bind: bool = True,
+                 probe: bytes | None = None) -> TiamatServer:
+    """Start and wait until it answers (``probe``: the bytes to send first, e.g. a PROXY header)."""
     args = server_args(worker, *extra)
     if bind:
         args = ["-b", "127.0.0.1:0", *args]
     server = TiamatServer(args, tmp)
     try:
-        server.start()
+        if probe is None:
+            server.start()
+        else:
+            server.start(wait=False)
+            server.wait_listening()
+            wait_for(lambda: _answers(server, probe), 15, 0.05, "the server to answer")
     except BaseException:
         server.stop()
         raise
     return server
+
+
+def _answers(server: TiamatServer, probe: bytes) -> bool:
+    try:
+        return b"HTTP/1." in exchange(server, probe + b"GET /count HTTP/1.1\r\nHost: t\r\n"
+                                      b"Connection: close\r\n\r\n", timeout=2)
+    except (OSError, AssertionError):
+        return False
 
 
 def exchange(server: Any, raw: bytes, timeout: float = 5.0, host: str | None = None,
