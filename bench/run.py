@@ -312,6 +312,21 @@ def group_cpu(pid: int) -> dict[int, float]:
     return found
 
 
+def tcp_sockets(pid: int) -> int:
+    """How many sockets a process holds open (its connections, less a baseline taken idle)."""
+    count = 0
+    try:
+        for fd in os.listdir(f"/proc/{pid}/fd"):
+            try:
+                if os.readlink(f"/proc/{pid}/fd/{fd}").startswith("socket:"):
+                    count += 1
+            except OSError:
+                pass
+    except OSError:
+        pass
+    return count
+
+
 def cmdline(pid: int) -> str:
     try:
         with open(f"/proc/{pid}/cmdline", "rb") as f:
@@ -340,7 +355,8 @@ _UNITS = {"us": 0.001, "ms": 1.0, "s": 1000.0, "m": 60000.0}
 
 
 def run_wrk(port: int, scenario: Scenario, duration: float, connections: int | None = None,
-            pin: str | None = CLIENT_CPU) -> Sample:
+            pin: str | None = CLIENT_CPU, during: Callable[[], None] | None = None) -> Sample:
+    """One wrk run; ``during`` is called once, half-way through it."""
     conns = connections or scenario.connections
     argv = ["wrk", "-t1", f"-c{conns}", f"-d{duration:g}s", "--latency", "--timeout", "5s"]
     if scenario.script:
@@ -348,7 +364,15 @@ def run_wrk(port: int, scenario: Scenario, duration: float, connections: int | N
     argv.append(f"http://{HOST}:{port}{scenario.path}")
     if pin:
         argv = ["taskset", "-c", pin, *argv]
-    out = subprocess.run(argv, capture_output=True, text=True, timeout=duration + 30).stdout
+    with subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True) as proc:
+        try:
+            if during is not None:
+                time.sleep(duration / 2)
+                during()
+            out, _ = proc.communicate(timeout=duration + 30)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
     return parse_wrk(out)
 
 
@@ -509,13 +533,15 @@ BALANCE_SERVERS = [
 
 def balance(args: argparse.Namespace, log_dir: str) -> str:
     """CPU share of each of 2 workers under 64 keep-alive connections (nothing pinned)."""
-    lines = ["| server | worker CPU seconds | shares | req/s | within 40-60% |", "|---|---|---|---:|---|"]
+    lines = ["| server | worker CPU seconds | shares | connections held | req/s | within 40-60% |",
+             "|---|---|---|---|---:|---|"]
     servers = re.compile(args.servers) if args.servers else None
     for label, argv_of, app in BALANCE_SERVERS:
         if servers and not label.startswith("tiamat") and not servers.search(label):
             continue
         shares_all: list[list[float]] = []
         cpu_all: list[list[float]] = []
+        conns_all: list[list[int]] = []
         rps: list[float] = []
         failure = ""
         for _ in range(args.rounds):
@@ -524,25 +550,37 @@ def balance(args: argparse.Namespace, log_dir: str) -> str:
             try:
                 running.wait_ready(port)
                 workers = wait_workers(running.pid, 2)
+                idle = {pid: tcp_sockets(pid) for pid in workers}
+                held: dict[int, int] = {}
                 before = {pid: cpu_seconds(pid) for pid in workers}
-                sample = run_wrk(port, Scenario("balance", app, None, []), args.duration, pin=None)
-                used = sorted((cpu_seconds(pid) - before[pid] for pid in workers), reverse=True)
-                total = sum(used) or 1e-9
-                shares_all.append([u / total for u in used])
-                cpu_all.append(used)
+
+                def count(held: dict[int, int] = held, idle: dict[int, int] = idle,
+                          workers: list[int] = workers) -> None:
+                    held.update({pid: tcp_sockets(pid) - idle[pid] for pid in workers})
+
+                sample = run_wrk(port, Scenario("balance", app, None, []), args.duration, pin=None,
+                                 during=count)
+                used = {pid: cpu_seconds(pid) - before[pid] for pid in workers}
+                order = sorted(workers, key=lambda pid: -used[pid])
+                total = sum(used.values()) or 1e-9
+                shares_all.append([used[pid] / total for pid in order])
+                cpu_all.append([used[pid] for pid in order])
+                conns_all.append([held.get(pid, -1) for pid in order])
                 rps.append(sample.rps)
             except (RuntimeError, OSError, subprocess.TimeoutExpired) as exc:
                 failure = str(exc)[:150]
             finally:
                 running.stop()
         if not shares_all:
-            lines.append(f"| {label} | FAILED: {failure} | | | |")
+            lines.append(f"| {label} | FAILED: {failure} | | | | |")
             continue
         worst = min(shares_all, key=lambda s: s[-1])
         cpu = cpu_all[shares_all.index(worst)]
+        conns = conns_all[shares_all.index(worst)]
         ok = all(0.4 <= s <= 0.6 for shares in shares_all for s in shares)
         lines.append(f"| {label} | {' / '.join(f'{c:.2f}' for c in cpu)} (worst of {len(shares_all)}) | "
-                     f"{' / '.join(f'{s:.0%}' for s in worst)} | {statistics.median(rps):,.0f} | "
+                     f"{' / '.join(f'{s:.0%}' for s in worst)} | {' / '.join(map(str, conns))} | "
+                     f"{statistics.median(rps):,.0f} | "
                      f"{'yes' if ok else 'NO'} |")
         print(lines[-1], flush=True)
     return "\n".join(lines)
