@@ -318,3 +318,18 @@ def test_usr2_leaves_the_unix_socket_to_the_new_master(tiamat_server, tmp_path):
         os.kill(new_master, signal.SIGTERM)
         wait_for(lambda: not alive(new_master), timeout=20, message="the new master to stop")
     assert not path.exists()  # the last master removes it
+
+
+def test_usr2_re_executes_from_the_directory_the_command_ran_in(tiamat_server, tmp_path):
+    pid_path = tmp_path / "tiamat.pid"
+    server = tiamat_server("pc_app.py", "--chdir", "tests/apps", "--pid", str(pid_path))
+    server.signal(signal.SIGUSR2)  # a relative --chdir must still resolve in the new master
+    server.wait_log(r"New master \(pid \d+\) is ready", timeout=20)
+    new_master = read_pid(pid_path)
+    server.signal(signal.SIGQUIT)
+    assert server.wait(20) == 0
+    try:
+        assert try_get(server.host, server.port)
+    finally:
+        os.kill(new_master, signal.SIGTERM)
+        wait_for(lambda: not alive(new_master), timeout=20, message="the new master to stop")

@@ -73,6 +73,9 @@ def _run(ctx: click.Context, app_arg: str | None, **params: Any) -> None:
     # so ``if not os.environ.get("TIAMAT"): app.run()`` never binds a second server
     os.environ["TIAMAT"] = "1"
     started_in = os.getcwd()
+    from tiamat import master
+
+    master.START_CWD = started_in  # a USR2 re-exec starts where this command did
     if cfg.chdir:
         os.chdir(cfg.chdir)
     apploader.prepare_sys_path(None, cfg.pythonpath, also=started_in)
