@@ -182,3 +182,28 @@ def test_systemd_socket_activation(tmp_path):
     finally:
         kill_tree(proc.pid)
         proc.wait(5)
+
+
+def test_usr2_of_a_daemon_hands_over_without_detaching_again(tmp_path):
+    pid_path, sock_path = tmp_path / "tiamat.pid", tmp_path / "tiamat.sock"
+    result = run_tiamat(str(ROOT / APP), "-D", "--pid", str(pid_path), "-b", f"unix:{sock_path}",
+                        "--error-logfile", str(tmp_path / "error.log"))
+    old = read_pid(pid_path)
+    new = None
+    try:
+        assert result.returncode == 0, result.stderr
+        os.kill(old, signal.SIGUSR2)
+        new = wait_for(lambda: (p := read_pid(pid_path)) != old and p, timeout=20,
+                       message="the new master's pidfile")
+        assert read_pid(Path(f"{pid_path}.oldbin")) == old
+        wait_for(lambda: "New master" in (tmp_path / "error.log").read_text(), timeout=20,
+                 message="the new master ready")
+        assert new in children(old)  # the same process, not detached again
+        os.kill(old, signal.SIGQUIT)
+        wait_for(lambda: not alive(old), timeout=20, message="the old master to stop")
+        assert sock_path.exists() and unix_get(str(sock_path)).startswith(b"HTTP/1.1 200")
+        assert alive(new) and read_pid(pid_path) == new
+    finally:
+        for pid in (old, new):
+            if pid:
+                kill_tree(pid)

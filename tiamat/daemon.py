@@ -19,6 +19,8 @@ from typing import Any
 
 #: write end of the status pipe in the daemon (the master) until it has reported
 _status_fd = -1
+#: set (by tiamat.master) in the environment of a master started by USR2
+REEXEC_ENV = "TIAMAT_READY_FD"
 
 
 def daemonize(cfg: Any) -> None:
@@ -27,6 +29,8 @@ def daemonize(cfg: Any) -> None:
     Returns only in the daemon; the original process exits with the server's verdict.
     """
     global _status_fd
+    if os.environ.get(REEXEC_ENV):
+        return  # a master re-executed by USR2: its predecessor already detached
     read_end, write_end = os.pipe()
     if os.fork() > 0:
         os.close(write_end)

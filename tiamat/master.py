@@ -63,7 +63,7 @@ COALESCED = frozenset({signal.SIGHUP, signal.SIGUSR1, signal.SIGUSR2, signal.SIG
 #: a runaway sender cannot grow the queue without bound
 MAX_QUEUED_SIGNALS = 1024
 #: the environment variable a new master (USR2) finds its ready pipe in
-READY_ENV = "TIAMAT_READY_FD"
+READY_ENV = daemon.REEXEC_ENV
 #: ``key.data`` of the ready pipe in the master's selector
 REEXEC = object()
 #: settings HUP cannot change in a running master (they need a USR2 upgrade)
