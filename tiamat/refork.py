@@ -358,6 +358,9 @@ def run_mold(worker: Worker) -> None:
     assert request is not None
     generation = request[1]
     worker.listeners = worker.mold_listeners
+    loop = getattr(worker, "loop", None)  # an asyncio worker's loop: the next ones make their own
+    if loop is not None and hasattr(loop, "close") and not loop.is_closed():
+        loop.close()
     worker.board.ready(time.monotonic())  # its own record: idle, beating, serving nothing
     worker.alive = True
     worker.quick = False

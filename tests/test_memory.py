@@ -1,0 +1,158 @@
+"""Issue 8, items 1 and 3: copy-on-write sharing with --preload (gc.freeze, the asgi worker
+too), --max-worker-memory, and the /proc readers behind them and bench/memory.py.
+
+Memory is observed from /proc, as an operator would (PSS summed over the workers).
+"""
+
+from __future__ import annotations
+
+import http.client
+import os
+import re
+import subprocess
+import sys
+import threading
+import time
+
+from conftest import wait_for
+
+from tiamat import memory
+
+APP = "tests.apps.mem_app:application"
+ASGI_APP = "tests.apps.mem_asgi:app"
+
+
+def _get(server, path: str = "/", timeout: float = 15) -> bytes:
+    conn = http.client.HTTPConnection(server.host, server.port, timeout=timeout)
+    try:
+        conn.request("GET", path)
+        response = conn.getresponse()
+        body = response.read()
+        assert response.status == 200, body
+        return body
+    finally:
+        conn.close()
+
+
+# --- readers -----------------------------------------------------------------------------
+def test_readers_on_this_process():
+    usage = memory.Usage.of(os.getpid())
+    assert usage is not None
+    assert 0 < usage.uss <= usage.pss <= usage.rss
+    assert abs(memory.rss(os.getpid()) - usage.rss) < 64 * memory.MB
+    assert memory.Usage.of(2**22 + 12345) is None and memory.rss(2**22 + 12345) is None
+
+
+def test_descendants_finds_grandchildren():
+    code = "import subprocess, sys; p = subprocess.Popen([sys.executable, '-c', 'import time; " \
+           "time.sleep(30)']); print(p.pid, flush=True); p.wait()"
+    proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+    try:
+        grandchild = int(proc.stdout.readline())
+        found = memory.descendants(os.getpid())
+        assert proc.pid in found and grandchild in found
+        assert found.index(proc.pid) < found.index(grandchild)
+    finally:
+        os.kill(grandchild, 9)
+        proc.wait(10)
+
+
+# --- gc.freeze with --preload ------------------------------------------------------------
+def _workers_pss(server, workers: int) -> int:
+    pids = wait_for(lambda: len(p := server.worker_pids()) == workers and p, message="workers")
+    # a full collection in every worker, as a busy app eventually does by itself
+    served: set[int] = set()
+    for _ in range(200):
+        served.add(int(_get(server, "/gc").split()[0]))
+        if served >= set(pids):
+            break
+    assert served >= set(pids)
+    return sum(memory.Usage.of(pid).pss for pid in pids)
+
+
+def test_gc_freeze_keeps_preloaded_objects_shared(tiamat_server):
+    env = {"MEM_OBJECTS": "300000"}  # ~100 MB of small tracked objects built at import
+    frozen = tiamat_server(APP, "-w", "2", "--preload", env=env)
+    frozen_pss = _workers_pss(frozen, 2)
+    unfrozen = tiamat_server(APP, "-w", "2", "--preload", "--no-gc-freeze", env=env)
+    unfrozen_pss = _workers_pss(unfrozen, 2)
+    # without the freeze each worker's collection writes to every object's page: all private
+    assert frozen_pss < 0.6 * unfrozen_pss, (frozen_pss // memory.MB, unfrozen_pss // memory.MB)
+
+
+# --- the asgi worker with --preload ------------------------------------------------------
+def test_asgi_worker_with_preload_forks_and_makes_its_loop_after_the_fork(tiamat_server):
+    server = tiamat_server(ASGI_APP, "-w", "2", "--preload")
+    assert re.search(r"Using worker: tiamat\.workers\.asgi", server.log())
+    workers = set(wait_for(lambda: len(p := server.worker_pids()) == 2 and p, message="workers"))
+    seen = set()
+    for _ in range(100):
+        loaded_in, startup_in, pid, _ = map(int, _get(server).split())
+        assert loaded_in == server.pid  # imported once, in the master
+        assert startup_in == pid  # the loop that ran the lifespan startup is the worker's own
+        seen.add(pid)
+        if seen == workers:
+            break
+    assert seen == workers
+
+
+def test_asgi_worker_reforks(tiamat_server):
+    server = tiamat_server(ASGI_APP, "-w", "2", "--preload", "--refork-after", "20")
+    for _ in range(400):
+        _get(server)
+        if "generation 1 complete" in server.log():
+            break
+    server.wait_log(r"Refork: generation 1 complete", timeout=20)
+    mold = int(re.search(r"Refork: pid (\d+) is the mold", server.log()).group(1))
+    counts = {}
+    for _ in range(40):
+        _, startup_in, pid, served = map(int, _get(server).split())
+        assert startup_in == pid
+        counts.setdefault(pid, served)
+    assert mold not in counts
+    assert all(served > 20 for served in counts.values()), counts
+
+
+# --- --max-worker-memory -----------------------------------------------------------------
+def test_a_worker_above_max_worker_memory_finishes_its_request_and_is_replaced(tiamat_server):
+    server = tiamat_server(APP, "-w", "2", "--max-worker-memory", "120")
+    first = set(wait_for(lambda: len(p := server.worker_pids()) == 2 and p, message="workers"))
+    # grow one worker past the limit; it answers this request before it goes
+    body = _get(server, "/grow?mb=150&sleep=1.5")
+    grown = int(body.split()[0])
+    assert grown in first
+    match = server.wait_log(r"Worker \d \(pid (\d+)\) uses (\d+) MB, above max_worker_memory "
+                            r"\(120 MB\); replacing it", timeout=15)
+    assert int(match.group(1)) == grown and int(match.group(2)) > 120
+    wait_for(lambda: grown not in server.worker_pids() and len(server.worker_pids()) == 2, 15,
+             message="the grown worker replaced")
+    (other,) = first - {grown}
+    assert other in server.worker_pids()  # the one below the limit stays
+    assert len(re.findall(r"above max_worker_memory", server.log())) == 1
+    for _ in range(10):
+        _get(server)
+
+
+def test_max_worker_memory_replaces_one_at_a_time(tiamat_server):
+    server = tiamat_server(APP, "-w", "2", "--max-worker-memory", "100")
+    first = set(wait_for(lambda: len(p := server.worker_pids()) == 2 and p, message="workers"))
+    # two slow requests, the second sent while the first holds its worker in the app: the
+    # other worker takes it, so both grow past the limit together
+    results: list[bytes] = []
+    threads = [threading.Thread(target=lambda: results.append(_get(server, "/grow?mb=120&sleep=2")))
+               for _ in range(2)]
+    for thread in threads:
+        thread.start()
+        time.sleep(0.5)
+    for thread in threads:
+        thread.join(20)
+    assert {int(body.split()[0]) for body in results} == first
+    server.wait_log(r"above max_worker_memory", count=2, timeout=30)
+    wait_for(lambda: not set(server.worker_pids()) & first and len(server.worker_pids()) == 2, 20,
+             message="both replaced")
+    # never two replacements at once: the second starts after the first successor is ready
+    log = server.log()
+    lines = [m.start() for m in re.finditer(r"above max_worker_memory", log)]
+    assert len(lines) == 2
+    assert re.search(r"Booting worker \d with pid \d+", log[lines[0]:lines[1]])
+    assert re.search(r"Worker \d \(pid \d+\) exited", log[lines[0]:lines[1]])
