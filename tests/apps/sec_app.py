@@ -20,6 +20,9 @@ def app(environ, start_response):
         body = b"hit %d\n" % HITS
     elif path == "/count":
         body = b"%d" % HITS
+    elif path == "/file":
+        start_response("200 OK", [("Content-Type", "text/plain")])
+        return environ["wsgi.file_wrapper"](open(__file__, "rb"))
     elif path == "/big":
         size = int(environ.get("QUERY_STRING") or 1000000)
         start_response("200 OK", [("Content-Type", "application/octet-stream"),

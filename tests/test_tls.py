@@ -1,0 +1,222 @@
+"""TLS with a certificate the test generates (trustme): https scheme, TLS 1.2 minimum,
+client certificates, ciphers, the ssl_context hook, and a handshake that never blocks the
+sync worker's loop."""
+
+from __future__ import annotations
+
+import json
+import socket
+import ssl
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import trustme
+from apps.sec_support import WORKERS, read_until_close, server_args, statuses
+from conftest import ROOT, TiamatServer, wait_for
+
+GET = b"GET /echo HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n"
+
+
+class Certs:
+    def __init__(self, tmp: Path) -> None:
+        self.ca = trustme.CA()
+        server = self.ca.issue_cert("127.0.0.1", "localhost")
+        self.certfile = tmp / "server.pem"
+        self.keyfile = tmp / "server.key"
+        server.cert_chain_pems[0].write_to_path(str(self.certfile))
+        server.private_key_pem.write_to_path(str(self.keyfile))
+        self.cafile = tmp / "ca.pem"
+        self.ca.cert_pem.write_to_path(str(self.cafile))
+        self.client = self.ca.issue_cert("client@example")
+
+    def args(self) -> list[str]:
+        return ["--certfile", str(self.certfile), "--keyfile", str(self.keyfile)]
+
+    def context(self, client_cert: bool = False, max_version: ssl.TLSVersion | None = None
+                ) -> ssl.SSLContext:
+        ctx = ssl.create_default_context()
+        self.ca.configure_trust(ctx)
+        if client_cert:
+            self.client.configure_cert(ctx)
+        if max_version is not None:
+            ctx.minimum_version = ssl.TLSVersion.MINIMUM_SUPPORTED
+            ctx.maximum_version = max_version
+        return ctx
+
+
+def tls_exchange(server: TiamatServer, ctx: ssl.SSLContext, raw: bytes = GET,
+                 timeout: float = 5) -> bytes:
+    with socket.create_connection((server.host, server.port), timeout=timeout) as raw_sock, \
+            ctx.wrap_socket(raw_sock, server_hostname="127.0.0.1") as sock:
+        sock.sendall(raw)
+        chunks = []
+        while True:
+            try:
+                data = sock.recv(65536)
+            except (ssl.SSLZeroReturnError, ConnectionResetError):
+                break
+            if not data:
+                break
+            chunks.append(data)
+        return b"".join(chunks)
+
+
+def start_tls(tmp: Path, certs: Certs, worker: str, *extra: str, ctx: ssl.SSLContext | None = None
+              ) -> TiamatServer:
+    srv = TiamatServer(["-b", "127.0.0.1:0", *server_args(worker, *certs.args(), *extra)], tmp)
+    srv.start(wait=False)
+    try:
+        srv.wait_listening()
+        context = ctx or certs.context()
+
+        def answers() -> bool:
+            try:
+                return b"HTTP/1.1" in tls_exchange(srv, context, timeout=2)
+            except OSError:
+                return False
+
+        wait_for(answers, 15, 0.05, "the TLS server to answer")
+    except BaseException:
+        srv.stop()
+        raise
+    return srv
+
+
+@pytest.fixture(scope="module")
+def certs(tmp_path_factory: pytest.TempPathFactory) -> Certs:
+    return Certs(tmp_path_factory.mktemp("certs"))
+
+
+@pytest.fixture(scope="module", params=WORKERS)
+def server(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory,
+           certs: Certs) -> Iterator[TiamatServer]:
+    srv = start_tls(tmp_path_factory.mktemp("tls"), certs, request.param)
+    srv.worker = request.param  # type: ignore[attr-defined]
+    yield srv
+    srv.stop()
+
+
+def body_json(data: bytes) -> dict[str, object]:
+    return json.loads(data.split(b"\r\n\r\n", 1)[1])  # type: ignore[no-any-return]
+
+
+def test_https_scheme(server: TiamatServer, certs: Certs) -> None:
+    data = tls_exchange(server, certs.context())
+    assert statuses(data) == [200]
+    assert body_json(data)["scheme"] == "https"
+
+
+def test_keep_alive_and_bodies_over_tls(server: TiamatServer, certs: Certs) -> None:
+    body = b"p" * 200_000
+    post = b"POST /echo HTTP/1.1\r\nHost: t\r\nContent-Length: %d\r\n\r\n" % len(body) + body
+    data = tls_exchange(server, certs.context(), post + GET)
+    assert statuses(data) == [200, 200]
+    assert b'"body_len": 200000' in data
+
+
+def test_file_wrapper_over_tls(server: TiamatServer, certs: Certs) -> None:
+    if server.worker == "asgi":  # type: ignore[attr-defined]
+        return  # wsgi.file_wrapper is WSGI's
+    data = tls_exchange(server, certs.context(), GET.replace(b"/echo", b"/file"))
+    assert data.split(b"\r\n\r\n", 1)[1] == (ROOT / "tests/apps/sec_app.py").read_bytes()
+
+
+def test_tls_1_2_accepted_1_1_refused(server: TiamatServer, certs: Certs) -> None:
+    assert statuses(tls_exchange(server, certs.context(max_version=ssl.TLSVersion.TLSv1_2))) == [200]
+    try:
+        old = certs.context(max_version=ssl.TLSVersion.TLSv1_1)
+    except (ValueError, ssl.SSLError):
+        return  # this OpenSSL cannot even offer TLS 1.1
+    with pytest.raises((ssl.SSLError, ConnectionResetError)):
+        tls_exchange(server, old)
+
+
+def test_plain_http_on_a_tls_port_gets_nothing(server: TiamatServer) -> None:
+    with socket.create_connection((server.host, server.port), timeout=5) as sock:
+        sock.sendall(GET)
+        assert b"200 OK" not in read_until_close(sock, 5)
+
+
+def test_slow_handshakes_do_not_block_the_worker(tmp_path_factory: pytest.TempPathFactory,
+                                                 certs: Certs) -> None:
+    srv = start_tls(tmp_path_factory.mktemp("tls-slow"), certs, "sync")
+    stalled = []
+    try:
+        for i in range(30):
+            sock = socket.create_connection((srv.host, srv.port), timeout=5)
+            if i % 2:
+                sock.sendall(b"\x16\x03\x01\x02\x00\x01")  # the start of a ClientHello, then silence
+            stalled.append(sock)
+        time.sleep(0.2)
+        start = time.monotonic()
+        for _ in range(5):
+            assert statuses(tls_exchange(srv, certs.context())) == [200]
+        assert time.monotonic() - start < 2.5
+    finally:
+        for sock in stalled:
+            sock.close()
+        srv.stop()
+
+
+def test_handshake_bounded_by_header_timeout(tmp_path_factory: pytest.TempPathFactory,
+                                             certs: Certs) -> None:
+    srv = start_tls(tmp_path_factory.mktemp("tls-hto"), certs, "sync", "--header-timeout", "1")
+    try:
+        start = time.monotonic()
+        with socket.create_connection((srv.host, srv.port), timeout=6) as sock:
+            sock.sendall(b"\x16\x03\x01")
+            read_until_close(sock, 6)
+        assert time.monotonic() - start < 4
+    finally:
+        srv.stop()
+
+
+@pytest.mark.parametrize("worker", WORKERS)
+def test_client_certificates_required(tmp_path_factory: pytest.TempPathFactory, certs: Certs,
+                                      worker: str) -> None:
+    srv = start_tls(tmp_path_factory.mktemp("mtls"), certs, worker, "--cert-reqs", "2",
+                    "--ca-certs", str(certs.cafile), ctx=certs.context(client_cert=True))
+    try:
+        assert statuses(tls_exchange(srv, certs.context(client_cert=True))) == [200]
+        with pytest.raises((ssl.SSLError, ConnectionResetError, BrokenPipeError)):
+            data = tls_exchange(srv, certs.context())
+            assert b"200 OK" not in data
+            raise ssl.SSLError("no response without a client certificate")
+    finally:
+        srv.stop()
+
+
+def test_ciphers(tmp_path_factory: pytest.TempPathFactory, certs: Certs) -> None:
+    allowed = "ECDHE-ECDSA-AES128-GCM-SHA256:ECDHE-RSA-AES128-GCM-SHA256"
+    srv = start_tls(tmp_path_factory.mktemp("ciphers"), certs, "sync", "--ciphers", allowed)
+    try:
+        ctx = certs.context(max_version=ssl.TLSVersion.TLSv1_2)
+        with socket.create_connection((srv.host, srv.port), timeout=5) as raw, \
+                ctx.wrap_socket(raw, server_hostname="127.0.0.1") as sock:
+            cipher = sock.cipher()
+        assert cipher is not None and cipher[0] in allowed.split(":")
+        ctx.set_ciphers("ECDHE-ECDSA-AES256-GCM-SHA384:ECDHE-RSA-AES256-GCM-SHA384")
+        with pytest.raises((ssl.SSLError, ConnectionResetError)):
+            tls_exchange(srv, ctx)
+    finally:
+        srv.stop()
+
+
+def test_ssl_context_hook(tmp_path_factory: pytest.TempPathFactory, certs: Certs) -> None:
+    tmp = tmp_path_factory.mktemp("hook")
+    conf = tmp / "conf.py"
+    conf.write_text(
+        "import ssl\n"
+        "def ssl_context(config, default_factory):\n"
+        "    ctx = default_factory()\n"
+        "    ctx.minimum_version = ssl.TLSVersion.TLSv1_3\n"
+        "    return ctx\n")
+    srv = start_tls(tmp, certs, "sync", "-c", str(conf))
+    try:
+        assert statuses(tls_exchange(srv, certs.context())) == [200]
+        with pytest.raises((ssl.SSLError, ConnectionResetError)):
+            tls_exchange(srv, certs.context(max_version=ssl.TLSVersion.TLSv1_2))
+    finally:
+        srv.stop()
