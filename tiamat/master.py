@@ -396,6 +396,8 @@ def boot_failed(state: MasterState, worker: WorkerProc, code: int) -> None:
     serving = sum(1 for w in state.workers.values() if w.booted and w.stop_deadline is None)
     log.error("%s; retrying in %.0fs (%s worker(s) still serving)", worker.boot_error,
               state.backoff, serving)
+    if state.reloading:  # systemd must not wait for a reload that cannot complete
+        systemd.notify("READY=1", f"STATUS=reload failed: {worker.boot_error}")
     if worker.boot_details:
         log.debug("%s", worker.boot_details)
 
