@@ -105,8 +105,8 @@ def test_busy_in_flight_and_duration_buckets(tiamat_server, tmp_path):
     after = wait_for(lambda: (m := scrape(server.metrics_port))
                      and m["tiamat_requests_in_flight"] == 0
                      and m['tiamat_request_duration_seconds_bucket{le="+Inf"}']
-                     - m['tiamat_request_duration_seconds_bucket{le="0.25"}'] >= 2 and m,
-                     message="the slow requests in the upper buckets")
+                     - m['tiamat_request_duration_seconds_bucket{le="0.25"}'] >= 1 and m,
+                     message="the 0.3 s request above the 0.25 s bucket")
     assert after['tiamat_workers{state="busy"}'] == 0
 
 
