@@ -14,3 +14,8 @@ async def app(scope, receive, send):
     await send({"type": "http.response.start", "status": 200,
                 "headers": [(b"content-type", b"text/plain"), (b"content-length", b"%d" % len(body))]})
     await send({"type": "http.response.body", "body": body})
+
+
+def disguised(scope, receive, send):
+    """An ASGI app that detection cannot see (a plain function returning the coroutine)."""
+    return app(scope, receive, send)

@@ -15,8 +15,8 @@ def application(environ, start_response):
     elif path == "/echo":
         body = environ["wsgi.input"].read()
     elif path == "/info":
-        body = ("pid=%d thread=%s multithread=%s" % (
-            os.getpid(), threading.current_thread().name, environ["wsgi.multithread"])).encode()
+        body = (f"pid={os.getpid()} thread={threading.current_thread().name} "
+                f"multithread={environ['wsgi.multithread']}").encode()
     else:
         body = b"hello"
     start_response("200 OK", [("Content-Type", "text/plain"), ("Content-Length", str(len(body)))])

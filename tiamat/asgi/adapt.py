@@ -56,9 +56,14 @@ def wsgi_to_asgi(app: Any, threads: int) -> ASGIApp:
     return WSGIMiddleware(app, workers=max(1, threads))  # type: ignore[no-any-return]
 
 
-def as_asgi3(app: Any, threads: int = 10) -> tuple[ASGIApp, str]:
-    """``(asgi3_app, interface)`` for any app the loader returns."""
+def as_asgi3(app: Any, threads: int = 10, declared: str = "auto") -> tuple[ASGIApp, str]:
+    """``(asgi3_app, interface)`` for any app the loader returns; ``declared`` is
+    ``--interface`` (``asgi`` or ``wsgi`` override the detection)."""
     interface = interface_of(app)
+    if declared == "wsgi":
+        interface = "wsgi"
+    elif declared == "asgi" and interface == "wsgi":
+        interface = "asgi3"
     if interface == "asgi3":
         return app, interface
     if interface == "asgi2":

@@ -66,7 +66,8 @@ class AsgiWorker(Worker):
         cfg = self.cfg
         self.loop = new_event_loop(cfg.loop)
         asyncio.set_event_loop(self.loop)
-        self.asgi_app, kind = as_asgi3(self.app, cfg.threads if cfg.threads > 1 else 10)
+        self.asgi_app, kind = as_asgi3(self.app, cfg.threads if cfg.threads > 1 else 10,
+                                       cfg.interface)
         self.lifespan = Lifespan(self.asgi_app, "off" if kind == "wsgi" else cfg.lifespan)
         self.loop.run_until_complete(self.lifespan.startup())
 

@@ -112,7 +112,7 @@ class Worker:
 
     def check_app(self) -> None:
         """Refuse, as an app load error (exit 4, one line), an app this class cannot serve."""
-        if self.interface == "wsgi" and apploader.is_asgi(self.app):
+        if self.interface == "wsgi" and self.cfg.interface != "wsgi" and apploader.is_asgi(self.app):
             raise apploader.AppLoadError(
                 self.cfg.app or "", f"it is an ASGI application and the {type(self).__name__} "
                 "worker class serves WSGI; run it with -k asgi")
