@@ -8,8 +8,9 @@ closed, in-flight requests given ``--graceful-timeout`` to finish, WebSockets cl
 1012, then the lifespan shutdown.
 
 Liveness is proven from inside the loop: a loop timer calls :meth:`beat`, so a loop blocked
-by synchronous code stops beating and the master's ``--timeout`` replaces the worker.  Just
-before that, :mod:`faulthandler` prints every thread's stack, so the log shows the culprit.
+by synchronous code stops beating and the master's ``--timeout`` replaces the worker (the
+master first has the worker's faulthandler print every thread's stack, so the log shows the
+blocking call).
 Signals and master messages arrive through ``wake_fd`` and the channel, both watched with
 ``loop.add_reader``.
 """
@@ -17,7 +18,6 @@ Signals and master messages arrive through ``wake_fd`` and the channel, both wat
 from __future__ import annotations
 
 import asyncio
-import faulthandler
 import logging
 import signal
 from time import monotonic
@@ -78,10 +78,7 @@ class AsgiWorker(Worker):
                                  lifespan.state if lifespan.supported else None,
                                  websocket_factory(cfg.ws))
         self.stopping = False
-        try:
-            self.loop.run_until_complete(self.serve())
-        finally:
-            faulthandler.cancel_dump_traceback_later()
+        self.loop.run_until_complete(self.serve())
 
     async def serve(self) -> None:
         loop = self.loop
@@ -105,10 +102,6 @@ class AsgiWorker(Worker):
         """Twice a second: prove liveness, expire idle/slow connections, ping WebSockets."""
         now = monotonic()
         self.beat(now)
-        timeout = self.cfg.timeout
-        if timeout:
-            # if the loop blocks, print every stack shortly before the master kills us
-            faulthandler.dump_traceback_later(max(timeout - 1.5, timeout * 0.5), exit=False)
         for conn in list(self.state.connections):
             if conn.deadline <= now:
                 conn.expire(now)
