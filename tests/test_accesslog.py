@@ -227,3 +227,31 @@ def test_usr1_reopens_access_and_error_logs(tiamat_server, tmp_path):
 
     wait_for(logged_after_reopen, timeout=10, interval=0.2, message="a line in the new file")
     assert not any("/missing?after" in line for line in _lines(tmp_path / "access.log.1"))
+
+
+def test_logconfig_dict_in_a_config_file_and_usr1_reopens_its_files(tiamat_server, tmp_path):
+    routed = tmp_path / "dict-access.log"
+    conf = tmp_path / "conf.py"
+    conf.write_text(
+        "logconfig_dict = {'version': 1, 'formatters': {'f': {'format': 'DICT %(message)s'}},\n"
+        f" 'handlers': {{'h': {{'class': 'logging.FileHandler', 'filename': {str(routed)!r},\n"
+        "  'formatter': 'f'}}, 'loggers': {'tiamat.access': {'handlers': ['h'],\n"
+        "  'level': 'INFO', 'propagate': False}}}\n")
+    server = tiamat_server(APP, "-c", str(conf), "-b", "127.0.0.1:0")
+    server.get("/missing?first")
+    assert _wait_line(routed, "/missing?first").startswith("DICT 127.0.0.1")
+    routed.rename(tmp_path / "dict-access.log.1")
+    server.signal(signal.SIGUSR1)
+
+    def in_new_file() -> bool:
+        server.get("/missing?second")
+        return any("/missing?second" in line for line in _lines(routed))
+
+    wait_for(in_new_file, timeout=10, interval=0.2, message="the dictConfig file reopened")
+
+
+def test_no_line_is_built_when_the_access_log_is_off():
+    logger, _ = _logger()
+    logger.setLevel(logging.CRITICAL + 1)
+    assert not accesslog.enabled(logger)
+    assert accesslog.enabled(_logger()[0])

@@ -190,3 +190,33 @@ def test_prometheus_rendering_unit():
     assert 'tiamat_worker_restarts_total{reason="max-requests"} 2\n' in text
     assert 'tiamat_listen_backlog{listener="127.0.0.1:80"} 4\n' in text
     assert "# TYPE tiamat_request_duration_seconds histogram" in text
+
+
+def test_accept_backlog_while_the_only_worker_is_busy(tiamat_server, tmp_path):
+    release = tmp_path / "release"
+    server = _metrics_server(tiamat_server, "-w", "1", env={"OPS_RELEASE": str(release)})
+    listener = f'tiamat_listen_backlog{{listener="127.0.0.1:{server.port}"}}'
+    blocker = socket.create_connection((server.host, server.port), timeout=30)
+    waiting = []
+    try:
+        blocker.sendall(b"GET /block HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n")
+        wait_for(lambda: scrape(server.metrics_port)["tiamat_requests_in_flight"] == 1)
+        # the sync worker is inside the app: new connections wait in the kernel's queue
+        for _ in range(3):
+            waiting.append(socket.create_connection((server.host, server.port), timeout=30))
+        wait_for(lambda: scrape(server.metrics_port)[listener] == 3, message="3 queued")
+        release.write_text("go")
+        wait_for(lambda: scrape(server.metrics_port)[listener] == 0, message="queue drained")
+    finally:
+        release.write_text("go")
+        for sock in (blocker, *waiting):
+            sock.close()
+
+
+def test_reload_restarts_are_counted(tiamat_server):
+    server = _metrics_server(tiamat_server, "-w", "2")
+    old = set(server.worker_pids())
+    server.signal(signal.SIGHUP)
+    wait_for(lambda: scrape(server.metrics_port)['tiamat_worker_restarts_total{reason="reload"}'] == 2,
+             timeout=20, message="2 reload restarts")
+    assert not set(server.worker_pids()) & old
