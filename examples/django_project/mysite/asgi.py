@@ -1,0 +1,9 @@
+"""ASGI entry point: ``tiamat -k asgi mysite.asgi:application`` (from examples/django_project)."""
+
+import os
+
+from django.core.asgi import get_asgi_application
+
+os.environ.setdefault("DJANGO_SETTINGS_MODULE", "mysite.settings")
+
+application = get_asgi_application()
