@@ -69,17 +69,24 @@ def regenerate_gunicorn_table(text: str) -> str:
 
 
 # --- which flags exist ----------------------------------------------------------------------------
-def _help(*args: str) -> str:
-    return subprocess.run([sys.executable, "-m", "tiamat", *args, "--help"], capture_output=True,
+def _help() -> str:
+    return subprocess.run([sys.executable, "-m", "tiamat", "--help"], capture_output=True,
                           text=True, cwd=ROOT, timeout=60, check=True).stdout
 
 
 @cache
 def known_flags() -> frozenset[str]:
-    """Every flag of ``tiamat`` and of its control subcommands, from their --help."""
-    from tiamat.control import SUBCOMMANDS
+    """Every flag of ``tiamat`` (from a real ``tiamat --help``) and of its control
+    subcommands (their help texts, built in-process: the same click commands)."""
+    import click
 
-    text = _help() + "".join(_help(sub) for sub in SUBCOMMANDS)
+    from tiamat.control import SUBCOMMANDS, control_cli
+
+    text = _help()
+    for name in SUBCOMMANDS:
+        command = control_cli.commands[name]
+        with click.Context(command, info_name=name) as ctx:
+            text += command.get_help(ctx)
     return frozenset(_FLAG.findall(text))
 
 
