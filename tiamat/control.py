@@ -281,7 +281,7 @@ def status(state: Any, ops_metrics: Any) -> dict[str, Any]:
     restarts = getattr(ops_metrics, "restarts_by_slot", {})
     workers = []
     for worker in sorted(state.workers.values(), key=lambda w: (w.slot, w.started)):
-        record = state.board.read(worker.slot)
+        record = state.board.read(getattr(worker, "board_index", worker.slot))
         name = record.state_name
         if worker.stop_deadline is not None and name in ("idle", "booting"):
             name = "stopping"

@@ -177,7 +177,7 @@ class MasterMetrics:
                     totals[i] += value
         states = {"booting": 0, "idle": 0, "busy": 0, "stopping": 0}
         for worker in state.workers.values():
-            record = state.board.read(worker.slot)
+            record = state.board.read(getattr(worker, "board_index", worker.slot))
             if record.state == BUSY:
                 states["busy"] += 1
             elif record.state == IDLE and worker.stop_deadline is None:
