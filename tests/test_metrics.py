@@ -220,3 +220,24 @@ def test_reload_restarts_are_counted(tiamat_server):
     wait_for(lambda: scrape(server.metrics_port)['tiamat_worker_restarts_total{reason="reload"}'] == 2,
              timeout=20, message="2 reload restarts")
     assert not set(server.worker_pids()) & old
+
+
+def test_stalled_scrapers_do_not_hold_the_master(tiamat_server):
+    server = _metrics_server(tiamat_server, "-w", "1")
+    stalled = [socket.create_connection(("127.0.0.1", server.metrics_port), timeout=10)
+               for _ in range(3)]
+    try:
+        stalled[0].sendall(b"GET /metr")  # half a request line, then silence
+        # the master still scrapes for others and still replaces a dead worker
+        assert "tiamat_workers_target" in " ".join(scrape(server.metrics_port))
+        pid = wait_for(lambda: server.worker_pids() and server.worker_pids()[0])
+        os.kill(pid, signal.SIGKILL)
+        wait_for(lambda: server.worker_pids() and server.worker_pids()[0] != pid,
+                 message="a replacement worker")
+        server.wait_answering()
+        # and a stalled client is dropped after a deadline rather than kept forever
+        stalled[0].settimeout(15)
+        assert stalled[0].recv(10) == b""
+    finally:
+        for sock in stalled:
+            sock.close()
