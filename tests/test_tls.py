@@ -220,3 +220,31 @@ def test_ssl_context_hook(tmp_path_factory: pytest.TempPathFactory, certs: Certs
             tls_exchange(srv, certs.context(max_version=ssl.TLSVersion.TLSv1_2))
     finally:
         srv.stop()
+
+
+def test_proxy_protocol_header_before_the_handshake(tmp_path_factory: pytest.TempPathFactory,
+                                                     certs: Certs) -> None:
+    from tiamat.http.proxy_protocol import encode_v1, encode_v2
+
+    srv = start_tls(tmp_path_factory.mktemp("tls-pp"), certs, "sync", "--proxy-protocol", "auto")
+    try:
+        for header, client in ((encode_v1(("203.0.113.5", 1000), ("127.0.0.1", 443)), "203.0.113.5"),
+                               (encode_v2(("203.0.113.6", 1001), ("127.0.0.1", 443)), "203.0.113.6")):
+            with socket.create_connection((srv.host, srv.port), timeout=5) as raw:
+                raw.sendall(header)
+                with certs.context().wrap_socket(raw, server_hostname="127.0.0.1") as sock:
+                    sock.sendall(GET)
+                    data = b""
+                    while True:
+                        try:
+                            more = sock.recv(65536)
+                        except ssl.SSLZeroReturnError:
+                            break
+                        if not more:
+                            break
+                        data += more
+            info = body_json(data)
+            assert info["remote_addr"] == client
+            assert info["scheme"] == "https"
+    finally:
+        srv.stop()

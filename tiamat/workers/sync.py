@@ -303,14 +303,13 @@ class SyncWorker(Worker):
         sock = conn.sock
         try:
             data = sock.recv(RECV_SIZE)
-            if conn.tls:
-                while data and sock.pending():  # decrypted bytes the selector cannot see
-                    data += sock.recv(RECV_SIZE)
         except _WOULD_BLOCK:
             return
         except OSError:
             self.close(conn)
             return
+        if conn.tls and data:
+            data = self._recv_pending(conn, data)
         reader = conn.reader
         if not data:
             reader.feed_eof()
@@ -319,6 +318,19 @@ class SyncWorker(Worker):
             self.close(conn)
             return
         self.feed(conn, data)
+
+    def _recv_pending(self, conn: Connection, data: bytes) -> bytes:
+        """Add the bytes OpenSSL already decrypted and buffered: the selector cannot see them."""
+        sock = conn.sock
+        try:
+            while sock.pending():  # type: ignore[attr-defined]
+                more = sock.recv(RECV_SIZE)
+                if not more:
+                    break
+                data += more
+        except (OSError, ValueError):
+            pass  # what was read is kept; an error shows again on the next read
+        return data
 
     def feed(self, conn: Connection, data: bytes) -> None:
         reader = conn.reader
@@ -385,7 +397,14 @@ class SyncWorker(Worker):
         if header.destination is not None:
             environ["SERVER_NAME"], port = header.destination
             environ["SERVER_PORT"] = str(port)
-        self._trust(conn, environ["REMOTE_ADDR"] if header.source is not None else None)
+        if header.source is not None:
+            self._trust(conn, header.source[0])
+        else:  # LOCAL / UNKNOWN: the proxy itself is the client
+            try:
+                peer = sock.getpeername()
+            except OSError:
+                peer = None
+            self._trust(conn, peer[0] if isinstance(peer, tuple) else None)
         if self.ssl_context is not None:
             if conn.proxy_buf:  # a TLS client cannot start with PROXY-looking bytes
                 self.close(conn)
