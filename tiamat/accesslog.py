@@ -31,7 +31,7 @@ import logging
 import os
 import re
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 access_log = logging.getLogger("tiamat.access")
@@ -102,27 +102,114 @@ def _basic_user(authorization: str | None) -> str | None:
     return decoded.partition(":")[0] or None
 
 
-def _find(headers: Iterable[tuple[bytes | str, bytes | str]], name: str) -> str | None:
-    """The first value of header ``name`` (lower-case) in a list of pairs, or None."""
+def _pick(headers: Iterable[tuple[bytes | str, bytes | str]], names: frozenset[str]
+          ) -> dict[str, str]:
+    """The first value of each header in ``names`` (lower-case), in one pass."""
+    found: dict[str, str] = {}
     for key, value in headers:
         if isinstance(key, bytes):
             key = key.decode("latin-1")
-        if key.lower() == name:
-            return value.decode("latin-1") if isinstance(value, bytes) else value
-    return None
+        key = key.lower()
+        if key in names and key not in found:
+            found[key] = value.decode("latin-1") if isinstance(value, bytes) else value
+    return found
+
+
+class _Request:
+    """What one log line is built from (so each atom is a small function of it)."""
+
+    __slots__ = ("duration", "environ", "length", "method", "path", "protocol", "remote_addr",
+                 "request", "response", "status", "target")
+
+    def __init__(self, remote_addr: str, method: str, target: str, path: str, protocol: str,
+                 status: int, length: int, duration: float, request: dict[str, str],
+                 response: dict[str, str], environ: Mapping[str, Any] | None) -> None:
+        self.remote_addr = remote_addr
+        self.method = method
+        self.target = target
+        self.path = path
+        self.protocol = protocol
+        self.status = status
+        self.length = length
+        self.duration = duration
+        self.request = request
+        self.response = response
+        self.environ = environ
+
+
+_Atom = Callable[[_Request], str]
+
+
+def _environ_value(name: str) -> _Atom:
+    def atom(r: _Request) -> str:
+        value = r.environ.get(name) if r.environ is not None else None
+        if value is None:
+            value = os.environ.get(name)
+        return _text(str(value) if value is not None else None)
+
+    return atom
 
 
 class AccessLog:
-    """A parsed access-log format; :meth:`log` writes one line for one response."""
+    """A parsed access-log format; :meth:`log` writes one line for one response.
+
+    The format is compiled once: the atoms it uses become small functions, and the request
+    and response headers it needs are collected in a single pass per request.
+    """
 
     def __init__(self, fmt: str, logger: logging.Logger = access_log) -> None:
         self.logger = logger
         self.json = fmt.strip() in JSON_FORMATS
         self.format = fmt
-        self.keys = tuple(dict.fromkeys(_KEY.findall(fmt))) if not self.json else ()
         self.clock = _ClfClock()
         self.pid_number = os.getpid()
         self.pid = f"<{self.pid_number}>"
+        request_names = {"authorization", "referer", "user-agent"} if self.json else set()
+        response_names: set[str] = set()
+        self.atoms: list[tuple[str, _Atom]] = []
+        for key in ([] if self.json else dict.fromkeys(_KEY.findall(fmt))):
+            self.atoms.append((key, self._compile(key, request_names, response_names)))
+        self.request_names = frozenset(request_names)
+        self.response_names = frozenset(response_names)
+
+    def _compile(self, key: str, request_names: set[str], response_names: set[str]) -> _Atom:
+        if key.startswith("{") and "}" in key:
+            name, _, kind = key[1:].rpartition("}")
+            name = name.lower() if kind in ("i", "o") else name
+            if kind == "i":
+                request_names.add(name)
+                return lambda r: _text(r.request.get(name))
+            if kind == "o":
+                response_names.add(name)
+                return lambda r: _text(r.response.get(name))
+            if kind == "e":
+                return _environ_value(name)
+            return lambda r: "-"
+        if key in ("u", "f", "a"):
+            request_names.add({"u": "authorization", "f": "referer", "a": "user-agent"}[key])
+        pid, clock = self.pid, self.clock
+        simple: dict[str, _Atom] = {
+            "h": lambda r: _text(r.remote_addr),
+            "l": lambda r: "-",
+            "u": lambda r: _text(_basic_user(r.request.get("authorization"))),
+            "t": lambda r: clock.format(time.time() - r.duration),
+            "r": lambda r: f"{_text(r.method)} {_text(r.target)} {_text(r.protocol)}",
+            "m": lambda r: _text(r.method),
+            "U": lambda r: _text(r.path),
+            "q": lambda r: escape(r.target.partition("?")[2]),
+            "H": lambda r: _text(r.protocol),
+            "s": lambda r: str(r.status),
+            "B": lambda r: str(r.length),
+            "b": lambda r: str(r.length) if r.length else "-",
+            "f": lambda r: _text(r.request.get("referer")),
+            "a": lambda r: _text(r.request.get("user-agent")),
+            "T": lambda r: str(int(r.duration)),
+            "M": lambda r: str(int(r.duration * 1000)),
+            "D": lambda r: str(int(r.duration * 1_000_000)),
+            "L": lambda r: f"{r.duration:.6f}",
+            "p": lambda r: pid,
+        }
+        return simple.get(key, lambda r: "-")
 
     def log(self, *, remote_addr: str, method: str, target: str, protocol: str, status: int,
             length: int, duration: float,
@@ -140,13 +227,15 @@ class AccessLog:
         if path is None:
             path = target.partition("?")[0]
         try:
+            request = _pick(request_headers, self.request_names) if self.request_names else {}
+            response = (_pick(response_headers, self.response_names) if self.response_names
+                        else {})
+            r = _Request(remote_addr, method, target, path, protocol, status, length, duration,
+                         request, response, environ)
             if self.json:
-                line = self._json_line(remote_addr, method, target, path, protocol, status,
-                                       length, duration, request_headers, environ)
+                line = self._json_line(r)
             else:
-                line = self._text_line(remote_addr, method, target, path, protocol, status,
-                                       length, duration, request_headers, response_headers,
-                                       environ)
+                line = self.format % {key: atom(r) for key, atom in self.atoms}
         except Exception:  # a bad format must never fail the request
             logging.getLogger("tiamat.error").exception("access log format failed")
             return
@@ -164,98 +253,22 @@ class AccessLog:
                  response_headers=response_headers, environ=environ,
                  path=environ.get("PATH_INFO"))
 
-    # --- the two writers --------------------------------------------------------------
-    def _text_line(self, remote_addr: str, method: str, target: str, path: str,
-                   protocol: str, status: int, length: int, duration: float,
-                   request_headers: Iterable[tuple[bytes | str, bytes | str]],
-                   response_headers: Iterable[tuple[bytes | str, bytes | str]],
-                   environ: Mapping[str, Any] | None) -> str:
-        request_headers = list(request_headers)
-        atoms: dict[str, str] = {}
-        for key in self.keys:
-            atoms[key] = self._atom(key, remote_addr, method, target, path, protocol, status,
-                                    length, duration, request_headers, response_headers, environ)
-        return self.format % atoms
-
-    def _atom(self, key: str, remote_addr: str, method: str, target: str, path: str,
-              protocol: str, status: int, length: int, duration: float,
-              request_headers: list[tuple[bytes | str, bytes | str]],
-              response_headers: Iterable[tuple[bytes | str, bytes | str]],
-              environ: Mapping[str, Any] | None) -> str:
-        if key.startswith("{") and "}" in key:
-            name, _, kind = key[1:].rpartition("}")
-            if kind == "i":
-                return _text(_find(request_headers, name.lower()))
-            if kind == "o":
-                return _text(_find(response_headers, name.lower()))
-            if kind == "e":
-                source = environ if environ is not None else os.environ
-                value = source.get(name)
-                if value is None and environ is not None:
-                    value = os.environ.get(name)
-                return _text(str(value) if value is not None else None)
-            return "-"
-        if key == "h":
-            return _text(remote_addr)
-        if key == "l":
-            return "-"
-        if key == "u":
-            return _text(_basic_user(_find(request_headers, "authorization")))
-        if key == "t":
-            return self.clock.format(time.time() - duration)
-        if key == "r":
-            return f"{_text(method)} {_text(target)} {_text(protocol)}"
-        if key == "m":
-            return _text(method)
-        if key == "U":
-            return _text(path)
-        if key == "q":
-            return escape(target.partition("?")[2])
-        if key == "H":
-            return _text(protocol)
-        if key == "s":
-            return str(status)
-        if key == "B":
-            return str(length)
-        if key == "b":
-            return str(length) if length else "-"
-        if key == "f":
-            return _text(_find(request_headers, "referer"))
-        if key == "a":
-            return _text(_find(request_headers, "user-agent"))
-        if key == "T":
-            return str(int(duration))
-        if key == "M":
-            return str(int(duration * 1000))
-        if key == "D":
-            return str(int(duration * 1_000_000))
-        if key == "L":
-            return f"{duration:.6f}"
-        if key == "p":
-            return self.pid
-        return "-"
-
-    def _json_line(self, remote_addr: str, method: str, target: str, path: str,
-                   protocol: str, status: int, length: int, duration: float,
-                   request_headers: Iterable[tuple[bytes | str, bytes | str]],
-                   environ: Mapping[str, Any] | None) -> str:
-        request_headers = list(request_headers)
-        when = time.time() - duration
-        query = target.partition("?")[2]
+    def _json_line(self, r: _Request) -> str:
+        when = time.time() - r.duration
         record = {
             "time": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(when))
             + f".{int(when % 1 * 1000):03d}Z",
-            "remote_addr": remote_addr,
-            "user": _basic_user(_find(request_headers, "authorization")),
-            "method": method,
-            "path": path,
-            "query": query,
-            "protocol": protocol,
-            "status": status,
-            "bytes": length,
-            "duration_ms": round(duration * 1000, 3),
-            "referer": _find(request_headers, "referer"),
-            "user_agent": _find(request_headers, "user-agent"),
+            "remote_addr": r.remote_addr,
+            "user": _basic_user(r.request.get("authorization")),
+            "method": r.method,
+            "path": r.path,
+            "query": r.target.partition("?")[2],
+            "protocol": r.protocol,
+            "status": r.status,
+            "bytes": r.length,
+            "duration_ms": round(r.duration * 1000, 3),
+            "referer": r.request.get("referer"),
+            "user_agent": r.request.get("user-agent"),
             "pid": self.pid_number,
         }
         return json.dumps(record, separators=(",", ":"))
