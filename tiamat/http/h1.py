@@ -315,7 +315,8 @@ class RequestReader:
     # --- the head ---------------------------------------------------------------------------
     def _head(self, work: bytes | bytearray, pos: int) -> int:
         """Find a complete head in ``work[pos:]``; -1 until it has arrived (limits checked)."""
-        match = _HEAD_END.search(work, pos + max(0, self._scanned - 2))
+        scanned = self._scanned
+        match = _HEAD_END.search(work, pos + scanned - 2 if scanned > 2 else pos)
         limits = self.limits
         if match is None:
             size = len(work) - pos
@@ -325,7 +326,8 @@ class RequestReader:
                 raise ProtocolError(431, "request head too large")
             self._scanned = size
             return -1
-        self._scanned = 0
+        if scanned:
+            self._scanned = 0
         end = match.end()
         if end - pos > limits.head:
             raise ProtocolError(431, "request head too large")
