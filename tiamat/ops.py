@@ -51,9 +51,6 @@ def start(state: Any) -> bool:
             ops.statsd = metrics.StatsD(cfg.statsd_host, cfg.statsd_prefix)
             ops.next_push = time.monotonic() + _statsd_interval(cfg)
         if cfg.reload:
-            if cfg.preload_app:
-                log.warning("--reload with --preload: the master holds the app, so changed "
-                            "code is only picked up by a full restart")
             ops.reloader = reloader.Reloader(cfg)
             state.selector.register(ops.reloader.read_fd, 1, ops)  # 1: EVENT_READ
             ops.reloader.start()

@@ -9,8 +9,8 @@ Watched: the working directory (and the app file's directory when the app is giv
 path) recursively, plus every ``--reload-extra-file``.  A change counts when the file ends
 in ``.py``, matches a ``--reload-include`` glob, or is an extra file — unless it matches a
 ``--reload-exclude`` glob.  watchfiles' default filter already skips ``__pycache__``,
-``.git``, virtualenvs and editor swap files.  With ``--preload`` the master holds the old
-code, so a restart cannot pick up changes; tiamat says so at start-up.
+``.git``, virtualenvs and editor swap files.  With ``--preload`` the app lives in the
+master, and HUP (hence a change) re-executes the master, which loads the new code.
 """
 
 from __future__ import annotations
