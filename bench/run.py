@@ -550,6 +550,7 @@ def balance(args: argparse.Namespace, log_dir: str) -> str:
             try:
                 running.wait_ready(port)
                 workers = wait_workers(running.pid, 2)
+                time.sleep(1.0)  # let both workers finish booting: the split of a warm server counts
                 idle = {pid: tcp_sockets(pid) for pid in workers}
                 held: dict[int, int] = {}
                 before = {pid: cpu_seconds(pid) for pid in workers}
