@@ -83,9 +83,10 @@ def test_pipelined_good_requests_all_answered(server: TiamatServer) -> None:
 
 def test_underscore_headers_never_reach_the_environ(server: TiamatServer) -> None:
     info = echo(server, {"X_Forwarded_For": "6.6.6.6", "X-Real-Header": "yes"})
-    assert "HTTP_X_FORWARDED_FOR" not in info["headers"] or server.args[-1].endswith("asgi_app:app")
     assert info["remote_addr"] == "127.0.0.1"
     assert info["headers"]["HTTP_X_REAL_HEADER"] == "yes"
+    if "sec_asgi_app" not in server.args[-1]:  # ASGI apps get the raw header list instead
+        assert "HTTP_X_FORWARDED_FOR" not in info["headers"]
 
 
 def test_obs_fold_permitted_when_asked(tmp_path_factory: pytest.TempPathFactory) -> None:

@@ -166,3 +166,16 @@ def test_body_limit_zero_is_unlimited(tmp_path_factory: pytest.TempPathFactory) 
             assert sock.recv(100).startswith(b"HTTP/1.1 100 Continue")
     finally:
         srv.stop()
+
+
+def test_limits_with_the_h11_tokeniser(tmp_path_factory: pytest.TempPathFactory) -> None:
+    srv = start_server(tmp_path_factory.mktemp("h11limits"), "sync", "--http", "h11",
+                       "--limit-request-body", "1000")
+    try:
+        assert status_of(srv, request_line(8191) + b"\r\nHost: t\r\n\r\n") == [414]
+        assert status_of(srv, b"GET / HTTP/1.1\r\nHost: t\r\nX: " + b"v" * 8190 + b"\r\n\r\n") == [431]
+        assert status_of(srv, b"POST / HTTP/1.1\r\nHost: t\r\nContent-Length: 1001\r\n\r\n") == [413]
+        ok = b"GET / HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n"
+        assert status_of(srv, ok) == [200]
+    finally:
+        srv.stop()
