@@ -95,3 +95,15 @@ def test_watch_roots_are_not_nested(tmp_path):
     # the app's directory and the first extra file are inside the working directory;
     # the outside extra file is watched on its own, not all of /etc
     assert watch_roots(Cfg, cwd=str(tmp_path)) == [str(tmp_path), "/etc/hosts"]
+
+
+def test_reload_with_preload_reexecutes_the_master(tiamat_server, tmp_path):
+    (tmp_path / "greeting.txt").write_text("hello")
+    _write_app(tmp_path, "v1")
+    server = tiamat_server("devapp:app", "--reload", "--preload", cwd=tmp_path)
+    server.wait_log("Reloader watching")
+    assert _body(server) == "v1 hello"
+    _write_app(tmp_path, "v2")
+    wait_for(lambda: _body(server) == "v2 hello", timeout=20, interval=0.2,
+             message="the new code, loaded by a new master")
+    server.wait_log("re-executing to load the new code")
