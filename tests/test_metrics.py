@@ -241,3 +241,18 @@ def test_stalled_scrapers_do_not_hold_the_master(tiamat_server):
     finally:
         for sock in stalled:
             sock.close()
+
+
+def test_bad_or_busy_metrics_address_is_one_line_and_exit_1():
+    from conftest import run_tiamat
+
+    bad = run_tiamat(APP, "-b", "127.0.0.1:0", "--metrics-bind", "nope")
+    assert bad.returncode == 1
+    assert "tiamat: cannot start: --metrics-bind 'nope'" in bad.stderr
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        busy = run_tiamat(APP, "-b", "127.0.0.1:0", "--metrics-bind",
+                          f"127.0.0.1:{taken.getsockname()[1]}")
+    assert busy.returncode == 1
+    assert "--metrics-bind" in busy.stderr and "in use" in busy.stderr

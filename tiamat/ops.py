@@ -103,10 +103,11 @@ def _statsd_interval(cfg: Any) -> float:
 
 def _open_exporter(state: Any, bind: str, master_metrics: metrics.MasterMetrics
                    ) -> control.SocketService:
-    host, _, port = bind.rpartition(":")
-    if not host or not port.isdigit():
-        raise ValueError(f"--metrics-bind {bind!r}: expected HOST:PORT")
-    host = host.strip("[]")
+    host, sep, port = bind.rpartition(":")
+    if not sep or not port.isdigit():
+        raise ValueError(f"--metrics-bind {bind!r}: expected HOST:PORT (or :PORT for every "
+                         "interface)")
+    host = host.strip("[]") or "0.0.0.0"
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
