@@ -24,6 +24,7 @@ from urllib.parse import unquote_to_bytes
 from tiamat.asgi.state import ASGI_VERSION, ServerState
 from tiamat.http.errors import ProtocolError
 from tiamat.http.h1 import END_OF_MESSAGE, RequestHead
+from tiamat.http.proxy import apply_to_scope
 from tiamat.http.response import (
     CHUNKED_HEADER,
     CONTINUE_100,
@@ -64,7 +65,7 @@ class HttpProtocol(asyncio.Protocol):
     """One client connection speaking HTTP/1.1 (until a WebSocket upgrade replaces it)."""
 
     __slots__ = ("closing", "cycle", "deadline", "drain_waiter", "eof", "idle_since", "read_paused",
-                 "reader", "scope_base", "state", "transport", "write_paused")
+                 "reader", "scope_base", "state", "transport", "trusted", "write_paused")
 
     def __init__(self, state: ServerState) -> None:
         self.state = state
@@ -85,14 +86,17 @@ class HttpProtocol(asyncio.Protocol):
         state.connections.add(self)
         peer = transport.get_extra_info("peername")
         sockname = transport.get_extra_info("sockname")
+        client = (peer[0], peer[1]) if isinstance(peer, tuple) else None
+        #: the peer is a trusted proxy: its forwarding headers apply (decided once)
+        self.trusted = state.forwarded.trusts(client[0] if client else None)
         self.scope_base = {
             "type": "http",
             "asgi": ASGI_VERSION,
             "http_version": "1.1",
             "server": (sockname[0], sockname[1]) if isinstance(sockname, tuple)
             else (sockname, None) if sockname else None,
-            "client": (peer[0], peer[1]) if isinstance(peer, tuple) else None,
-            "scheme": "http",
+            "client": client,
+            "scheme": state.scheme,
             "root_path": state.root_path,
             "extensions": EXTENSIONS,
         }
@@ -131,10 +135,17 @@ class HttpProtocol(asyncio.Protocol):
         return True
 
     def pause_writing(self) -> None:
+        # a client that stops reading for --send-timeout is dropped by the worker's sweep
         self.write_paused = True
+        self.deadline = min(self.deadline, monotonic() + self.state.send_timeout)
 
     def resume_writing(self) -> None:
         self.write_paused = False
+        cycle = self.cycle
+        if cycle is None:
+            self.deadline = self.idle_since + self.state.keepalive
+        elif not cycle.more_body:
+            self.deadline = FOREVER  # the app is producing the response: no deadline
         waiter = self.drain_waiter
         if waiter is not None and not waiter.done():
             waiter.set_result(None)
@@ -176,7 +187,12 @@ class HttpProtocol(asyncio.Protocol):
                     events.clear()
                     return
                 continue
-            else:
+            else:  # a ProtocolError
+                cycle = self.cycle
+                if cycle is not None and not cycle.more_body:
+                    # it concerns the next (pipelined) request: answered after this response
+                    self.pause_reading()
+                    return
                 events.clear()
                 self.reject(event)  # type: ignore[arg-type]
                 return
@@ -205,6 +221,9 @@ class HttpProtocol(asyncio.Protocol):
             scope["raw_path"] = path
         scope["query_string"] = head.query
         scope["headers"] = head.headers
+        if self.trusted:
+            scope["client"], scope["scheme"], scope["server"] = apply_to_scope(
+                head.headers, scope["client"], scope["scheme"], scope["server"], state.forwarded)
         if state.lifespan_state is not None:
             scope["state"] = state.lifespan_state.copy()
         cycle = self.cycle = Cycle(self, scope, head)
@@ -217,7 +236,7 @@ class HttpProtocol(asyncio.Protocol):
         state = self.state
         scope = self.scope_base.copy()
         scope["type"] = "websocket"
-        scope["scheme"] = "ws"
+        scope["scheme"] = "wss" if state.ssl is not None else "ws"
         path = head.path
         scope["path"] = state.root_path + _decode_path(path)
         scope["raw_path"] = state.root_path_bytes + path
@@ -227,6 +246,9 @@ class HttpProtocol(asyncio.Protocol):
             p.strip().decode("latin-1") for name, value in head.headers
             if name == b"sec-websocket-protocol" for p in value.split(b",") if p.strip()]
         scope["extensions"] = {"websocket.http.response": {}}
+        if self.trusted:
+            scope["client"], scope["scheme"], scope["server"] = apply_to_scope(
+                head.headers, scope["client"], scope["scheme"], scope["server"], state.forwarded)
         if state.lifespan_state is not None:
             scope["state"] = state.lifespan_state.copy()
         protocol = state.ws_factory(state, scope, head)
@@ -240,9 +262,12 @@ class HttpProtocol(asyncio.Protocol):
     def reject(self, error: ProtocolError) -> None:
         cycle = self.cycle
         if cycle is not None:
-            # the app is running (its body was cut short): it sees a disconnect
+            # the app is running and its request body broke a rule: the app sees a
+            # disconnect; the client gets the error unless the response head is already out
             cycle.disconnected = True
             cycle.wake()
+            if cycle.framing is None:
+                self.transport.write(error_response(error.status, error.reason))
             self.transport.close()
             return
         log.debug("rejected request: %s %s", error.status, error.reason)
@@ -279,8 +304,11 @@ class HttpProtocol(asyncio.Protocol):
 
     def expire(self, now: float) -> None:
         """Called by the worker's sweep once ``deadline`` has passed."""
-        if self.cycle is not None:
-            self.transport.close()  # a request body stalled: the app sees http.disconnect
+        if self.write_paused:
+            self.transport.abort()  # the client stopped reading: close() would wait for it
+        elif self.cycle is not None:
+            # a request body stalled: the app sees http.disconnect, the client a 408
+            self.reject(ProtocolError(408, "request body timed out"))
         elif self.reader.in_message:
             self.reject(ProtocolError(408, "request timed out"))
         else:

@@ -7,8 +7,10 @@ from collections.abc import Callable
 from time import monotonic
 from typing import Any
 
+from tiamat import tls
 from tiamat.http import reader_factory
 from tiamat.http.h1 import RequestReader
+from tiamat.http.proxy import ForwardedRules
 
 ASGI_VERSION = {"version": "3.0", "spec_version": "2.4"}
 
@@ -28,9 +30,15 @@ class ServerState:
         self.server_keep_alive = cfg.keepalive > 0
         self.header_timeout = cfg.header_timeout or 1e9
         self.body_timeout = cfg.body_timeout or 1e9
+        self.send_timeout = cfg.send_timeout or 1e9
         self.limit_concurrency = cfg.limit_concurrency
         self.root_path = cfg.root_path.rstrip("/")
         self.root_path_bytes = self.root_path.encode("latin-1")
+        #: --forwarded-allow-ips: trusted per connection, applied per request
+        self.forwarded = ForwardedRules.from_config(cfg)
+        #: the TLS context for every listener (None: plain HTTP)
+        self.ssl = tls.server_context(cfg)
+        self.scheme = "https" if self.ssl is not None else "http"
         self.lifespan_state = lifespan_state
         #: None when WebSocket is off (``--ws none``); else makes a WebSocket protocol
         self.ws_factory = ws_factory

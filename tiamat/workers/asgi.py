@@ -88,8 +88,10 @@ class AsgiWorker(Worker):
         self.stopped = asyncio.Event()
         loop.add_reader(self.wake_fd, self.on_wakeup)
         loop.add_reader(self.channel.sock.fileno(), self.on_channel)
+        tls = {"ssl": state.ssl, "ssl_handshake_timeout": self.cfg.header_timeout or None} \
+            if state.ssl is not None else {}
         servers = [await loop.create_server(lambda: HttpProtocol(state), sock=sock,
-                                            backlog=self.cfg.backlog)
+                                            backlog=self.cfg.backlog, **tls)
                    for sock in self.listeners]
         self.tick()
         self.notify_ready()
