@@ -287,6 +287,8 @@ def status(state: Any, ops_metrics: Any) -> dict[str, Any]:
             name = "stopping"
         if name == "empty":
             name = "booting"
+        if worker.slot < 0:
+            name = "mold"  # --refork-after: forks the workers, serves nobody
         busy = record.state == BUSY and record.pid == worker.pid
         workers.append({
             "slot": worker.slot, "pid": worker.pid, "state": name,

@@ -1,11 +1,12 @@
 """Server metrics, aggregated by the master from every worker without files or round trips.
 
 The master maps one anonymous shared ``mmap`` before forking (:class:`Table`).  Each worker
-process gets a *row* of its own (assigned by the master just before the fork, so no two
-live processes ever share one): a handful of 64-bit counters that the worker bumps after
-each response through a ``memoryview`` — no syscall, no lock, no string.  When a worker
-exits the master folds its row into a running total and frees the row, so counters stay
-monotonic across restarts.
+process has a *row* of its own — the row with its scoreboard record's number, which the
+master gives every live process, workers forked by a refork mold included, so no two live
+processes ever share one: a handful of 64-bit counters that the worker bumps after each
+response through a ``memoryview`` — no syscall, no lock, no string.  When a worker exits
+the master folds its row into a running total and zeroes it, so counters stay monotonic
+across restarts.
 
 What the master adds on top: busy / idle / booting workers from the scoreboard, worker
 restarts by reason (counted in :meth:`MasterMetrics.worker_exited`), and the accept backlog
@@ -134,36 +135,30 @@ class MasterMetrics:
 
     recording: bool
     table: Table | None = None
-    free: list[int] = field(default_factory=list)
-    #: id(WorkerProc) -> row; the WorkerProc objects live in the master's state
-    rows: dict[int, int] = field(default_factory=dict)
-    #: the row the next forked child takes (read by :func:`recorder` in the child)
-    pending: int = -1
     retired: list[int] = field(default_factory=lambda: [0] * ROW_WORDS)
     restarts: dict[str, int] = field(default_factory=lambda: dict.fromkeys(RESTART_REASONS, 0))
     restarts_by_slot: dict[int, int] = field(default_factory=dict)
     started: float = field(default_factory=time.time)
 
     def before_fork(self, worker: Any) -> None:
-        """Give the worker about to be forked a row of its own."""
-        if self.table is None:
-            return
-        if not self.free:
-            log.warning("metrics table full; a worker runs without metrics")
-            self.pending = -1
-            return
-        self.pending = self.free.pop()
-        self.rows[id(worker)] = self.pending
+        """The row of the process about to be forked starts from zero (it always does: rows
+        are zeroed when folded; this only guards against a row left by an unreaped child)."""
+        row = _row_of(worker)
+        if self.table is not None and 0 <= row < self.table.rows:
+            values = self.table.read(row)
+            if any(values):
+                values[IN_FLIGHT] = 0
+                self.retired = [a + b for a, b in zip(self.retired, values, strict=True)]
+                self.table.zero(row)
 
     def worker_exited(self, state: Any, worker: Any, code: int) -> None:
         """Fold the row of an exited worker into the totals; count the restart's reason."""
-        row = self.rows.pop(id(worker), None)
-        if row is not None and self.table is not None:
+        row = _row_of(worker)
+        if self.table is not None and 0 <= row < self.table.rows:
             values = self.table.read(row)
             values[IN_FLIGHT] = 0
             self.retired = [a + b for a, b in zip(self.retired, values, strict=True)]
             self.table.zero(row)
-            self.free.append(row)
         reason = restart_reason(state, worker, code)
         if reason is not None:
             self.restarts[reason] = self.restarts.get(reason, 0) + 1
@@ -172,11 +167,16 @@ class MasterMetrics:
     def snapshot(self, state: Any) -> Snapshot:
         totals = list(self.retired)
         if self.table is not None:
-            for row in self.rows.values():
-                for i, value in enumerate(self.table.read(row)):
-                    totals[i] += value
+            for worker in state.workers.values():
+                row = _row_of(worker)
+                if 0 <= row < self.table.rows:
+                    for i, value in enumerate(self.table.read(row)):
+                        totals[i] += value
         states = {"booting": 0, "idle": 0, "busy": 0, "stopping": 0}
         for worker in state.workers.values():
+            if worker.slot < 0:  # a refork mold: it forks workers and serves nobody
+                states["mold"] = states.get("mold", 0) + 1
+                continue
             record = state.board.read(getattr(worker, "board_index", worker.slot))
             if record.state == BUSY:
                 states["busy"] += 1
@@ -192,6 +192,11 @@ class MasterMetrics:
             buckets=totals[BUCKET:BUCKET + len(BUCKETS) + 1], in_flight=max(0, totals[IN_FLIGHT]),
             workers=states, target=state.target, restarts=dict(self.restarts),
             backlog=listen_backlog(state.listeners, state.cfg.backlog))
+
+
+def _row_of(worker: Any) -> int:
+    """A worker's row: its scoreboard record number (its slot on masters without one)."""
+    return int(getattr(worker, "board_index", worker.slot))
 
 
 #: the master's words for why it ended a worker -> the names metrics use
@@ -226,16 +231,26 @@ def setup(cfg: Any, capacity: int) -> MasterMetrics:
     _master = MasterMetrics(recording=recording)
     if recording:
         _master.table = Table(capacity)
-        _master.free = list(range(capacity - 1, -1, -1))
     return _master
 
 
 def recorder(threaded: bool = False) -> Recorder | None:
     """In a worker: its counters row, or None when metrics are off (then record nothing).
-    ``threaded`` when requests run on several threads of the process."""
-    if _master is None or _master.table is None or _master.pending < 0:
+    ``threaded`` when requests run on several threads of the process.  The row is the one
+    of the worker's scoreboard record (``tiamat.workers.base.current``)."""
+    if _master is None or _master.table is None:
         return None
-    row = _master.table.row(_master.pending)
+    from tiamat.scoreboard import RECORD_SIZE
+    from tiamat.workers import base
+
+    worker = base.current
+    offset = getattr(getattr(worker, "board", None), "_base", None)
+    if offset is None:
+        return None
+    row_index = offset // RECORD_SIZE
+    if not 0 <= row_index < _master.table.rows:
+        return None
+    row = _master.table.row(row_index)
     return LockedRecorder(row) if threaded else Recorder(row)
 
 
