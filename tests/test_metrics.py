@@ -256,3 +256,25 @@ def test_bad_or_busy_metrics_address_is_one_line_and_exit_1():
                           f"127.0.0.1:{taken.getsockname()[1]}")
     assert busy.returncode == 1
     assert "--metrics-bind" in busy.stderr and "in use" in busy.stderr
+
+
+def test_counters_exact_across_a_refork_generation(tiamat_server):
+    server = _metrics_server(tiamat_server, "-w", "2", "--refork-after", "5")
+    wait_for(lambda: scrape(server.metrics_port)["tiamat_request_duration_seconds_count"] >= 1)
+    before = scrape(server.metrics_port)
+    for _ in range(20):
+        server.get("/")
+    server.wait_log(r"generation 1 complete", timeout=20)
+    for _ in range(10):
+        server.get("/missing")
+
+    def counted() -> dict[str, float] | None:
+        now = scrape(server.metrics_port)
+        return now if now["tiamat_request_duration_seconds_count"] - before[
+            "tiamat_request_duration_seconds_count"] >= 30 else None
+
+    after = wait_for(counted, message="30 requests counted")
+    assert after['tiamat_requests_total{status="2xx"}'] - before['tiamat_requests_total{status="2xx"}'] == 20
+    assert after['tiamat_requests_total{status="4xx"}'] == 10
+    assert after['tiamat_workers{state="mold"}'] == 1
+    assert after['tiamat_workers{state="idle"}'] == 2
