@@ -319,3 +319,11 @@ def test_max_requests_restarts_the_worker(tiamat_server):
     wait_for(lambda: server.worker_pids() and server.worker_pids()[0] != first, 10,
              message="a new worker after --max-requests")
     assert os.path.exists(f"/proc/{server.pid}")
+
+
+def test_access_log(tiamat_server, http_impl):
+    server = tiamat_server("-k", "asgi", "--http", http_impl, "--access-logfile", "-", APP)
+    server.get("/stream?n=2")
+    server.request(b"GET /error HTTP/1.1\r\nHost: t\r\nUser-Agent: probe\r\n\r\n")
+    server.wait_log(r'"GET /stream\?n=2 HTTP/1\.1" 200 12 ')
+    server.wait_log(r'"GET /error HTTP/1\.1" 500 - "-" "probe"')

@@ -17,7 +17,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-from time import monotonic
+from time import monotonic, perf_counter
 from typing import Any
 from urllib.parse import unquote_to_bytes
 
@@ -227,6 +227,10 @@ class HttpProtocol(asyncio.Protocol):
         if state.lifespan_state is not None:
             scope["state"] = state.lifespan_state.copy()
         cycle = self.cycle = Cycle(self, scope, head)
+        if state.observed:
+            cycle.t0 = perf_counter()
+            if state.recorder is not None:
+                state.recorder.start()
         self.deadline = monotonic() + state.body_timeout if head.has_body else FOREVER
         task = state.loop.create_task(cycle.run(state.app))
         state.tasks.add(task)
@@ -326,7 +330,7 @@ class Cycle:
 
     __slots__ = ("body", "body_size", "complete", "conn", "disconnected", "expect_100",
                  "final_sent", "framing", "head", "headers", "length", "more_body", "scope",
-                 "sent", "started", "status", "waiter")
+                 "sent", "started", "status", "t0", "waiter")
 
     def __init__(self, conn: HttpProtocol, scope: dict[str, Any], head: RequestHead) -> None:
         self.conn = conn
@@ -346,6 +350,7 @@ class Cycle:
         self.framing: Any = None
         self.length: int | None = None
         self.sent = 0
+        self.t0 = 0.0
 
     async def run(self, app: Any) -> None:
         conn = self.conn
@@ -365,7 +370,25 @@ class Cycle:
                     log.error("ASGI callable returned without starting a response")
                 self._fail()
         finally:
-            conn.state.request_done()
+            state = conn.state
+            if state.observed:
+                self._observe(state)
+            state.request_done()
+
+    def _observe(self, state: ServerState) -> None:
+        """Access log line and metrics for this request (only when either is on)."""
+        duration = perf_counter() - self.t0
+        status = self.status if self.started and self.framing is not None else 500
+        if state.recorder is not None:
+            state.recorder.done(status, duration)
+        if state.access_log is not None:
+            scope, head = self.scope, self.head
+            client = scope["client"]
+            state.access_log.log(
+                remote_addr=client[0] if client else "-", method=scope["method"],
+                target=head.target.decode("latin-1"), protocol="HTTP/" + head.version,
+                status=status, length=self.sent, duration=duration, request_headers=head.headers,
+                response_headers=self.headers, path=scope["path"])
 
     def _fail(self) -> None:
         transport = self.conn.transport
@@ -469,6 +492,7 @@ class Cycle:
     def _frame(self, body: bytes, more: bool) -> bytes:
         """Body bytes as they go on the wire (chunked, truncated to Content-Length)."""
         if self.framing.chunked:
+            self.sent += len(body)
             if not more:
                 return chunk(body) + LAST_CHUNK if body else LAST_CHUNK
             return chunk(body) if body else b""

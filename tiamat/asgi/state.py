@@ -7,7 +7,7 @@ from collections.abc import Callable
 from time import monotonic
 from typing import Any
 
-from tiamat import tls
+from tiamat import accesslog, metrics, tls
 from tiamat.http import reader_factory
 from tiamat.http.h1 import RequestReader
 from tiamat.http.proxy import ForwardedRules
@@ -39,6 +39,10 @@ class ServerState:
         #: the TLS context for every listener (None: plain HTTP)
         self.ssl = tls.server_context(cfg)
         self.scheme = "https" if self.ssl is not None else "http"
+        #: None when off, so a request pays one test and builds nothing
+        self.access_log = accesslog.for_worker(cfg)
+        self.recorder = metrics.recorder(threaded=False)
+        self.observed = self.access_log is not None or self.recorder is not None
         self.lifespan_state = lifespan_state
         #: None when WebSocket is off (``--ws none``); else makes a WebSocket protocol
         self.ws_factory = ws_factory
