@@ -35,6 +35,8 @@ SUBCOMMANDS = ("status", "reload", "stop", "scale", "reopen-logs")
 MAX_REQUEST = 64 * 1024
 CLIENT_DEADLINE = 5.0
 ACCEPT_BATCH = 16
+#: clients served at once; more wait in the listen backlog (the master's work stays bounded)
+MAX_CLIENTS = 64
 
 
 def socket_path(cfg: Any) -> str | None:
@@ -76,7 +78,7 @@ class SocketService:
         selector.register(sock, selectors.EVENT_READ, self)
 
     def step(self, now: float) -> None:
-        for _ in range(ACCEPT_BATCH):
+        for _ in range(min(ACCEPT_BATCH, MAX_CLIENTS - len(self.conns))):
             try:
                 client, _ = self.sock.accept()
             except (BlockingIOError, InterruptedError):
