@@ -118,6 +118,22 @@ def descendants(pid: int) -> list[int]:
     return found
 
 
+# --- sharing with the workers -----------------------------------------------------------
+def preimport_worker_modules() -> None:
+    """Import the sync worker's modules (and so ssl, httptools ...) in the master.
+
+    Without --preload and with ``-k auto`` the worker class is only known once a worker
+    has loaded the app, so every worker would import it after the fork, each keeping a
+    private copy (about 1.5 MB each with OpenSSL); imported here, they are shared.
+    """
+    import importlib
+
+    try:
+        importlib.import_module("tiamat.workers.sync")
+    except ImportError as exc:  # pragma: no cover - a broken install shows up elsewhere
+        log.debug("could not preimport the sync worker: %s", exc)
+
+
 # --- the master's policy -----------------------------------------------------------------
 @dataclass
 class MemoryPolicy:
@@ -128,7 +144,9 @@ class MemoryPolicy:
 
 
 def setup(state: MasterState) -> None:
-    """Called once by the master: turns the policy on when ``max_worker_memory`` is set."""
+    """Called once by the master before the first fork: shared imports, the memory policy."""
+    if state.worker_class is None:
+        preimport_worker_modules()
     limit = int(state.cfg.max_worker_memory or 0)
     state.memory = MemoryPolicy(limit=limit * MB) if limit > 0 else None
     if limit > 0:
