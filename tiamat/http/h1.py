@@ -235,8 +235,7 @@ class RequestReader:
             return
         if work is buf:
             if pos:
-                del buf[:pos]
-                self._scanned = max(0, self._scanned - pos)
+                del buf[:pos]  # (_scanned counts from the head's start: unchanged)
         elif pos < len(work):
             buf += memoryview(work)[pos:]
 
