@@ -182,3 +182,23 @@ def test_raw_socket_handshake_and_masked_frame(start):
         while len(rest) < 5:
             rest += sock.recv(4096)
         assert rest[:5] == b"\x81\x03raw"  # the server's frames are not masked
+
+
+def test_server_pings_and_drops_a_silent_client(start):
+    """--ws-ping-interval: the server pings; a client that never answers is closed with 1011."""
+    server = start("--ws-ping-interval", "0.5", "--ws-ping-timeout", "1")
+    key = base64.b64encode(os.urandom(16))
+    with socket.create_connection((server.host, server.port), timeout=10) as sock:
+        sock.sendall(b"GET /ws HTTP/1.1\r\nHost: t\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+                     b"Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: " + key + b"\r\n\r\n")
+        data = b""
+        while True:
+            chunk = sock.recv(4096)
+            if not chunk:
+                break
+            data += chunk
+        frames = data.partition(b"\r\n\r\n")[2]
+    assert frames[:1] == b"\x89", frames[:10]  # a ping came first ...
+    close_at = 2 + (frames[1] & 0x7F)  # right after the ping frame
+    assert frames[close_at:close_at + 1] == b"\x88"  # ... then a close frame, code 1011
+    assert frames[close_at + 2:close_at + 4] == (1011).to_bytes(2, "big")
