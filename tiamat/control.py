@@ -76,6 +76,7 @@ class SocketService:
         self.conns: list[_Conn] = []
         sock.setblocking(False)
         selector.register(sock, selectors.EVENT_READ, self)
+        self.listening = True
 
     def step(self, now: float) -> None:
         for _ in range(min(ACCEPT_BATCH, MAX_CLIENTS - len(self.conns))):
@@ -93,6 +94,18 @@ class SocketService:
         for conn in list(self.conns):
             if not self._serve(conn) or now > conn.deadline:
                 self._close(conn)
+        # while full, stop watching the listener, or a waiting client would wake the loop
+        # over and over (the selector is level-triggered)
+        self._watch_listener(len(self.conns) < MAX_CLIENTS)
+
+    def _watch_listener(self, on: bool) -> None:
+        if on == self.listening:
+            return
+        if on:
+            self.selector.register(self.sock, selectors.EVENT_READ, self)
+        else:
+            self.selector.unregister(self.sock)
+        self.listening = on
 
     def _serve(self, conn: _Conn) -> bool:
         """Make what progress is possible now; False once the connection is finished."""
@@ -134,8 +147,9 @@ class SocketService:
     def close(self) -> None:
         for conn in list(self.conns):
             self._close(conn)
-        with contextlib.suppress(KeyError, ValueError):
-            self.selector.unregister(self.sock)
+        if self.listening:
+            with contextlib.suppress(KeyError, ValueError):
+                self.selector.unregister(self.sock)
         self.sock.close()
 
 
