@@ -183,7 +183,7 @@ class HttpProtocol(asyncio.Protocol):
                     return
                 del events[0]
                 self.start(event)  # type: ignore[arg-type]
-                if self.transport.is_closing() or self.transport.get_protocol() is not self:
+                if self.cycle is None:  # refused (503) or upgraded: nothing more to read here
                     events.clear()
                     return
                 continue
