@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import socket
 import threading
+import time
 from collections.abc import Iterator
 
 import pytest
@@ -123,7 +124,12 @@ def test_chunk_extensions_are_bounded(server: TiamatServer) -> None:
 
 
 def test_error_response_survives_unread_upload(server: TiamatServer) -> None:
-    """The 413 must reach a client that keeps uploading (a lingering close, not a reset)."""
+    """A lingering close: the 413 and then a clean end of stream, not a reset.
+
+    Closing a socket that still holds unread upload bytes sends a reset, which can destroy
+    the response in flight.  The server must stop writing (FIN) and keep draining instead, so
+    this client, still uploading, reads the whole 413 and then a clean EOF.
+    """
     head = b"POST /hit HTTP/1.1\r\nHost: t\r\nContent-Length: 50000000\r\n\r\n"
     with socket.create_connection((server.host, server.port), timeout=10) as sock:
         sock.sendall(head)
@@ -134,17 +140,30 @@ def test_error_response_survives_unread_upload(server: TiamatServer) -> None:
             try:
                 while not stop.is_set():
                     sock.send(block)
+                    time.sleep(0.001)
             except OSError:
                 pass
 
         thread = threading.Thread(target=upload, daemon=True)
         thread.start()
+        data, ending = b"", "timeout"
+        deadline = time.monotonic() + 10
         try:
-            data = read_until_close(sock, 10)
+            while time.monotonic() < deadline:
+                try:
+                    more = sock.recv(65536)
+                except ConnectionResetError:
+                    ending = "reset"
+                    break
+                if not more:
+                    ending = "eof"
+                    break
+                data += more
         finally:
             stop.set()
         thread.join(5)
     assert statuses(data) == [413], data[:200]
+    assert ending == "eof"
 
 
 def test_default_body_limit_is_100_mib(tmp_path_factory: pytest.TempPathFactory) -> None:
