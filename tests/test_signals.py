@@ -50,25 +50,25 @@ def test_hup_reloads_the_code_in_new_workers_with_the_same_slots(tiamat_server, 
 
 
 def test_hup_with_slow_boot_never_lowers_capacity(tiamat_server, tmp_path):
-    version_file = tmp_path / "version"
-    version_file.write_text("v1")
-    delay = tmp_path / "delay"
+    hold, go = tmp_path / "hold", tmp_path / "go"
     app = tmp_path / "slow.py"
     app.write_text(
         "import os, time\n"
-        f"if os.path.exists({str(delay)!r}): time.sleep(2)\n"
+        f"while os.path.exists({str(hold)!r}) and not os.path.exists({str(go)!r}):\n"
+        "    time.sleep(0.05)  # the new code is slow to import, for as long as the test wants\n"
         "def application(environ, start_response):\n"
         "    start_response('200 OK', [('Content-Length', '2')])\n"
         "    return [b'ok']\n")
     server = tiamat_server(str(app), "-w", "2")
     old = wait_for(lambda: one_per_slot(server.pid, 2), message="2 workers")
-    delay.touch()
+    hold.touch()
     server.signal(signal.SIGHUP)
-    server.wait_log(r"HUP: reloading")
-    deadline = time.monotonic() + 1.2
-    while time.monotonic() < deadline:  # new workers are still importing
+    wait_for(lambda: len(children(server.pid)) == 4, message="2 new workers booting")
+    deadline = time.monotonic() + 1.5
+    while time.monotonic() < deadline:  # the new workers are still importing
         assert all(alive(pid) for pid in old.values()), "an old worker went before its replacement"
         assert try_get(server.host, server.port) == "ok"
+    go.touch()
     wait_for(lambda: (s := one_per_slot(server.pid, 2)) and not set(s.values()) & set(old.values()),
              timeout=20, message="the new workers")
 
