@@ -209,13 +209,14 @@ def test_keep_alive_zero_closes_after_each_response(tiamat_server, http_impl):
 def test_limit_concurrency_answers_503(tiamat_server, http_impl):
     server = tiamat_server("-k", "asgi", "--http", http_impl, "--limit-concurrency", "1", APP)
     busy = socket.create_connection((server.host, server.port), timeout=5)
-    busy.sendall(b"GET /slow?s=2 HTTP/1.1\r\nHost: t\r\n\r\n")
+    busy.sendall(b"GET /slow?s=1 HTTP/1.1\r\nHost: t\r\n\r\n")
     time.sleep(0.3)
     reply = server.request(b"GET / HTTP/1.1\r\nHost: t\r\n\r\n")
     assert reply.startswith(b"HTTP/1.1 503")
     assert read_response(busy)[1] == b"slow done"
     busy.close()
-    wait_for(lambda: server.request(b"GET / HTTP/1.1\r\nHost: t\r\n\r\n").startswith(b"HTTP/1.1 200"))
+    wait_for(lambda: server.request(b"GET / HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n")
+             .startswith(b"HTTP/1.1 200"))
 
 
 def test_pathsend(server):
