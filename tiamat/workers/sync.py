@@ -248,7 +248,13 @@ class SyncWorker(Worker):
     def accept(self, listener: socket.socket) -> None:
         cfg = self.cfg
         now = time.monotonic()
-        for _ in range(ACCEPT_BATCH):
+        # Several workers share the listening socket and every idle one is woken for a new
+        # connection; the first to get the CPU would take a whole burst, ACCEPT_BATCH at a
+        # time (wrk's 64 keep-alive connections split 55/9 between two workers).  So with
+        # siblings, take one connection per wake-up and yield the CPU to a sibling woken
+        # for the same burst (then 33/30; see docs/benchmarks.md, "Even load").
+        spread = cfg.workers > 1
+        for _ in range(1 if spread else ACCEPT_BATCH):
             if len(self.connections) >= cfg.worker_connections:
                 self._set_accepting(False)
                 return
@@ -279,6 +285,8 @@ class SyncWorker(Worker):
             if self.ssl_context is not None and not conn.proxy_pending:
                 self._start_tls(conn)
             self.selector.register(conn.sock, selectors.EVENT_READ, conn)
+            if spread:
+                os.sched_yield()
 
     def _trust(self, conn: Connection, client_addr: str | None) -> None:
         """Decide once per connection whether its forwarding headers count."""
