@@ -1,9 +1,18 @@
 """The per-worker channel between master and worker: a SOCK_SEQPACKET socketpair.
 
 Created before the fork; each ``send`` is one message (boundaries are kept by the kernel),
-pickled.  The worker says ``("ready",)``, ``("boot_error", code, text)`` and
-``("message", obj)``; the master says ``("message", obj)`` and ``("reopen_logs",)``.
-EOF on the worker's end means the master is gone, and the worker exits.
+pickled.  A message is a tuple whose first item names it.
+
+Worker -> master: ``("ready",)``, ``("boot_error", code, text[, details])``,
+``("message", obj)`` (for the ``on_message`` hook), ``("broadcast", obj)`` (relay ``obj`` to
+every worker), ``("recycle", requests)`` (max-requests reached: please replace me), and the
+mold's messages (``tiamat.refork``).
+
+Master -> worker: ``("message", obj)`` (``tiamat.worker.on_message`` callbacks),
+``("reopen_logs",)`` (USR1), ``("stop",)``, ``("mold", generation)``.
+
+EOF on the worker's end means the master is gone, and the worker exits.  Liveness does not
+travel here: it is in the shared-memory scoreboard (``tiamat.scoreboard``).
 """
 
 from __future__ import annotations
