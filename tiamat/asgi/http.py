@@ -22,6 +22,7 @@ from typing import Any
 from urllib.parse import unquote_to_bytes
 
 from tiamat.asgi.state import ASGI_VERSION, ServerState
+from tiamat.http import proxy_protocol
 from tiamat.http.errors import ProtocolError
 from tiamat.http.h1 import END_OF_MESSAGE, RequestHead
 from tiamat.http.proxy import apply_to_scope
@@ -64,8 +65,9 @@ def _is_websocket(head: RequestHead) -> bool:
 class HttpProtocol(asyncio.Protocol):
     """One client connection speaking HTTP/1.1 (until a WebSocket upgrade replaces it)."""
 
-    __slots__ = ("closing", "cycle", "deadline", "drain_waiter", "eof", "idle_since", "read_paused",
-                 "reader", "scope_base", "state", "transport", "trusted", "write_paused")
+    __slots__ = ("closing", "cycle", "deadline", "drain_waiter", "eof", "idle_since", "proxy_buf",
+                 "read_paused", "reader", "scope_base", "state", "transport", "trusted",
+                 "write_paused")
 
     def __init__(self, state: ServerState) -> None:
         self.state = state
@@ -102,6 +104,10 @@ class HttpProtocol(asyncio.Protocol):
         }
         self.idle_since = now = monotonic()
         self.deadline = now + state.header_timeout
+        #: bytes of a PROXY protocol header being read (None: none expected)
+        self.proxy_buf: bytes | None = None
+        if state.proxy_peers is not None and state.proxy_peers.trusts(client[0] if client else None):
+            self.proxy_buf = b""
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.state.connections.discard(self)
@@ -114,6 +120,10 @@ class HttpProtocol(asyncio.Protocol):
             waiter.set_result(None)
 
     def data_received(self, data: bytes) -> None:
+        if self.proxy_buf is not None:
+            data = self.read_proxy_header(data)
+            if not data:
+                return
         reader = self.reader
         idle = not reader.in_message and self.cycle is None
         reader.feed(data)
@@ -122,6 +132,29 @@ class HttpProtocol(asyncio.Protocol):
         elif idle and reader.in_message:
             # the first bytes of a new request: its head must now arrive in time
             self.deadline = self.idle_since + self.state.header_timeout
+
+    def read_proxy_header(self, data: bytes) -> bytes:
+        """Take the PROXY header off the first bytes; return what follows it."""
+        assert self.proxy_buf is not None
+        data = self.proxy_buf + data
+        state = self.state
+        try:
+            header = proxy_protocol.parse(data, state.proxy_mode)
+        except proxy_protocol.ProxyProtocolError as exc:
+            log.debug("closing a connection: %s", exc)
+            self.transport.close()
+            return b""
+        if header is None:
+            self.proxy_buf = data
+            return b""
+        self.proxy_buf = None
+        scope = self.scope_base
+        if header.source is not None:
+            scope["client"] = header.source
+            self.trusted = state.forwarded.trusts(header.source[0])
+        if header.destination is not None:
+            scope["server"] = header.destination
+        return data[header.length:]
 
     def eof_received(self) -> bool:
         reader = self.reader

@@ -36,6 +36,9 @@ class ServerState:
         self.root_path_bytes = self.root_path.encode("latin-1")
         #: --forwarded-allow-ips: trusted per connection, applied per request
         self.forwarded = ForwardedRules.from_config(cfg)
+        #: --proxy-protocol: peers allowed to send a PROXY header (None: off)
+        self.proxy_mode = cfg.proxy_protocol
+        self.proxy_peers = ForwardedRules(cfg.proxy_allow_ips) if self.proxy_mode != "off" else None
         #: the TLS context for every listener (None: plain HTTP)
         self.ssl = tls.server_context(cfg)
         self.scheme = "https" if self.ssl is not None else "http"

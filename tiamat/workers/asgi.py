@@ -88,6 +88,10 @@ class AsgiWorker(Worker):
         self.stopped = asyncio.Event()
         loop.add_reader(self.wake_fd, self.on_wakeup)
         loop.add_reader(self.channel.sock.fileno(), self.on_channel)
+        if state.ssl is not None and state.proxy_peers is not None:
+            log.warning("the asgi worker reads PROXY headers on plain listeners only; "
+                        "with TLS the header is not expected")
+            state.proxy_peers = None
         tls = {"ssl": state.ssl, "ssl_handshake_timeout": self.cfg.header_timeout or None} \
             if state.ssl is not None else {}
         servers = [await loop.create_server(lambda: HttpProtocol(state), sock=sock,
