@@ -148,7 +148,7 @@ def test_forks_workers_and_replaces_a_killed_one_quickly(tiamat_server, tmp_path
         return now if len(now) == 2 and victim not in now else None
 
     new = wait_for(replaced, timeout=5, interval=0.01, message="a replacement worker")
-    assert time.monotonic() - killed_at < 1.5
+    assert time.monotonic() - killed_at < 2.0  # typically a few milliseconds
     assert pids[1] in new
     assert _state(victim) is None, "the killed worker was reaped (no zombie)"
     wait_for(lambda: server.get("/")[0] == 200, message="served after the replacement")
@@ -211,7 +211,7 @@ class _SlowRequest(threading.Thread):
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGQUIT])
 def test_graceful_stop_finishes_in_flight_request_and_refuses_new_ones(tiamat_server, sig):
     server = tiamat_server(APP, cwd=APPS)
-    slow = _SlowRequest(server.host, server.port, 2)
+    slow = _SlowRequest(server.host, server.port, 3)
     slow.start()
     slow.sent.wait(5)
     time.sleep(0.3)  # let the worker take the request into the app
@@ -228,12 +228,13 @@ def test_graceful_stop_finishes_in_flight_request_and_refuses_new_ones(tiamat_se
         except OSError:
             return False
 
-    wait_for(refused, timeout=1.5, message="new connections refused while stopping")
+    wait_for(refused, timeout=2.0, message="new connections refused while stopping")
+    assert slow.is_alive() and not slow.response, "refused while the request is still in flight"
     assert server.wait(20) == 0
     slow.join(5)
     assert slow.response.startswith(b"HTTP/1.1 200 "), slow.response
-    assert b"slept 2.0" in slow.response
-    assert time.monotonic() - started >= 1.0
+    assert b"slept 3.0" in slow.response
+    assert time.monotonic() - started >= 2.0
     assert "Shutdown complete" in server.log()
 
 

@@ -290,14 +290,14 @@ def test_idle_keep_alive_connections_do_not_block_a_new_client(server):
         started = time.monotonic()
         response = exchange(server, GET % b"/")
         assert response.status == 200
-        assert time.monotonic() - started < 2.0
+        assert time.monotonic() - started < 3.0  # at once, with a margin for a loaded machine
         # and a client trickling its head byte by byte does not block anyone either
         slow, _ = connect(server)
         idle.append(slow)
         slow.sendall(b"GET / HTT")
         started = time.monotonic()
         assert exchange(server, GET % b"/").status == 200
-        assert time.monotonic() - started < 2.0
+        assert time.monotonic() - started < 3.0  # at once, with a margin for a loaded machine
     finally:
         for sock in idle:
             sock.close()
