@@ -371,7 +371,7 @@ def _forget(state: MasterState, worker: WorkerProc) -> None:
 
 def free_board_index(state: MasterState, slot: int) -> int | None:
     """The scoreboard record for a new process: the slot's own if free (so status tools
-    reading by slot are right in the steady state), else the first free one above."""
+    reading by slot are right in the steady state), else a free one from the top down."""
     used = {w.board_index for w in state.workers.values()}
     if slot not in used and slot < state.board.capacity:
         return slot
@@ -554,9 +554,17 @@ def reexec(state: MasterState, handover: bool) -> None:
         log.warning("re-exec ignored: new master (pid %s) is still running", state.reexec_pid)
         return
     cfg = state.cfg
-    if cfg.pidfile and pidfile.read_pid(cfg.pidfile) == state.pid:
-        os.replace(cfg.pidfile, cfg.pidfile + ".oldbin")
-    hooks.call(cfg, "pre_exec", state)
+    try:
+        if cfg.pidfile and pidfile.read_pid(cfg.pidfile) == state.pid:
+            os.replace(cfg.pidfile, cfg.pidfile + ".oldbin")
+        hooks.call(cfg, "pre_exec", state)
+        _start_new_master(state, handover)
+    except OSError as exc:
+        log.error("re-exec failed: %s; this master keeps serving", exc)
+        _restore_pidfile(state)
+
+
+def _start_new_master(state: MasterState, handover: bool) -> None:
     read_fd, write_fd = os.pipe()
     env = dict(os.environ)
     env[sockets.INHERIT_ENV] = ",".join(str(sock.fileno()) for sock in state.listeners)
@@ -565,7 +573,12 @@ def reexec(state: MasterState, handover: bool) -> None:
     argv = [sys.executable, *sys.orig_argv[1:]]
     for handler in log.handlers:
         handler.flush()
-    pid = os.fork()
+    try:
+        pid = os.fork()
+    except OSError:
+        os.close(read_fd)
+        os.close(write_fd)
+        raise
     if pid == 0:
         _exec_master(argv, env, write_fd)
     os.close(write_fd)
@@ -617,15 +630,23 @@ def reexec_exited(state: MasterState, code: int) -> None:
               state.reexec_pid, code, state.pid)
     _close_reexec_pipe(state)
     state.reexec_pid = 0
-    cfg = state.cfg
-    oldbin = f"{cfg.pidfile}.oldbin" if cfg.pidfile else None
-    if oldbin and pidfile.read_pid(oldbin) == state.pid:
-        other = pidfile.read_pid(cfg.pidfile)
-        if other is None or not pidfile.is_running(other):
-            os.replace(oldbin, cfg.pidfile)
+    _restore_pidfile(state)
     if state.reexec_handover and state.stopping == "graceful" and state.workers:
         log.warning("the new master died during the hand-over; this master stops as asked")
     state.reexec_handover = False
+
+
+def _restore_pidfile(state: MasterState) -> None:
+    """PIDFILE.oldbin back to PIDFILE, unless a live new master owns PIDFILE."""
+    path = state.cfg.pidfile
+    if not path or pidfile.read_pid(f"{path}.oldbin") != state.pid:
+        return
+    other = pidfile.read_pid(path)
+    if other is None or not pidfile.is_running(other):
+        try:
+            os.replace(f"{path}.oldbin", path)
+        except OSError as exc:
+            log.error("could not restore the pidfile %s: %s", path, exc)
 
 
 def announce_ready(state: MasterState) -> None:
@@ -974,9 +995,9 @@ def finish(state: MasterState) -> None:
             _forget(state, worker)
     for sock in state.listeners:
         sock.close()
-    if state.reexec_pid:
+    if state.reexec_pid:  # a new master from USR2 listens on the unix sockets: leave them
         log.info("The new master (pid %s) keeps serving", state.reexec_pid)
-    else:  # a new master from USR2 still listens on them: leave them alone
+    else:
         for path in state.unix_paths:
             _unlink_unix(path)
     if state.cfg.pidfile:
