@@ -398,9 +398,9 @@ class Cycle:
             if isinstance(exc, (KeyboardInterrupt, SystemExit)):
                 raise
         else:
-            if not self.complete:
-                if not self.started:
-                    log.error("ASGI callable returned without starting a response")
+            if not self.complete and not self.disconnected:
+                log.error("ASGI callable returned without %s",
+                          "completing the response" if self.started else "starting a response")
                 self._fail()
         finally:
             state = conn.state
@@ -425,7 +425,7 @@ class Cycle:
 
     def _fail(self) -> None:
         transport = self.conn.transport
-        if not self.started and not self.disconnected:
+        if self.framing is None and not self.disconnected:  # nothing sent yet: a clean 500
             self.complete = True
             transport.write(error_response(500))
         transport.close()

@@ -74,6 +74,11 @@ class ThreadWorker(SyncWorker):
 
     # --- handing requests to the pool ---------------------------------------------------
     def dispatch(self, conn: Connection) -> None:
+        if not self.alive:
+            # stopping: the pool is winding down, so a request that arrived just before the
+            # stop is answered here, like the sync worker does
+            super().dispatch(conn)
+            return
         head = conn.head
         assert head is not None
         body = conn.body
