@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import signal
 from time import monotonic
 from typing import Any
@@ -94,7 +95,19 @@ class AsgiWorker(Worker):
             state.proxy_peers = None
         tls = {"ssl": state.ssl, "ssl_handshake_timeout": self.cfg.header_timeout or None} \
             if state.ssl is not None else {}
-        servers = [await loop.create_server(lambda: HttpProtocol(state), sock=sock,
+        # Several workers share the listening socket and the loop accepts every pending
+        # connection at once, so the first worker to run would take a whole burst (wrk's 64
+        # keep-alive connections split 46/18).  The factory runs once per accepted
+        # connection, inside that accept loop: yielding the CPU there lets a sibling woken
+        # for the same burst take its share (33/31; docs/benchmarks.md, "Even load").
+        spread = self.cfg.workers > 1
+
+        def factory() -> HttpProtocol:
+            if spread:
+                os.sched_yield()
+            return HttpProtocol(state)
+
+        servers = [await loop.create_server(factory, sock=sock,
                                             backlog=self.cfg.backlog, **tls)
                    for sock in self.listeners]
         self.tick()
