@@ -315,9 +315,18 @@ class RequestReader:
     def _head(self, work: bytes | bytearray, pos: int) -> int:
         """Find a complete head in ``work[pos:]``; -1 until it has arrived (limits checked)."""
         scanned = self._scanned
-        match = _HEAD_END.search(work, pos + scanned - 2 if scanned > 2 else pos)
+        start = pos + scanned - 3 if scanned > 3 else pos
+        end = work.find(b"\r\n\r\n", start)
         limits = self.limits
-        if match is None:
+        if end >= 0:
+            end += 4
+        else:
+            # a head ended with bare LFs is found too, so that the tokeniser refuses it now
+            # instead of waiting for a CRLFCRLF that never comes (an earlier bare-LF end
+            # inside a CRLFCRLF-terminated head is refused by the tokeniser just the same)
+            match = _HEAD_END.search(work, start)
+            end = match.end() if match is not None else -1
+        if end < 0:
             size = len(work) - pos
             if size > limits.request_line + 1 > 1 and work.find(b"\n", pos) < 0:
                 raise ProtocolError(414, "request line too long")
@@ -327,7 +336,6 @@ class RequestReader:
             return -1
         if scanned:
             self._scanned = 0
-        end = match.end()
         if end - pos > limits.head:
             raise ProtocolError(431, "request head too large")
         head = work if end == len(work) and not pos and work.__class__ is bytes \
@@ -345,7 +353,12 @@ class RequestReader:
             raise ProtocolError(400, "invalid method")
         if limits.permit_obs_fold and (b"\n " in head or b"\n\t" in head):
             head = _OBS_FOLD.sub(b" ", head)
-        self._reset()
+        # per-head state (what _reset does, inlined: this is the hot path)
+        self._url = b""
+        self._headers = []
+        self._field_count = self._hosts = 0
+        self._content_length = self._conn_tokens = None
+        self._chunked = self._expect = self._upgrade_header = False
         version = self._tokenise(head, method)
         self._finish_head(method, version)
         return end
@@ -399,15 +412,16 @@ class RequestReader:
         if self._field_count > limits.fields > 0:
             raise ProtocolError(431, "too many header fields")
         if name in _FRAMING_FIELDS:
-            self._framing_field(name, value)
+            if name == b"host":
+                self._hosts += 1
+            else:
+                self._framing_field(name, value)
         self._headers.append((name, value))
 
     on_header = _field
 
     def _framing_field(self, name: bytes, value: bytes) -> None:
-        if name == b"host":
-            self._hosts += 1
-        elif name == b"content-length":
+        if name == b"content-length":
             self._content_length_header(value)
         elif name == b"transfer-encoding":
             self._transfer_encoding_header(value)
@@ -456,12 +470,13 @@ class RequestReader:
         if length is not None and length > body_limit > 0:
             raise ProtocolError(413, "request body too large")
         tokens = self._conn_tokens
-        if version == "1.1":
-            keep_alive = tokens is None or b"close" not in tokens
+        if tokens is None:
+            keep_alive = version == "1.1"
+            upgrade = method == b"CONNECT"
         else:
-            keep_alive = tokens is not None and b"keep-alive" in tokens
-        upgrade = method == b"CONNECT" or (
-            self._upgrade_header and tokens is not None and b"upgrade" in tokens)
+            options = [t.strip(b" \t") for t in tokens.split(b",")] if b"," in tokens else (tokens,)
+            keep_alive = b"close" not in options if version == "1.1" else b"keep-alive" in options
+            upgrade = method == b"CONNECT" or (self._upgrade_header and b"upgrade" in options)
         self._upgrade = upgrade
         self.events.append(RequestHead(
             method, self._url, version, self._headers, keep_alive, length, self._chunked,
@@ -473,8 +488,10 @@ class RequestReader:
         elif length:
             self._state = _LENGTH
             self._remaining = length
-        else:
-            self._message_complete()
+        else:  # no body: the message is complete (the state stays _HEAD)
+            self.events.append(END_OF_MESSAGE)
+            if upgrade:
+                self.upgraded = b""
 
     def _message_complete(self) -> None:
         self._state = _HEAD
