@@ -329,7 +329,14 @@ class HttpProtocol(asyncio.Protocol):
             # (an unread request body is not worth reading just to throw it away)
             self.transport.close()
             return
-        self.request_finished(cycle)
+        # request_finished(), inlined: this runs once per keep-alive request
+        self.cycle = None
+        self.idle_since = now = monotonic()
+        self.deadline = now + self.state.keepalive
+        if self.read_paused:
+            self.resume_reading()
+        if self.reader.events:
+            self.handle_events()
 
     def request_finished(self, cycle: Cycle) -> None:
         self.cycle = None
@@ -499,7 +506,12 @@ class Cycle:
                 data = self._head(None if more else len(body))
                 framing = self.framing
                 if body and framing.send_body:
-                    data += self._frame(body, more)
+                    length = self.length
+                    if framing.chunked or (length is not None and len(body) > length):
+                        data += self._frame(body, more)
+                    else:  # the common case: the whole body with its Content-Length
+                        data += body
+                        self.sent = len(body)
                 elif not more and framing.chunked and framing.send_body:
                     data += LAST_CHUNK
                 conn.transport.write(data)
