@@ -82,3 +82,8 @@ def test_bad_worker_class(spec, message):
     result = run_tiamat("--pythonpath", "tests/apps", "-k", spec, "-b", "127.0.0.1:0", WSGI)
     assert result.returncode != 0
     assert message in result.stderr
+
+
+def test_asgi2_app_is_detected_and_wrapped(tiamat_server):
+    server = tiamat_server("tests/apps/wk_asgi_hello.py:Asgi2App")
+    assert server.get("/two")[2] == b"asgi2 /two"

@@ -19,3 +19,16 @@ async def app(scope, receive, send):
 def disguised(scope, receive, send):
     """An ASGI app that detection cannot see (a plain function returning the coroutine)."""
     return app(scope, receive, send)
+
+
+class Asgi2App:
+    """An ASGI 2 ("double callable") app: instantiated per connection scope, then awaited."""
+
+    def __init__(self, scope):
+        self.scope = scope
+
+    async def __call__(self, receive, send):
+        if self.scope["type"] != "http":
+            return
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b"asgi2 " + self.scope["path"].encode()})
