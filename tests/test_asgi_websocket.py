@@ -202,3 +202,10 @@ def test_server_pings_and_drops_a_silent_client(start):
     close_at = 2 + (frames[1] & 0x7F)  # right after the ping frame
     assert frames[close_at:close_at + 1] == b"\x88"  # ... then a close frame, code 1011
     assert frames[close_at + 2:close_at + 4] == (1011).to_bytes(2, "big")
+
+
+def test_upgrade_through_the_h11_tokeniser(start):
+    server = start("--http", "h11")
+    with connect(url(server)) as ws:
+        ws.send("via h11")
+        assert ws.recv(5) == "via h11"
