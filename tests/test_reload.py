@@ -107,3 +107,19 @@ def test_reload_with_preload_reexecutes_the_master(tiamat_server, tmp_path):
     wait_for(lambda: _body(server) == "v2 hello", timeout=20, interval=0.2,
              message="the new code, loaded by a new master")
     server.wait_log("re-executing to load the new code")
+
+
+def test_include_and_exclude_patterns(tiamat_server, tmp_path):
+    (tmp_path / "greeting.txt").write_text("hello")
+    _write_app(tmp_path, "v1")
+    (tmp_path / "page.html").write_text("<p>1</p>")
+    (tmp_path / "devapp_test.py").write_text("X = 1\n")
+    server = tiamat_server("devapp:app", "--reload", "--reload-include", "*.html",
+                           "--reload-exclude", "*_test.py", cwd=tmp_path)
+    server.wait_log("Reloader watching")
+    (tmp_path / "devapp_test.py").write_text("X = 2\n")  # excluded: no reload
+    time.sleep(1.0)  # absence cannot be polled for: give the watcher time to (not) react
+    (tmp_path / "page.html").write_text("<p>2</p>")  # included although not .py
+    server.wait_log(r"Reloading: page\.html changed")
+    assert "devapp_test.py" not in server.log()
+    assert server.log().count("Reloading:") == 1
