@@ -205,10 +205,6 @@ class HttpProtocol(asyncio.Protocol):
                 if cycle is not None:
                     cycle.more_body = False
                     cycle.wake()
-                    if cycle.complete:
-                        del events[0]
-                        self.request_finished(cycle)
-                        return
                     self.deadline = FOREVER
             elif cls is RequestHead:
                 if self.cycle is not None:  # pipelined: waits until this request is done
@@ -329,20 +325,11 @@ class HttpProtocol(asyncio.Protocol):
             # (an unread request body is not worth reading just to throw it away)
             self.transport.close()
             return
-        # request_finished(), inlined: this runs once per keep-alive request
         self.cycle = None
         self.idle_since = now = monotonic()
         self.deadline = now + self.state.keepalive
         if self.read_paused:
             self.resume_reading()
-        if self.reader.events:
-            self.handle_events()
-
-    def request_finished(self, cycle: Cycle) -> None:
-        self.cycle = None
-        self.idle_since = now = monotonic()
-        self.deadline = now + self.state.keepalive
-        self.resume_reading()
         if self.reader.events:
             self.handle_events()
 
