@@ -278,3 +278,20 @@ def test_counters_exact_across_a_refork_generation(tiamat_server):
     assert after['tiamat_requests_total{status="4xx"}'] == 10
     assert after['tiamat_workers{state="mold"}'] == 1
     assert after['tiamat_workers{state="idle"}'] == 2
+
+
+def test_asgi_worker_counts_the_same_way(tiamat_server):
+    port = _free_port()
+    server = tiamat_server(str(APPS / "ops_asgi.py"), "-w", "2", "--metrics-bind",
+                           f"127.0.0.1:{port}")
+    wait_for(lambda: scrape(port)["tiamat_request_duration_seconds_count"] >= 1)
+    before = scrape(port)
+    for _ in range(7):
+        assert server.get("/")[0] == 200
+    for _ in range(3):
+        assert server.get("/missing")[0] == 404
+    after = wait_for(lambda: (m := scrape(port)) and m["tiamat_request_duration_seconds_count"]
+                     - before["tiamat_request_duration_seconds_count"] >= 10 and m)
+    assert after['tiamat_requests_total{status="2xx"}'] - before['tiamat_requests_total{status="2xx"}'] == 7
+    assert after['tiamat_requests_total{status="4xx"}'] - before['tiamat_requests_total{status="4xx"}'] == 3
+    assert after["tiamat_requests_in_flight"] == 0
