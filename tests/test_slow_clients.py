@@ -73,6 +73,15 @@ def test_header_timeout_is_not_reset_by_trickling(short: TiamatServer) -> None:
     assert time.monotonic() - start < 5
 
 
+def test_header_timeout_of_a_pipelined_request_waits_for_the_response(short: TiamatServer) -> None:
+    """The partial request behind a slow one times out from the end of that response."""
+    data, elapsed = timed_close(
+        short, b"GET /sleep?1500 HTTP/1.1\r\nHost: t\r\n\r\nGET /hit HTTP/1.1\r\n", timeout=8)
+    assert statuses(data) == [200, 408], data[:400]
+    assert b"slept" in data
+    assert 2 <= elapsed < 6
+
+
 def test_body_timeout_answers_408(short: TiamatServer) -> None:
     data, elapsed = timed_close(
         short, b"POST /hit HTTP/1.1\r\nHost: t\r\nContent-Length: 10\r\n\r\nab")

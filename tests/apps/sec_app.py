@@ -8,6 +8,7 @@ host, headers, body size and where the body was buffered); /big streams N bytes.
 import hashlib
 import io
 import json
+import time
 
 HITS = 0
 
@@ -18,6 +19,9 @@ def app(environ, start_response):
     if path == "/hit":
         HITS += 1
         body = b"hit %d\n" % HITS
+    elif path == "/sleep":
+        time.sleep(int(environ.get("QUERY_STRING") or 100) / 1000)
+        body = b"slept"
     elif path == "/count":
         body = b"%d" % HITS
     elif path == "/file":

@@ -1,5 +1,6 @@
 """The ASGI twin of sec_app.py, for running the same HTTP-safety tests on ``-k asgi``."""
 
+import asyncio
 import hashlib
 import json
 
@@ -31,6 +32,9 @@ async def app(scope, receive, send):
     if path == "/hit":
         HITS += 1
         body = b"hit %d\n" % HITS
+    elif path == "/sleep":
+        await asyncio.sleep(int(scope["query_string"] or 100) / 1000)
+        body = b"slept"
     elif path == "/count":
         body = b"%d" % HITS
     elif path == "/big":

@@ -346,8 +346,9 @@ class SyncWorker(Worker):
         reader.feed(data)
         if reader.events:
             self.process(conn)
-            if not conn.closed and conn.head is None and reader.in_message:
-                # a pipelined request has started: its head must arrive in time
+            if not conn.closed and conn.head is None and reader.in_message and self._watched(conn):
+                # a pipelined request has started: its head must arrive in time (unless the
+                # connection was handed off, as the thread worker does, and is not watched)
                 conn.deadline = conn.idle_since + (self.cfg.header_timeout or 1e9)
         elif was_idle and not conn.closed:
             # the first bytes of a new request: the head must now arrive in time
@@ -447,6 +448,13 @@ class SyncWorker(Worker):
             return False
         conn.handshaking = False
         self._watch(conn, _READ)
+        return True
+
+    def _watched(self, conn: Connection) -> bool:
+        try:
+            self.selector.get_key(conn.sock)
+        except (KeyError, ValueError):
+            return False
         return True
 
     def _watch(self, conn: Connection, events: int) -> None:
