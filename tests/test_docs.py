@@ -14,6 +14,7 @@
 from __future__ import annotations
 
 import json
+import os
 import re
 import signal
 import socket
@@ -23,6 +24,7 @@ from functools import cache
 from pathlib import Path
 
 import pytest
+from conftest import wait_for
 
 ROOT = Path(__file__).resolve().parent.parent
 DOCS = ROOT / "docs"
@@ -197,11 +199,8 @@ def test_dockerfile_command_serves_and_stops_gracefully_on_term(tmp_path):
     args = [replace.get(cmd[i - 1], arg) if i else arg for i, arg in enumerate(cmd)]
     proc = subprocess.Popen([sys.executable, "-m", "tiamat", *args], cwd=ROOT / "examples",
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            start_new_session=True, env={**__import__("os").environ,
-                                                         "WEB_CONCURRENCY": "2"})
+                            start_new_session=True, env={**os.environ, "WEB_CONCURRENCY": "2"})
     try:
-        from conftest import wait_for
-
         def answers(p: int, path: str) -> bytes:
             try:
                 with socket.create_connection(("127.0.0.1", p), timeout=2) as sock:
@@ -216,7 +215,7 @@ def test_dockerfile_command_serves_and_stops_gracefully_on_term(tmp_path):
         assert proc.wait(15) == 0
     finally:
         if proc.poll() is None:
-            __import__("os").killpg(proc.pid, signal.SIGKILL)
+            os.killpg(proc.pid, signal.SIGKILL)
             proc.wait(5)
         assert proc.stdout is not None
         proc.stdout.close()
