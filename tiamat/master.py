@@ -626,11 +626,11 @@ def _close_reexec_pipe(state: MasterState) -> None:
 
 def reexec_exited(state: MasterState, code: int) -> None:
     """The new master is gone: take the pidfile back and carry on serving."""
+    _close_reexec_pipe(state)
+    _restore_pidfile(state)  # before the log line: whoever reads it finds the pidfile back
     log.error("New master (pid %s) exited with code %s; this master (pid %s) keeps serving",
               state.reexec_pid, code, state.pid)
-    _close_reexec_pipe(state)
     state.reexec_pid = 0
-    _restore_pidfile(state)
     if state.reexec_handover and state.stopping == "graceful" and state.workers:
         log.warning("the new master died during the hand-over; this master stops as asked")
     state.reexec_handover = False
