@@ -532,8 +532,10 @@ class SyncWorker(Worker):
     def reject(self, conn: Connection, error: ProtocolError) -> None:
         log.debug("rejected request: %s %s", error.status, error.reason)
         try:
-            conn.write(error_response(error.status, error.reason))
-        except ClientDisconnected:
+            # one non-blocking send: an error response is small, and a client whose window
+            # is shut must not hold the worker for --send-timeout
+            conn.sock.send(error_response(error.status, error.reason))
+        except (*_WOULD_BLOCK, OSError):
             pass
         self.close(conn, linger=True)
 
