@@ -280,17 +280,10 @@ def _answer(obj: dict[str, Any]) -> bytes:
     return json.dumps(obj, separators=(",", ":")).encode() + b"\n"
 
 
-def rss_bytes(pid: int) -> int | None:
-    try:
-        with open(f"/proc/{pid}/statm", encoding="ascii") as f:
-            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-    except (OSError, ValueError, IndexError):
-        return None
-
-
 def status(state: Any, ops_metrics: Any) -> dict[str, Any]:
     """The master and every worker, as ``tiamat status --json`` prints it."""
     from tiamat import __version__
+    from tiamat.memory import rss as rss_bytes
     from tiamat.scoreboard import BUSY
 
     now = time.monotonic()
