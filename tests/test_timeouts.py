@@ -49,9 +49,9 @@ def test_a_worker_whose_loop_stops_beating_is_killed(tiamat_server):
 
 
 def test_idle_workers_are_never_killed(tiamat_server):
-    server = tiamat_server(APP, "-w", "2", "--timeout", "1")
+    server = tiamat_server(APP, "-w", "2", "--timeout", "2")  # idle workers beat every 0.5 s
     before = wait_for(lambda: one_per_slot(server.pid, 2), message="2 workers")
-    time.sleep(3.5)
+    time.sleep(4)
     assert one_per_slot(server.pid, 2) == before
     assert "WORKER TIMEOUT" not in server.log()
 

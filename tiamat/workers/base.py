@@ -44,7 +44,7 @@ ABORT_SIGNAL = signal.SIGABRT
 #: how often the watchdog thread checks that the master is still there
 WATCHDOG_INTERVAL = 0.25
 #: after the master is gone, how long the loop gets to stop by itself before os._exit
-ORPHAN_GRACE = 1.0
+ORPHAN_GRACE = 0.5
 
 #: the worker running in this process (None in the master); see ``tiamat.worker``
 current: Worker | None = None
