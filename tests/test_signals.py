@@ -333,3 +333,18 @@ def test_usr2_re_executes_from_the_directory_the_command_ran_in(tiamat_server, t
     finally:
         os.kill(new_master, signal.SIGTERM)
         wait_for(lambda: not alive(new_master), timeout=20, message="the new master to stop")
+
+
+def test_hup_finds_a_relative_config_file_after_chdir(tiamat_server, tmp_path):
+    from conftest import ROOT
+
+    config = tmp_path / "conf.py"
+    app = str(Path(ROOT / APP).resolve())
+    config.write_text(f"bind = ['127.0.0.1:0']\nworkers = 1\napp = {app!r}\n")
+    work = tmp_path / "elsewhere"
+    work.mkdir()
+    server = tiamat_server("-c", os.path.relpath(config, ROOT), "--chdir", str(work))
+    wait_for(lambda: one_per_slot(server.pid, 1), message="1 worker")
+    config.write_text(f"bind = ['127.0.0.1:0']\nworkers = 2\napp = {app!r}\n")
+    server.signal(signal.SIGHUP)
+    wait_for(lambda: one_per_slot(server.pid, 2), timeout=20, message="2 workers after HUP")

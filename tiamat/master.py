@@ -234,9 +234,16 @@ def prepare(state: MasterState) -> int:
 
 
 def command_line_settings(cfg: Any) -> dict[str, Any]:
-    """The settings given on the command line: HUP re-reads the file but keeps these."""
-    return {name: value for name, value in cfg.values.items()
-            if cfg.sources.get(name) == "command line"}
+    """The settings given on the command line: HUP re-reads the file but keeps these.
+
+    The config file's path is made absolute: it was given relative to the directory the
+    command ran in, and ``--chdir`` has moved the master since.
+    """
+    given = {name: value for name, value in cfg.values.items()
+             if cfg.sources.get(name) == "command line"}
+    if given.get("config"):
+        given["config"] = os.path.join(START_CWD, given["config"])
+    return given
 
 
 def _take_fd_env(name: str) -> int:
