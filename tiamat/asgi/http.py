@@ -545,35 +545,32 @@ class Cycle:
         status = self.status
         keep_alive = head.keep_alive and not head.upgrade and not conn.closing
         length: int | None = None
-        parts = [status_line(status), SERVER_HEADER, date_header()]
-        append = parts.append
+        lines = []
         for name, value in self.headers:
             lname = name.lower()
             if lname == b"content-length":
                 length = int(value)
-                continue
-            if lname == b"connection":
+            elif lname == b"connection":
                 if b"close" in value.lower():
                     keep_alive = False
-                continue
-            if lname == b"transfer-encoding":
-                continue
-            if b"\n" in value or b"\r" in value or b"\n" in name or b"\r" in name:
-                raise RuntimeError(f"response header {name!r} contains a line break")
-            append(name + b": " + value + b"\r\n")
+            elif lname != b"transfer-encoding":
+                lines.append(name + b": " + value + b"\r\n")
+        block = b"".join(lines)
+        # one scan for the whole block: each line has exactly one CR and one LF, so a line
+        # break inside a name or value (header injection) shows up as an extra one
+        if block.count(b"\n") != len(lines) or block.count(b"\r") != len(lines):
+            raise RuntimeError("a response header contains a line break")
         if length is None and body_length is not None and head.method != b"HEAD" \
                 and status >= 200 and status not in (204, 304):
             length = body_length
         framing = self.framing = decide_framing(status, length, head.method, head.version,
                                                 keep_alive, conn.state.server_keep_alive)
         self.length = length if framing.send_body else None
-        if length is not None:
-            append(b"Content-Length: %d\r\n" % length)
-        if framing.chunked:
-            append(CHUNKED_HEADER)
-        append(connection_header(framing, head.version))
-        append(b"\r\n")
-        return b"".join(parts)
+        return b"".join((
+            status_line(status), SERVER_HEADER, date_header(), block,
+            b"Content-Length: %d\r\n" % length if length is not None else b"",
+            CHUNKED_HEADER if framing.chunked else b"",
+            connection_header(framing, head.version), b"\r\n"))
 
     def _complete(self) -> None:
         self.complete = True
