@@ -328,3 +328,9 @@ def test_access_log(tiamat_server, http_impl):
     server.request(b"GET /error HTTP/1.1\r\nHost: t\r\nUser-Agent: probe\r\n\r\n")
     server.wait_log(r'"GET /stream\?n=2 HTTP/1\.1" 200 12 ')
     server.wait_log(r'"GET /error HTTP/1\.1" 500 - "-" "probe"')
+
+
+def test_header_injection_is_refused(server):
+    reply = server.request(b"GET /inject HTTP/1.1\r\nHost: t\r\n\r\n")
+    assert reply.startswith(b"HTTP/1.1 500")
+    assert b"stolen" not in reply

@@ -143,6 +143,8 @@ async def _http(scope, receive, send):
                     "headers": [(b"content-length", b"11")]})
         body = b"" if scope["method"] == "HEAD" else b"hello world"
         await send({"type": "http.response.body", "body": body})
+    elif path == "/inject":
+        await _respond(send, 200, b"x", [(b"x-bad", b"a\r\nSet-Cookie: stolen=1")])
     elif path == "/no-content":
         await send({"type": "http.response.start", "status": 204, "headers": []})
         await send({"type": "http.response.body", "body": b""})
