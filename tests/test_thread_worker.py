@@ -125,3 +125,14 @@ def test_graceful_stop_finishes_in_flight_requests(tiamat_server):
     assert len(results) == 3
     assert all(r.startswith(b"HTTP/1.1 200") and b"slept" in r for r in results)
 
+
+
+def test_a_stuck_thread_is_caught_by_the_timeout(tiamat_server):
+    """The loop keeps beating, but the oldest running request counts for --timeout."""
+    server = tiamat_server(APP, "-k", "thread", "--threads", "2", "--timeout", "2")
+    first = wait_for(lambda: server.worker_pids())[0]
+    with socket.create_connection((server.host, server.port), timeout=15) as sock:
+        sock.sendall(b"GET /sleep?s=30 HTTP/1.1\r\nHost: t\r\n\r\n")
+        server.wait_log(r"WORKER TIMEOUT", timeout=15)
+    wait_for(lambda: server.worker_pids() and server.worker_pids()[0] != first, 10)
+    server.wait_answering()
