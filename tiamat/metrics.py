@@ -378,13 +378,20 @@ class StatsD:
     """Pushes what changed since the last push, over UDP (never blocks the master)."""
 
     def __init__(self, target: str, prefix: str) -> None:
-        host, _, port = target.rpartition(":")
-        if not host:
+        host, sep, port = target.rpartition(":")
+        if not sep or "]" in port:  # no port given (``statsd``, ``[::1]``): the usual one
             host, port = target, "8125"
-        self.address = (host.strip("[]"), int(port))
+        if not port.isdigit():
+            raise ValueError(f"--statsd-host {target!r}: expected HOST:PORT")
+        # resolved once, here: a DNS lookup per push would block the master's loop
+        try:
+            family, kind, proto, _, address = socket.getaddrinfo(
+                host.strip("[]"), int(port), type=socket.SOCK_DGRAM)[0]
+        except OSError as exc:
+            raise ValueError(f"--statsd-host {target}: {exc.strerror or exc}") from None
+        self.address = address
         self.prefix = prefix.rstrip(".") + "." if prefix else ""
-        family = socket.AF_INET6 if ":" in self.address[0] else socket.AF_INET
-        self.sock = socket.socket(family, socket.SOCK_DGRAM)
+        self.sock = socket.socket(family, kind, proto)
         self.sock.setblocking(False)
         self.last: Snapshot | None = None
 

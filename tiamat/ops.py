@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import os
+import selectors
 import socket
 import sys
 import time
@@ -32,6 +33,9 @@ class Ops:
     next_push: float = 0.0
 
 
+_current: Ops | None = None
+
+
 def start(state: Any) -> bool:
     """Create the metrics table and open what the settings ask for.  On failure the error
     is recorded as the master's fatal error (exit 1) and False is returned."""
@@ -49,21 +53,18 @@ def start(state: Any) -> bool:
             log.info("Control socket at: %s", ops.control.path)
         if cfg.statsd_host:
             ops.statsd = metrics.StatsD(cfg.statsd_host, cfg.statsd_prefix)
-            ops.next_push = time.monotonic() + _statsd_interval(cfg)
+            ops.next_push = time.monotonic() + cfg.statsd_interval
         if cfg.reload:
             ops.reloader = reloader.Reloader(cfg)
-            state.selector.register(ops.reloader.read_fd, 1, ops)  # 1: EVENT_READ
+            state.selector.register(ops.reloader.read_fd, selectors.EVENT_READ, ops)
             ops.reloader.start()
-    except (OSError, ValueError, reloader.ReloadError) as exc:
+    except (OSError, ValueError, reloader.ReloadError) as exc:  # socket.gaierror is an OSError
         text = getattr(exc, "strerror", None) or str(exc)
         state.fatal = f"cannot start: {text}"
         state.exit_code = 1
         close(state)
         return False
     return True
-
-
-_current: Ops | None = None
 
 
 def _close_in_child() -> None:
@@ -95,10 +96,6 @@ def _close_in_child() -> None:
 
 
 os.register_at_fork(after_in_child=_close_in_child)
-
-
-def _statsd_interval(cfg: Any) -> float:
-    return float(getattr(cfg, "statsd_interval", 10.0) or 10.0)
 
 
 def _open_exporter(state: Any, bind: str, master_metrics: metrics.MasterMetrics
@@ -139,7 +136,7 @@ def step(state: Any) -> None:
     if ops.control is not None:
         ops.control.step(now)
     if ops.statsd is not None and now >= ops.next_push:
-        ops.next_push = now + _statsd_interval(state.cfg)
+        ops.next_push = now + state.cfg.statsd_interval
         ops.statsd.push(ops.metrics.snapshot(state))
     if ops.reloader is not None:
         changed = ops.reloader.take_changes()
