@@ -24,7 +24,7 @@ from wsproto.events import (
 from wsproto.extensions import PerMessageDeflate
 from wsproto.utilities import LocalProtocolError, RemoteProtocolError
 
-from tiamat.asgi.websocket import ClientDisconnected, WebSocketProtocol, _handshake_bytes
+from tiamat.asgi.websocket import QUEUE_HIGH, ClientDisconnected, WebSocketProtocol, _handshake_bytes
 
 
 class WsprotoProtocol(WebSocketProtocol):
@@ -83,7 +83,7 @@ class WsprotoProtocol(WebSocketProtocol):
                         message = {"type": "websocket.receive"}
                         message["text" if kind is TextMessage else "bytes"] = data
                         self._put(message)
-                        if len(self.queue) >= 16 and not self.read_paused:
+                        if len(self.queue) >= QUEUE_HIGH and not self.read_paused:
                             self.read_paused = True
                             self.transport.pause_reading()
             elif kind is Ping:
