@@ -131,7 +131,7 @@ class Snapshot:
 
 @dataclass
 class MasterMetrics:
-    """The master's side: row assignment, totals of exited workers, restarts, export."""
+    """The master's side: totals of exited workers, restarts by reason, snapshots."""
 
     recording: bool
     table: Table | None = None
@@ -140,25 +140,24 @@ class MasterMetrics:
     restarts_by_slot: dict[int, int] = field(default_factory=dict)
     started: float = field(default_factory=time.time)
 
+    def _fold(self, row: int) -> None:
+        """Add a row to the totals of exited workers and zero it for its next process."""
+        if self.table is None or not 0 <= row < self.table.rows:
+            return
+        values = self.table.read(row)
+        if any(values):
+            values[IN_FLIGHT] = 0  # whatever it was doing is over
+            self.retired = [a + b for a, b in zip(self.retired, values, strict=True)]
+            self.table.zero(row)
+
     def before_fork(self, worker: Any) -> None:
         """The row of the process about to be forked starts from zero (it always does: rows
         are zeroed when folded; this only guards against a row left by an unreaped child)."""
-        row = _row_of(worker)
-        if self.table is not None and 0 <= row < self.table.rows:
-            values = self.table.read(row)
-            if any(values):
-                values[IN_FLIGHT] = 0
-                self.retired = [a + b for a, b in zip(self.retired, values, strict=True)]
-                self.table.zero(row)
+        self._fold(_row_of(worker))
 
     def worker_exited(self, state: Any, worker: Any, code: int) -> None:
         """Fold the row of an exited worker into the totals; count the restart's reason."""
-        row = _row_of(worker)
-        if self.table is not None and 0 <= row < self.table.rows:
-            values = self.table.read(row)
-            values[IN_FLIGHT] = 0
-            self.retired = [a + b for a, b in zip(self.retired, values, strict=True)]
-            self.table.zero(row)
+        self._fold(_row_of(worker))
         reason = restart_reason(state, worker, code)
         if reason is not None:
             self.restarts[reason] = self.restarts.get(reason, 0) + 1
