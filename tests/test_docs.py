@@ -295,3 +295,15 @@ if __name__ == "__main__":
     else:
         print("usage: python tests/test_docs.py --gunicorn-table", file=sys.stderr)
         sys.exit(2)
+
+
+def test_metrics_table_matches_what_the_master_exports():
+    from tiamat import metrics
+
+    snap = metrics.Snapshot(status=[0] * 6, count=0, sum_seconds=0.0,
+                            buckets=[0] * (len(metrics.BUCKETS) + 1), in_flight=0,
+                            workers={"idle": 1}, target=1, restarts={"timeout": 0},
+                            backlog={"127.0.0.1:8000": (0, 128)})
+    exported = set(re.findall(r"^# TYPE (\S+) ", metrics.render_prometheus(snap), re.M))
+    documented = set(re.findall(r"^\| `(tiamat_\w+)` \|", (DOCS / "deployment.md").read_text(), re.M))
+    assert documented == exported
