@@ -127,3 +127,12 @@ def test_not_opened_unless_asked(tiamat_server, tmp_path):
     server = tiamat_server(APP, cwd=tmp_path)
     assert "Control socket at" not in server.log()
     assert not list(tmp_path.glob("*.sock"))
+
+
+def test_a_stale_socket_file_is_replaced(tiamat_server, tmp_path):
+    ctl = tmp_path / "ctl.sock"
+    leftover = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    leftover.bind(str(ctl))  # a crashed server's file: it exists, nobody listens
+    leftover.close()
+    server = tiamat_server(APP, "--control-socket", str(ctl))
+    assert _status(ctl)["master"]["pid"] == server.pid

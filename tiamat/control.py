@@ -157,11 +157,16 @@ class SocketService:
 def _owner(path: str) -> int | None:
     """The pid of the master answering on ``path``, 0 if something else answers, None if
     nothing does (a stale file)."""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
+        try:
+            probe.connect(path)
+        except (ConnectionRefusedError, FileNotFoundError):
+            return None
+        except OSError:
+            return 0
     try:
         return int(request(path, {"command": "status"}, timeout=3.0)["master"]["pid"])
-    except ControlError as exc:
-        return None if "nothing listens" in str(exc) or "no control socket" in str(exc) else 0
-    except (KeyError, TypeError, ValueError):
+    except (ControlError, KeyError, TypeError, ValueError):
         return 0
 
 
