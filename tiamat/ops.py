@@ -72,7 +72,8 @@ def _close_in_child() -> None:
     sockets (a lingering worker would hold the metrics port or the control socket).  Only
     the descriptors are closed — the selector is shared with the parent through fork, so
     it must not be touched here."""
-    ops = _current
+    global _current
+    ops, _current = _current, None  # once: later forks (in a worker) must not close reused fds
     if ops is None:
         return
     socks: list[socket.socket] = []
