@@ -258,7 +258,11 @@ class ControlServer:
             wanted = message.get("workers")
             if not isinstance(wanted, int) or not 1 <= wanted <= 4096:
                 raise ValueError("scale needs a worker count between 1 and 4096")
-            log.info("Control socket: scale %s -> %s", state.target, wanted)
+            set_target = getattr(master, "set_target", None)  # what TTIN/TTOU do, in one step
+            if set_target is not None:
+                if wanted != state.target:
+                    set_target(state, wanted, "Control socket: scale")
+                return {"workers": state.target}
             for _ in range(abs(wanted - state.target)):
                 before = state.target
                 actions[signal.SIGTTIN if wanted > state.target else signal.SIGTTOU](state)
