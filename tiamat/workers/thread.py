@@ -143,7 +143,7 @@ class ThreadWorker(SyncWorker):
             else:
                 now = time.monotonic()
                 conn.idle_since = now
-                conn.deadline = now + self.cfg.keepalive
+                conn.deadline = now + self.keepalive_timeout  # cached by SyncWorker.run
                 self.selector.register(conn.sock, selectors.EVENT_READ, conn)
                 if job.pending:
                     conn.reader.events[:0] = job.pending
