@@ -117,6 +117,8 @@ class ForwardedRules:
                     proto = "https"
         if forwarded:
             return self._resolve_forwarded(",".join(forwarded))
+        if not xff and proto is None and host is None and secure is None:
+            return NOTHING  # no forwarding header at all, the common case: nothing to apply
         if proto is None and secure is False:
             proto = "http"
         client_addr = self._pick([a for a in xff if a])
