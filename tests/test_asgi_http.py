@@ -334,3 +334,16 @@ def test_header_injection_is_refused(server):
     reply = server.request(b"GET /inject HTTP/1.1\r\nHost: t\r\n\r\n")
     assert reply.startswith(b"HTTP/1.1 500")
     assert b"stolen" not in reply
+
+
+@pytest.mark.parametrize("loop", ["asyncio", "uvloop"])
+def test_pathsend_large_file(tiamat_server, tmp_path, loop):
+    big = tmp_path / "big.bin"
+    big.write_bytes(os.urandom(6 * 1024 * 1024))
+    server = tiamat_server("-k", "asgi", "--loop", loop, APP, env={"WK_SEND_FILE": str(big)})
+    with socket.create_connection((server.host, server.port), timeout=10) as sock:
+        sock.sendall(b"GET /pathsend?big=1 HTTP/1.1\r\nHost: t\r\n\r\n")
+        body = read_response(sock)[1]
+        assert body == big.read_bytes()
+        sock.sendall(b"GET / HTTP/1.1\r\nHost: t\r\n\r\n")  # the connection is still usable
+        assert read_response(sock)[1] == b"hello"

@@ -131,7 +131,8 @@ async def _http(scope, receive, send):
     elif path == "/pathsend":
         await send({"type": "http.response.start", "status": 200,
                     "headers": [(b"content-type", b"text/x-python")]})
-        await send({"type": "http.response.pathsend", "path": os.path.abspath(__file__)})
+        target = os.environ.get("WK_SEND_FILE") if query.get("big") else None
+        await send({"type": "http.response.pathsend", "path": target or os.path.abspath(__file__)})
     elif path == "/state":
         await _respond(send, 200, scope.get("state", {}).get("greeting", "no state").encode())
     elif path == "/error":
