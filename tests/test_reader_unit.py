@@ -300,3 +300,47 @@ def test_feed_after_eof_midway_is_400() -> None:
     for cls in READERS:
         verdict, _ = read_all(cls, b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 5\r\n\r\nab")
         assert verdict == 400
+
+
+def _summary(cls: type[RequestReader], data: bytes) -> list[object]:
+    reader = cls(Limits(body=100_000))
+    reader.feed(data)
+    reader.feed_eof()
+    out: list[object] = []
+    for event in reader.events:
+        if isinstance(event, ProtocolError):
+            out.append(("error", event.status))
+        elif isinstance(event, RequestHead):
+            out.append((event.method, event.target, event.version, tuple(event.headers),
+                        event.keep_alive, event.chunked, event.content_length, event.upgrade))
+        else:
+            out.append(event)
+    return out
+
+
+def test_tokenisers_agree_on_random_input() -> None:
+    """Differential property test: llhttp and h11 readers give the same events and verdicts."""
+    from hypothesis import HealthCheck, given, settings
+    from test_http_fuzz import requests
+
+    @settings(max_examples=1500, deadline=None, database=None,
+              suppress_health_check=[HealthCheck.too_slow])
+    @given(data=requests)
+    def agree(data: bytes) -> None:
+        assert _summary(RequestReader, data) == _summary(H11RequestReader, data)
+
+    agree()
+
+
+def test_nothing_after_a_request_that_closes() -> None:
+    """RFC 9112 9.6: after ``Connection: close`` (or HTTP/1.0) nothing more is processed."""
+    close = b"GET /a HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n"
+    for cls in READERS:
+        for first in (close, b"GET /a HTTP/1.0\r\n\r\n",
+                      b"POST /a HTTP/1.0\r\nContent-Length: 1\r\n\r\nx"):
+            reader = cls()
+            reader.feed(first + b"GET /b HTTP/1.1\r\nHost: a\r\n\r\n" + b"garbage\r\n\r\n")
+            heads = [e.path for e in reader.events if isinstance(e, RequestHead)]
+            assert heads == [b"/a"], (cls.__name__, first)
+            assert not any(isinstance(e, ProtocolError) for e in reader.events)
+            assert not reader.in_message

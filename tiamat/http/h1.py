@@ -166,6 +166,7 @@ class RequestReader:
         "_head_size",
         "_headers",
         "_hosts",
+        "_keep_alive",
         "_parser",
         "_parser_dirty",
         "_remaining",
@@ -208,11 +209,13 @@ class RequestReader:
         self._conn_tokens: bytes | None = None
         self._upgrade_header = False
         self._upgrade = False
+        self._keep_alive = True
 
     @property
     def in_message(self) -> bool:
         """True while a request has started arriving but is not complete."""
-        return self._state != _HEAD or bool(self._buf)
+        state = self._state
+        return (state != _HEAD and state != _DONE) or bool(self._buf)
 
     # --- feeding ----------------------------------------------------------------------------
     def feed(self, data: bytes) -> None:
@@ -300,6 +303,8 @@ class RequestReader:
                 pos = self._chunk_size_line(work, pos, eol + 1)
                 if self.upgraded is not None:
                     return pos
+            elif state == _DONE:  # the last request of the connection: ignore what follows
+                return end
             else:  # _TRAILER
                 eol = work.find(b"\n", pos)
                 if eol < 0:
@@ -478,6 +483,7 @@ class RequestReader:
             keep_alive = b"close" not in options if version == "1.1" else b"keep-alive" in options
             upgrade = method == b"CONNECT" or (self._upgrade_header and b"upgrade" in options)
         self._upgrade = upgrade
+        self._keep_alive = keep_alive
         self.events.append(RequestHead(
             method, self._url, version, self._headers, keep_alive, length, self._chunked,
             self._expect, upgrade))
@@ -488,13 +494,16 @@ class RequestReader:
         elif length:
             self._state = _LENGTH
             self._remaining = length
-        else:  # no body: the message is complete (the state stays _HEAD)
+        else:  # no body: the message is complete
             self.events.append(END_OF_MESSAGE)
             if upgrade:
                 self.upgraded = b""
+            elif not keep_alive:
+                self._state = _DONE
 
     def _message_complete(self) -> None:
-        self._state = _HEAD
+        # RFC 9112 9.6: no request after one that closes the connection is processed
+        self._state = _HEAD if self._keep_alive else _DONE
         self.events.append(END_OF_MESSAGE)
         if self._upgrade:
             self.upgraded = b""

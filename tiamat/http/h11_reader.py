@@ -19,6 +19,8 @@ from tiamat.http.h1 import RequestReader
 
 _REQUEST_LINE = re.compile(_abnf.request_line.encode("ascii")).fullmatch
 _FIELD = re.compile(_abnf.header_field.encode("ascii")).fullmatch
+#: origin-form, asterisk-form or absolute-form (llhttp's rule; CONNECT takes anything)
+_TARGET_FORM = re.compile(rb"[/*]|[A-Za-z]+://").match
 #: control characters llhttp refuses in a field value (HTAB is allowed, obs-text is too)
 _VALUE_CTL = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]").search
 
@@ -38,7 +40,9 @@ class H11RequestReader(RequestReader):
         match = _REQUEST_LINE(lines[0])
         if match is None:
             raise ProtocolError(400, "malformed request line")
-        self._url = match.group("target")
+        target = self._url = match.group("target")
+        if method != b"CONNECT" and _TARGET_FORM(target) is None:
+            raise ProtocolError(400, "invalid request target")
         field = self._field
         for line in lines[1:]:
             if line[:1] in (b" ", b"\t"):
