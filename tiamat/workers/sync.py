@@ -182,6 +182,7 @@ class SyncWorker(Worker):
         # through __getattr__ after a failed lookup (about 1 us each, measured in the profile)
         self.keepalive_timeout = cfg.keepalive
         self.body_timeout = cfg.body_timeout or 1e9
+        self.header_timeout = cfg.header_timeout or 1e9
         self.body_buffer_size = cfg.body_buffer_size
         if not hasattr(self, "ssl_context"):
             self.ssl_context = tls.server_context(cfg)
@@ -280,7 +281,7 @@ class SyncWorker(Worker):
             environ = self.handler.connection_environ(
                 peer, self.sockname[listener.fileno()], self.scheme)
             conn = Connection(sock, self.new_reader(), environ, now, cfg.send_timeout)
-            conn.deadline = now + (cfg.header_timeout or 1e9)
+            conn.deadline = now + self.header_timeout
             peer_addr = peer[0] if isinstance(peer, tuple) else None
             if self.proxy_peers is not None and self.proxy_peers.trusts(peer_addr):
                 conn.setup = conn.proxy_pending = True
@@ -354,10 +355,10 @@ class SyncWorker(Worker):
             if not conn.closed and conn.head is None and reader.in_message and self._watched(conn):
                 # a pipelined request has started: its head must arrive in time (unless the
                 # connection was handed off, as the thread worker does, and is not watched)
-                conn.deadline = conn.idle_since + (self.cfg.header_timeout or 1e9)
+                conn.deadline = conn.idle_since + self.header_timeout
         elif was_idle and not conn.closed:
             # the first bytes of a new request: the head must now arrive in time
-            conn.deadline = conn.idle_since + (self.cfg.header_timeout or 1e9)
+            conn.deadline = conn.idle_since + self.header_timeout
 
     # --- connection set-up: PROXY header, TLS handshake (never blocking the loop) --------
     def _setup(self, conn: Connection) -> bool:
