@@ -743,7 +743,9 @@ def check_liveness(state: MasterState) -> None:
 def liveness_problem(state: MasterState, worker: WorkerProc, now: float) -> tuple[str, str] | None:
     """(reason, log line) if ``worker`` must be killed now, else None."""
     cfg = state.cfg
-    record = state.board.read(worker.board_index)
+    record = state.board.read_stable(worker.board_index)
+    if record.torn:
+        return None  # caught mid-write: judge it on the next pass
     if not worker.booted or record.state == BOOTING:
         boot_timeout = cfg.effective_boot_timeout
         if boot_timeout and now - worker.started > boot_timeout:

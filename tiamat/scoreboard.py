@@ -7,6 +7,13 @@ status view and metrics see what each worker is doing.
 
 Times are ``time.monotonic()`` values; CLOCK_MONOTONIC is system-wide on Linux, so a value
 written by a worker compares directly with the master's clock.
+
+The master reads while workers write, without a lock, and ``struct.pack_into`` zero-fills
+its target before filling it in: a reader can catch a record with a state of 0 or times of
+0.0 for an instant (longer if the worker is descheduled mid-write).  Workers keep the cheap
+writes (this is on every request); :meth:`Scoreboard.read_stable` re-reads until two reads
+agree and :meth:`SlotState.torn` flags what is left, so the master never acts on a torn
+record: it looks again on its next pass.
 """
 
 from __future__ import annotations
@@ -40,6 +47,11 @@ class SlotState(NamedTuple):
     label: str
 
     @property
+    def torn(self) -> bool:
+        """Caught mid-write (zero-filled fields no finished write leaves behind)."""
+        return self.beat == 0.0 or (self.state == BUSY and self.request_start == 0.0)
+
+    @property
     def state_name(self) -> str:
         return STATE_NAMES[self.state] if 0 <= self.state < len(STATE_NAMES) else "?"
 
@@ -62,6 +74,16 @@ class Scoreboard:
             self.mem, slot * RECORD_SIZE)
         return SlotState(pid, state, beat, start, boot, requests,
                          label.rstrip(b"\0").decode("latin-1"))
+
+    def read_stable(self, slot: int, tries: int = 3) -> SlotState:
+        """Read until two consecutive reads agree (a worker may be writing right now)."""
+        record = self.read(slot)
+        for _ in range(tries):
+            again = self.read(slot)
+            if again == record:
+                return record
+            record = again
+        return record
 
     def writer(self, slot: int) -> SlotWriter:
         return SlotWriter(self.mem, slot * RECORD_SIZE)
