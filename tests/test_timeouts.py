@@ -147,3 +147,18 @@ def test_workers_exit_within_two_seconds_when_the_master_is_killed(tmp_path):
         except ProcessLookupError:
             pass
         proc.wait(5)
+
+
+def test_a_record_caught_mid_write_is_never_judged():
+    """struct.pack_into zero-fills before it writes: what a racing master may read."""
+    from tiamat.scoreboard import Scoreboard
+
+    board = Scoreboard(4)
+    board.reset(2, 1234, 100.0)
+    writer = board.writer(2)
+    writer.busy(101.0, b"GET", b"/x")
+    assert not board.read_stable(2).torn
+    board.mem[2 * 128 + 8:2 * 128 + 16] = bytes(8)  # the beat, as pack_into leaves it mid-write
+    assert board.read(2).torn
+    writer.idle(102.0)
+    assert not board.read(2).torn and board.read(2).requests == 1
