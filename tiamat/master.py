@@ -530,10 +530,6 @@ def on_usr2(state: MasterState) -> None:
     reexec(state, handover=False)
 
 
-def on_unsupported(state: MasterState) -> None:
-    log.warning("signal not supported yet; ignored")
-
-
 SIGNAL_ACTIONS = {
     signal.SIGTERM: on_term,
     signal.SIGQUIT: on_term,
