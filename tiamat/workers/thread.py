@@ -14,7 +14,6 @@ queueing here behind slow requests.
 
 from __future__ import annotations
 
-import io
 import logging
 import os
 import queue
@@ -25,7 +24,7 @@ from collections import deque
 from typing import BinaryIO
 
 from tiamat.http.h1 import RequestHead
-from tiamat.workers.sync import Connection, SyncWorker
+from tiamat.workers.sync import Connection, SyncWorker, request_body
 
 log = logging.getLogger("tiamat.error")
 
@@ -81,11 +80,7 @@ class ThreadWorker(SyncWorker):
             return
         head = conn.head
         assert head is not None
-        body = conn.body
-        if body is None:
-            body = io.BytesIO()
-        else:
-            body.seek(0)
+        body = request_body(conn.body)
         conn.head = conn.body = None
         # stop watching the connection; events already read (a pipelined request) wait too
         events = conn.reader.events
