@@ -24,7 +24,6 @@ class ServerState:
         self.cfg = cfg
         self.loop = loop
         self.worker = worker
-        self.board = worker.board if worker is not None else None
         self.new_reader: Callable[[], RequestReader] = reader_factory(cfg)
         self.keepalive = cfg.keepalive
         self.server_keep_alive = cfg.keepalive > 0
