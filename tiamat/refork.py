@@ -21,8 +21,10 @@ How (``--refork-after N[,M,...]``):
 * Old-generation workers are then replaced one at a time, each only once every slot again
   has a booted worker; each successor is forked by the mold, and the old worker goes once
   its successor is ready.  The next generation uses the next number in the list (N, then
-  M, ...); after the last one the mold stays, and keeps forking replacements (max-requests,
-  crashes, memory), but no new mold is made.
+  M, ...).  After the last one no new mold is made; without --preload the mold stays, to
+  fork warm replacements (max-requests, crashes, memory); with --preload it is retired once
+  its generation is complete: the master holds the app, so the workers it forks share most
+  of it anyway, and the mold's own memory is saved.
 
 Where the subreaper cannot be set (not Linux, no prctl) workers are forked from the master
 as usual and the log says so.  A HUP reload drops the mold (it holds the old code).
@@ -182,6 +184,13 @@ def _replace_old(state: MasterState, rs: ReforkState) -> bool:
             rs.replacing = False
             log.info("Refork: generation %s complete (every worker forked by the mold, pid %s)",
                      rs.generation, rs.mold.pid if rs.mold else "?")
+            if rs.index >= len(rs.thresholds) and state.app is not None and rs.mold is not None:
+                # the last generation: with --preload the master holds the app, so workers it
+                # forks share most of it anyway, and a whole process is saved (bench/memory.py)
+                log.info("Refork: no further generation; retiring the mold (pid %s), replacements "
+                         "are forked from the master", rs.mold.pid)
+                _master().retire(state, rs.mold, "refork-done")
+                rs.mold = None
         return False
     rs.replacing = True
     if memory.replacement_pending(state):
@@ -201,7 +210,7 @@ def _maybe_promote(state: MasterState, rs: ReforkState) -> None:
         if (not worker.booted or rs.gen_of.get(worker.pid, -1) != rs.generation
                 or getattr(worker, "recycle", None) is not None):
             continue
-        count = state.board.read(worker.slot).requests
+        count = state.board.read(getattr(worker, "board_index", worker.slot)).requests
         if count >= threshold and count > best_count:
             best, best_count = worker, count
     if best is None:
@@ -238,6 +247,8 @@ def on_message(state: MasterState, worker: WorkerProc, message: tuple[Any, ...])
     old_mold = rs.mold
     worker.slot = MOLD_SLOT  # its serving slot is free for a worker of the new generation
     worker.role = "mold"
+    if getattr(worker, "recycle", None) is not None:
+        worker.recycle = None  # a max-requests recycle asked for just before: moot, it serves no more
     rs.mold = worker
     rs.generation += 1
     rs.index += 1
