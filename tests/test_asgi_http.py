@@ -347,3 +347,24 @@ def test_pathsend_large_file(tiamat_server, tmp_path, loop):
         assert body == big.read_bytes()
         sock.sendall(b"GET / HTTP/1.1\r\nHost: t\r\n\r\n")  # the connection is still usable
         assert read_response(sock)[1] == b"hello"
+
+
+def test_worker_connections_stops_accepting(tiamat_server):
+    """At --worker-connections the worker stops accepting; it starts again once one closes."""
+    server = tiamat_server("-k", "asgi", "--worker-connections", "2", APP)
+    held = []
+    for _ in range(2):
+        sock = socket.create_connection((server.host, server.port), timeout=5)
+        sock.sendall(b"GET / HTTP/1.1\r\nHost: t\r\n\r\n")
+        assert read_response(sock)[1] == b"hello"
+        held.append(sock)
+    waiting = socket.create_connection((server.host, server.port), timeout=5)  # the backlog
+    waiting.sendall(b"GET / HTTP/1.1\r\nHost: t\r\n\r\n")
+    waiting.settimeout(0.7)
+    with pytest.raises(TimeoutError):
+        waiting.recv(100)
+    held.pop().close()
+    waiting.settimeout(5)
+    assert read_response(waiting)[1] == b"hello"
+    for sock in [*held, waiting]:
+        sock.close()

@@ -85,7 +85,10 @@ class HttpProtocol(asyncio.Protocol):
         state = self.state
         self.transport: asyncio.Transport = transport  # type: ignore[assignment]
         self.reader = state.new_reader()
-        state.connections.add(self)
+        connections = state.connections
+        connections.add(self)
+        if len(connections) >= state.max_connections and state.on_full is not None:
+            state.on_full()
         peer = transport.get_extra_info("peername")
         sockname = transport.get_extra_info("sockname")
         client = (peer[0], peer[1]) if isinstance(peer, tuple) else None
@@ -110,7 +113,7 @@ class HttpProtocol(asyncio.Protocol):
             self.proxy_buf = b""
 
     def connection_lost(self, exc: Exception | None) -> None:
-        self.state.connections.discard(self)
+        self.state.connection_closed(self)
         cycle = self.cycle
         if cycle is not None:
             cycle.disconnected = True

@@ -50,9 +50,20 @@ class ServerState:
         self.ws_factory = ws_factory
         #: every open connection's protocol (HTTP and WebSocket)
         self.connections: set[Any] = set()
+        #: --worker-connections: at this many the worker stops accepting (on_full), and
+        #: starts again once one closes (on_room); the worker sets both callbacks
+        self.max_connections: int = cfg.worker_connections
+        self.on_full: Callable[[], None] | None = None
+        self.on_room: Callable[[], None] | None = None
         #: running ASGI tasks (requests and WebSocket sessions)
         self.tasks: set[asyncio.Task[None]] = set()
         self.stopping = False
+
+    def connection_closed(self, protocol: Any) -> None:
+        connections = self.connections
+        connections.discard(protocol)
+        if self.on_room is not None and len(connections) < self.max_connections:
+            self.on_room()
 
     def request_done(self) -> None:
         """Count one finished request for the scoreboard and --max-requests."""

@@ -105,7 +105,7 @@ class WebSocketProtocol(asyncio.Protocol):
         task.add_done_callback(state.tasks.discard)
 
     def connection_lost(self, exc: Exception | None) -> None:
-        self.state.connections.discard(self)
+        self.state.connection_closed(self)
         if not self.disconnected:
             self._disconnect(1006, "")
         for waiter in (self.waiter, self.drain_waiter):

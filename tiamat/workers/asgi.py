@@ -107,14 +107,41 @@ class AsgiWorker(Worker):
                 os.sched_yield()
             return HttpProtocol(state)
 
-        servers = [await loop.create_server(factory, sock=sock,
-                                            backlog=self.cfg.backlog, **tls)
-                   for sock in self.listeners]
+        self.factory, self.tls = factory, tls
+        self.servers: list[asyncio.AbstractServer] = []
+        self.accept_paused = False
+        state.on_full, state.on_room = self.pause_accepting, self.resume_accepting
+        await self.listen()
         self.tick()
         self.notify_ready()
         if self.alive:
             await self.stopped.wait()
-        await self.shutdown(servers)
+        await self.shutdown()
+
+    # --- accepting --------------------------------------------------------------------------
+    async def listen(self) -> None:
+        """Accept on every listener (through duplicates: pausing closes them, not the originals)."""
+        servers = [await self.loop.create_server(self.factory, sock=sock.dup(),
+                                                 backlog=self.cfg.backlog, **self.tls)
+                   for sock in self.listeners]
+        if self.accept_paused or self.state.stopping:
+            for server in servers:
+                server.close()
+        else:
+            self.servers.extend(servers)
+
+    def pause_accepting(self) -> None:
+        """--worker-connections reached: new clients wait in the backlog for another worker."""
+        if not self.accept_paused:
+            self.accept_paused = True
+            for server in self.servers:
+                server.close()
+            self.servers = []
+
+    def resume_accepting(self) -> None:
+        if self.accept_paused and not self.state.stopping:
+            self.accept_paused = False
+            self.loop.create_task(self.listen())
 
     # --- the loop's housekeeping ------------------------------------------------------------
     def tick(self) -> None:
@@ -141,13 +168,15 @@ class AsgiWorker(Worker):
             self.stopped.set()
 
     # --- stopping ---------------------------------------------------------------------------
-    async def shutdown(self, servers: list[asyncio.AbstractServer]) -> None:
+    async def shutdown(self) -> None:
         loop = self.loop
         state = self.state
         state.stopping = True
         self.board.stopping(monotonic())
-        for server in servers:
+        for server in self.servers:
             server.close()  # no more accepting: other workers (or the next master) take over
+        for sock in self.listeners:
+            sock.close()
         if not self.quick:
             for conn in list(state.connections):
                 conn.shutdown()
