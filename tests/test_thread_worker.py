@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import os
 import signal
 import socket
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 from conftest import wait_for
 
@@ -136,3 +138,28 @@ def test_a_stuck_thread_is_caught_by_the_timeout(tiamat_server):
         server.wait_log(r"WORKER TIMEOUT", timeout=15)
     wait_for(lambda: server.worker_pids() and server.worker_pids()[0] != first, 10)
     server.wait_answering()
+
+
+def _cpu_seconds(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def test_graceful_stop_closes_idle_connections_and_waits_quietly(tiamat_server):
+    server = tiamat_server(APP, "-k", "thread", "--threads", "2")
+    worker = wait_for(lambda: server.worker_pids())[0]
+    idle = socket.create_connection((server.host, server.port), timeout=5)
+    idle.sendall(b"GET / HTTP/1.1\r\nHost: t\r\n\r\n")
+    assert idle.recv(1000).startswith(b"HTTP/1.1 200")
+    busy = socket.create_connection((server.host, server.port), timeout=10)
+    busy.sendall(b"GET /sleep?s=2 HTTP/1.1\r\nHost: t\r\n\r\n")
+    time.sleep(0.3)
+    server.signal(signal.SIGTERM)
+    assert idle.recv(100) == b""  # the idle keep-alive connection is closed at once
+    cpu = _cpu_seconds(worker)
+    time.sleep(1.0)
+    assert _cpu_seconds(worker) - cpu < 0.5, "the stopping worker spins while it waits"
+    assert busy.recv(1000).startswith(b"HTTP/1.1 200")
+    assert server.wait(10) == 0
+    idle.close()
+    busy.close()

@@ -24,7 +24,7 @@ from collections import deque
 from typing import BinaryIO
 
 from tiamat.http.h1 import RequestHead
-from tiamat.workers.sync import Connection, SyncWorker, request_body
+from tiamat.workers.sync import STOP_GRACE, Connection, SyncWorker, request_body
 
 log = logging.getLogger("tiamat.error")
 
@@ -162,22 +162,31 @@ class ThreadWorker(SyncWorker):
 
     # --- stopping -------------------------------------------------------------------------
     def shutdown(self) -> None:
-        """Stop accepting, let in-flight requests finish (unless quick), then close all."""
+        """Stop accepting, let in-flight requests finish (unless quick), then close all.
+
+        While the pool finishes, the loop keeps running: idle keep-alive connections are
+        closed, a request already on its way is still read and answered (inline, as the
+        worker is stopping), and the sync worker's own shutdown does the rest.
+        """
         self.board.stopping(time.monotonic())
         self._set_accepting(False)
         for sock in self.listeners:
             sock.close()  # refuse new clients now rather than leave them in the backlog
-        for conn in list(self.connections.values()):
-            if conn not in self.in_flight:
-                self.close(conn)
         deadline = time.monotonic() + self.cfg.graceful_timeout
         while self.in_flight and not self.quick and time.monotonic() < deadline:
-            for key, _ in self.selector.select(0.5):
-                if key.fileobj == self.wake_fd:
-                    super().handle_wakeup()
+            now = time.monotonic()
+            for conn in list(self.connections.values()):
+                if (conn not in self.in_flight and not conn.reader.in_message
+                        and not getattr(conn, "setup", False) and now - conn.idle_since >= STOP_GRACE):
+                    self.close(conn)
+            for key, _ in self.selector.select(0.2):
+                data = key.data
+                if data.__class__ is Connection:
+                    self.on_readable(data)
+                elif key.fileobj == self.wake_fd:
+                    self.handle_wakeup()
                 elif key.fileobj is self.channel.sock:
                     self.handle_channel()
-            self._collect_for_shutdown()
             self.beat()
         for _ in self.threads:
             self.jobs.put(None)
@@ -186,10 +195,3 @@ class ThreadWorker(SyncWorker):
             log.warning("worker %s: exiting with %s requests still running", self.slot,
                         len(self.in_flight))
         super().shutdown()
-
-    def _collect_for_shutdown(self) -> None:
-        while self.done:
-            job = self.done.popleft()
-            self.in_flight.pop(job.conn, None)
-            self.board.idle(time.monotonic())
-            super().close(job.conn)
