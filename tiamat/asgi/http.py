@@ -128,12 +128,12 @@ class HttpProtocol(asyncio.Protocol):
             if not data:
                 return
         reader = self.reader
-        idle = not reader.in_message and self.cycle is None
         reader.feed(data)
         if reader.events:
             self.handle_events()
-        elif idle and reader.in_message:
-            # the first bytes of a new request: its head must now arrive in time
+        elif self.cycle is None:
+            # part of a new request's head: it must be complete in time (from the moment
+            # the connection became idle, so trickling bytes does not extend it)
             self.deadline = self.idle_since + self.state.header_timeout
 
     def read_proxy_header(self, data: bytes) -> bytes:
@@ -263,7 +263,7 @@ class HttpProtocol(asyncio.Protocol):
             cycle.t0 = perf_counter()
             if state.recorder is not None:
                 state.recorder.start()
-        self.deadline = monotonic() + state.body_timeout if head.has_body else FOREVER
+        self.deadline = monotonic() + state.body_timeout if cycle.more_body else FOREVER
         task = state.loop.create_task(cycle.run(state.app))
         state.tasks.add(task)
         task.add_done_callback(state.tasks.discard)
@@ -368,9 +368,9 @@ class Cycle:
         self.head = head
         self.body: list[bytes] | None = None
         self.body_size = 0
-        self.more_body = head.has_body
+        self.more_body = more_body = head.chunked or bool(head.content_length)
         self.final_sent = False
-        self.expect_100 = head.expect_continue and head.version == "1.1" and head.has_body
+        self.expect_100 = more_body and head.expect_continue and head.version == "1.1"
         self.waiter: asyncio.Future[None] | None = None
         self.disconnected = False
         self.started = False
@@ -580,7 +580,8 @@ class Cycle:
         framing = self.framing
         keep_alive = framing.keep_alive and (self.length is None or self.sent == self.length)
         self.conn.response_complete(self, keep_alive)
-        self.wake()
+        if self.waiter is not None:
+            self.wake()
 
     async def _pathsend(self, path: str) -> None:
         if not self.started or self.framing is not None:
