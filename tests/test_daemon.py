@@ -207,3 +207,26 @@ def test_usr2_of_a_daemon_hands_over_without_detaching_again(tmp_path):
         for pid in (old, new):
             if pid:
                 kill_tree(pid)
+
+
+def test_usr1_moves_a_daemons_stdout_and_stderr_to_the_new_files(tmp_path):
+    pid_path, sock_path = tmp_path / "tiamat.pid", tmp_path / "tiamat.sock"
+    err, out = tmp_path / "error.log", tmp_path / "stdout.log"
+    result = run_tiamat(str(ROOT / APP), "-D", "-w", "2", "--pid", str(pid_path),
+                        "-b", f"unix:{sock_path}", "--error-logfile", str(err),
+                        "--stdout-path", str(out))
+    pid = read_pid(pid_path)
+    try:
+        assert result.returncode == 0, result.stderr
+        workers = list(wait_for(lambda: one_per_slot(pid, 2), message="2 workers").values())
+        err.rename(tmp_path / "error.log.1")
+        out.rename(tmp_path / "stdout.log.1")
+        os.kill(pid, signal.SIGUSR1)
+        wait_for(lambda: err.exists() and err.read_text().count("reopened the log files") == 3,
+                 message="master and workers reopened")
+        for process in (pid, *workers):
+            assert os.readlink(f"/proc/{process}/fd/1") == str(out)
+            assert os.readlink(f"/proc/{process}/fd/2") == str(err)
+    finally:
+        if pid:
+            kill_tree(pid)
