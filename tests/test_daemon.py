@@ -230,3 +230,16 @@ def test_usr1_moves_a_daemons_stdout_and_stderr_to_the_new_files(tmp_path):
     finally:
         if pid:
             kill_tree(pid)
+
+
+def test_sd_notify_to_an_abstract_socket(tiamat_server, tmp_path):
+    name = f"tiamat-test-{os.getpid()}-{tmp_path.name}"
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    listener.bind("\0" + name)
+    listener.setblocking(False)
+    try:
+        server = tiamat_server(APP, env={"NOTIFY_SOCKET": "@" + name})
+        seen = wait_for(lambda: _datagrams(listener), message="a datagram")
+        assert "READY=1" in seen[0] and f"MAINPID={server.pid}" in seen[0]
+    finally:
+        listener.close()
