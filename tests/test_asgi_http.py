@@ -368,3 +368,19 @@ def test_worker_connections_stops_accepting(tiamat_server):
     assert read_response(waiting)[1] == b"hello"
     for sock in [*held, waiting]:
         sock.close()
+
+
+def test_pre_and_post_request_hooks(tiamat_server, tmp_path):
+    marks = tmp_path / "hooks.log"
+    config = tmp_path / "conf.py"
+    config.write_text(
+        "def pre_request(worker, req):\n"
+        f"    open({str(marks)!r}, 'a').write('pre %s\\n' % req.path.decode())\n"
+        "def post_request(worker, req, scope, resp):\n"
+        f"    open({str(marks)!r}, 'a').write('post %s %s %s\\n' % (scope['path'], resp.status,"
+        " resp.sent))\n")
+    server = tiamat_server("-b", "127.0.0.1:0", "-c", str(config), "-k", "asgi", APP)
+    server.get("/stream?n=2")
+    wait_for(lambda: marks.exists() and "post /stream 200 12" in marks.read_text(), 5,
+             message="post_request")
+    assert "pre /stream" in marks.read_text()

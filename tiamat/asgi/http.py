@@ -263,6 +263,8 @@ class HttpProtocol(asyncio.Protocol):
             cycle.t0 = perf_counter()
             if state.recorder is not None:
                 state.recorder.start()
+            if state.request_hooks is not None:
+                state.request_hooks.before(head)
         self.deadline = monotonic() + state.body_timeout if cycle.more_body else FOREVER
         task = state.loop.create_task(cycle.run(state.app))
         state.tasks.add(task)
@@ -406,11 +408,16 @@ class Cycle:
             state.request_done()
 
     def _observe(self, state: ServerState) -> None:
-        """Access log line and metrics for this request (only when either is on)."""
+        """Access log line, metrics and post_request for this request (only when one is on)."""
         duration = perf_counter() - self.t0
-        status = self.status if self.started and self.framing is not None else 500
+        framing = self.framing
+        status = self.status if self.started and framing is not None else 500
         if state.recorder is not None:
             state.recorder.done(status, duration)
+        if state.request_hooks is not None:
+            keep_alive = framing is not None and framing.keep_alive
+            state.request_hooks.after(self.head, self.scope, (keep_alive, status, self.sent), None,
+                                      list(self.headers))
         if state.access_log is not None:
             scope, head = self.scope, self.head
             client = scope["client"]

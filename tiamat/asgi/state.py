@@ -7,7 +7,7 @@ from collections.abc import Callable
 from time import monotonic
 from typing import Any
 
-from tiamat import accesslog, metrics, tls
+from tiamat import accesslog, hooks, metrics, tls
 from tiamat.http import reader_factory
 from tiamat.http.h1 import RequestReader
 from tiamat.http.proxy import ForwardedRules
@@ -44,7 +44,10 @@ class ServerState:
         #: None when off, so a request pays one test and builds nothing
         self.access_log = accesslog.for_worker(cfg)
         self.recorder = metrics.recorder(threaded=False)
-        self.observed = self.access_log is not None or self.recorder is not None
+        #: pre_request / post_request (the scope stands in for the WSGI environ)
+        self.request_hooks = hooks.RequestHooks.for_config(cfg)
+        self.observed = (self.access_log is not None or self.recorder is not None
+                         or self.request_hooks is not None)
         self.lifespan_state = lifespan_state
         #: None when WebSocket is off (``--ws none``); else makes a WebSocket protocol
         self.ws_factory = ws_factory
