@@ -84,3 +84,12 @@ def test_signals_reach_a_quiet_uvloop_worker(tiamat_server):
     server.signal(15)
     assert server.wait(10) == 0
     assert time.monotonic() - start < 3
+
+
+def test_framework_startup_failure_is_one_line():
+    result = run_tiamat("-k", "asgi", "-w", "2", "-b", "127.0.0.1:0", "tests/apps/wk_starlette_fail.py:app")
+    assert result.returncode == 3, result.stderr
+    errors = [line for line in result.stderr.splitlines() if line.startswith("tiamat:")]
+    assert len(errors) == 1
+    assert errors[0].endswith("RuntimeError: no database at db:5432")
+    assert "Traceback" in result.stderr  # the details are in the log

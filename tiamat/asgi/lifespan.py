@@ -46,7 +46,12 @@ class Lifespan:
         await self._queue.put({"type": "lifespan.startup"})
         await self._startup_done.wait()
         if self._failed is not None:
-            raise LifespanStartupFailed(f"application startup failed: {self._failed}")
+            # frameworks send the whole traceback as the message: log it, keep one line
+            lines = [line for line in self._failed.strip().splitlines() if line.strip()]
+            if len(lines) > 1:
+                log.error("application startup failed:\n%s", self._failed.rstrip())
+            raise LifespanStartupFailed(
+                f"application startup failed: {lines[-1].strip() if lines else self._failed}")
 
     async def shutdown(self, timeout: float) -> None:
         """Send ``lifespan.shutdown`` and wait (at most ``timeout`` s) for the app to finish."""
