@@ -384,8 +384,9 @@ def main() -> None:
             commands.append(f"{app.name}: {rows[-1].command}")
         print()
         print(table(app, rows), flush=True)
-    print("\nCommands (run in bench/memory_apps with PYTHONPATH=bench/memory_apps:. and the venv's python):")
+    print("\nCommands (run in bench/memory_apps with PYTHONPATH=.:../.. and its .venv's python):")
     for line in commands:
+        line = line.replace(APPS_DIR + os.sep, "")
         print(f"    {re.sub(r'127.0.0.1:[0-9]+|--port [0-9]+', 'PORT', line)}")
 
 
