@@ -399,8 +399,9 @@ class RequestReader:
         self._url += url
 
     def on_message_complete(self) -> None:
-        # a head without a body leaves llhttp ready for the next head: keep the parser
-        self._parser_dirty = False
+        # a head without a body leaves llhttp ready for the next head (unless llhttp itself
+        # considers the connection finished): keep the parser
+        self._parser_dirty = not self._parser.should_keep_alive()
 
     # --- rules shared by every tokeniser ----------------------------------------------------
     def _field(self, name: bytes, value: bytes) -> None:
