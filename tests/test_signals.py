@@ -26,6 +26,7 @@ def _versioned(tiamat_server, tmp_path: Path, *args: str, version: str = "v1"):
     version_file = tmp_path / "version"
     version_file.write_text(version)
     server = tiamat_server(APP, *args, env={"PC_VERSION_FILE": str(version_file)})
+    server.wait_log(r"Ready: \d+ worker")  # every first worker booted, not only one answering
     return server, version_file
 
 
@@ -60,6 +61,7 @@ def test_hup_with_slow_boot_never_lowers_capacity(tiamat_server, tmp_path):
         "    start_response('200 OK', [('Content-Length', '2')])\n"
         "    return [b'ok']\n")
     server = tiamat_server(str(app), "-w", "2")
+    server.wait_log(r"Ready: 2 worker")  # both old workers booted before the new code is slow
     old = wait_for(lambda: one_per_slot(server.pid, 2), message="2 workers")
     hold.touch()
     server.signal(signal.SIGHUP)

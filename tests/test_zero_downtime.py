@@ -18,6 +18,7 @@ def _start(tiamat_server, tmp_path: Path, *args: str):
     version_file = tmp_path / "version"
     version_file.write_text("v1")
     server = tiamat_server(APP, "-w", "2", *args, env={"PC_VERSION_FILE": str(version_file)})
+    server.wait_log(r"Ready: 2 worker")
     wait_for(lambda: one_per_slot(server.pid, 2), message="2 workers")
     return server, version_file
 

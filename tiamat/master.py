@@ -712,7 +712,7 @@ def broadcast(state: MasterState, message: Any) -> int:
 
 
 def _all_ready(state: MasterState) -> bool:
-    booted = sum(1 for w in state.workers.values() if w.booted)
+    booted = sum(1 for w in state.workers.values() if w.booted and w.stop_deadline is None)
     return booted >= state.target
 
 
