@@ -45,7 +45,6 @@ log = logging.getLogger("tiamat.error")
 HIGH_WATER = 256 * 1024
 FOREVER = float("inf")
 SENDFILE_CHUNK = 256 * 1024
-EXTENSIONS: dict[str, Any] = {"http.response.pathsend": {}}
 _METHODS = {m.encode(): m for m in ("GET", "POST", "PUT", "DELETE", "HEAD", "OPTIONS", "PATCH")}
 
 
@@ -103,7 +102,6 @@ class HttpProtocol(asyncio.Protocol):
             "client": client,
             "scheme": state.scheme,
             "root_path": state.root_path,
-            "extensions": EXTENSIONS,
         }
         self.idle_since = now = monotonic()
         self.deadline = now + state.header_timeout
@@ -253,6 +251,8 @@ class HttpProtocol(asyncio.Protocol):
             scope["raw_path"] = path
         scope["query_string"] = head.query
         scope["headers"] = head.headers
+        # a fresh dict per request: middleware may add to it
+        scope["extensions"] = {"http.response.pathsend": {}}
         if self.trusted:
             scope["client"], scope["scheme"], scope["server"] = apply_to_scope(
                 head.headers, scope["client"], scope["scheme"], scope["server"], state.forwarded)
