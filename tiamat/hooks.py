@@ -65,9 +65,12 @@ class RequestHooks:
     """pre_request / post_request for a WSGI handler; built only when one is configured,
     so the request path without them pays a single ``is None`` test."""
 
-    __slots__ = ("cfg", "post", "pre")
+    __slots__ = ("base", "cfg", "post", "pre")
 
     def __init__(self, cfg: Any) -> None:
+        from tiamat.workers import base  # base imports this module: import late, once
+
+        self.base = base
         self.cfg = cfg
         self.pre = getattr(cfg, "pre_request", None) is not None
         self.post = getattr(cfg, "post_request", None) is not None
@@ -80,17 +83,12 @@ class RequestHooks:
     def before(self, req: Any) -> None:
         """``pre_request(worker, req)``; ``req`` is the :class:`tiamat.http.h1.RequestHead`."""
         if self.pre:
-            call(self.cfg, "pre_request", _worker(), req)
+            call(self.cfg, "pre_request", self.base.current, req)
 
     def after(self, req: Any, environ: dict[str, Any], result: tuple[bool, int, int],
               status_line: str | None, headers: list[tuple[str, str]]) -> None:
         if self.post:
             keep_alive, status, sent = result
-            call(self.cfg, "post_request", _worker(), req, environ,
+            call(self.cfg, "post_request", self.base.current, req, environ,
                  RequestResult(status, status_line, list(headers), sent, keep_alive))
 
-
-def _worker() -> Any:
-    from tiamat.workers import base
-
-    return base.current
