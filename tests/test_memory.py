@@ -60,10 +60,17 @@ def test_descendants_finds_grandchildren():
 # --- gc.freeze with --preload ------------------------------------------------------------
 def _workers_pss(server, workers: int) -> int:
     pids = wait_for(lambda: len(p := server.worker_pids()) == workers and p, message="workers")
-    # a full collection in every worker, as a busy app eventually does by itself
+    # a full collection in every worker, as a busy app eventually does by itself; requests
+    # go in pairs that hold their worker a moment, so each worker takes one
     served: set[int] = set()
-    for _ in range(200):
-        served.add(int(_get(server, "/gc").split()[0]))
+    for _ in range(20):
+        threads = [threading.Thread(target=lambda: served.add(int(_get(server, "/gc?sleep=0.3").split()[0])))
+                   for _ in range(workers)]
+        for thread in threads:
+            thread.start()
+            time.sleep(0.05)
+        for thread in threads:
+            thread.join(20)
         if served >= set(pids):
             break
     assert served >= set(pids)

@@ -4,7 +4,7 @@
 worker forked by the mold, the mold before it) has served: a worker forked from the master
 starts at 0, one forked from a warm mold starts at the mold's count.
 ``/grow?mb=N[&sleep=S]`` keeps N more MB (touched, so resident), then sleeps S seconds.
-``/gc`` runs a full collection (as a busy app eventually does by itself).
+``/gc[?sleep=S]`` runs a full collection (as a busy app eventually does by itself).
 """
 
 import gc
@@ -28,6 +28,7 @@ def application(environ, start_response):
         time.sleep(float(query.get("sleep", "0")))
     elif path == "/gc":
         gc.collect()
+        time.sleep(float(query.get("sleep", "0")))
     body = f"{os.getpid()} {SERVED}".encode()
     start_response("200 OK", [("Content-Type", "text/plain"), ("Content-Length", str(len(body)))])
     return [body]
