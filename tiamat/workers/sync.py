@@ -457,8 +457,8 @@ class SyncWorker(Worker):
         while count > 0:
             try:
                 got = conn.sock.recv(count)
-            except (BlockingIOError, InterruptedError):
-                return  # cannot happen for peeked bytes; the next wake-up retries
+            except OSError:
+                return  # (not for peeked bytes) a reset shows again on the next read
             if not got:
                 return
             count -= len(got)
