@@ -115,9 +115,18 @@ def test_refork_generation_descends_from_the_mold(tiamat_server):
                      server.log())
     # the new workers carry the mold's memory: their request count starts past the mold's
     seen: dict[int, int] = {}
-    for _ in range(40):
-        pid, served = _get(server)
-        seen.setdefault(pid, served)
+    for _ in range(20):  # requests in pairs that hold their worker a moment: each worker takes one
+        results: list[tuple[int, int]] = []
+        threads = [threading.Thread(
+            target=lambda out=results: out.append(_get(server, "/grow?mb=0&sleep=0.3")))
+            for _ in range(2)]
+        for thread in threads:
+            thread.start()
+            time.sleep(0.05)
+        for thread in threads:
+            thread.join(20)
+        for pid, served in results:
+            seen.setdefault(pid, served)
         if set(seen) >= workers:
             break
     assert set(seen) >= workers
