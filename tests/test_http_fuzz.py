@@ -62,10 +62,12 @@ requests = st.one_of(mutated(), st.binary(max_size=300),
                      st.lists(st.sampled_from(TOKENS + SEEDS), max_size=12).map(b"".join))
 
 
-@pytest.fixture(scope="module", params=WORKERS)
+@pytest.fixture(scope="module", params=[*WORKERS, "sync-h11"])
 def server(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
            ) -> Iterator[TiamatServer]:
-    srv = start_server(tmp_path_factory.mktemp("fuzz"), request.param, *TIMEOUTS)
+    worker, _, tokeniser = request.param.partition("-")
+    extra = ["--http", tokeniser] if tokeniser else []
+    srv = start_server(tmp_path_factory.mktemp("fuzz"), worker, *TIMEOUTS, *extra)
     srv.first_workers = srv.worker_pids()  # type: ignore[attr-defined]
     yield srv
     srv.stop()
