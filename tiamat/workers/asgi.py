@@ -20,20 +20,16 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-import signal
 from time import monotonic
 from typing import Any
 
 from tiamat.asgi.adapt import as_asgi3
 from tiamat.asgi.http import HttpProtocol
 from tiamat.asgi.lifespan import Lifespan
-from tiamat.asgi.loop import new_event_loop
 from tiamat.asgi.state import ServerState
-from tiamat.workers.base import Worker
+from tiamat.workers.aio import AioWorker
 
 log = logging.getLogger("tiamat.error")
-
-TICK = 0.5
 
 
 def websocket_factory(choice: str) -> Any:
@@ -58,15 +54,14 @@ def websocket_factory(choice: str) -> Any:
     return WsprotoProtocol
 
 
-class AsgiWorker(Worker):
+class AsgiWorker(AioWorker):
     """One asyncio event loop serving HTTP/1.1 and WebSocket to an ASGI app."""
 
     interface = "asgi"
 
     def init_app(self) -> None:
         cfg = self.cfg
-        self.loop = new_event_loop(cfg.loop)
-        asyncio.set_event_loop(self.loop)
+        self.make_loop()
         self.asgi_app, kind = as_asgi3(self.app, cfg.threads if cfg.threads > 1 else 10,
                                        cfg.interface)
         self.lifespan = Lifespan(self.asgi_app, "off" if kind == "wsgi" else cfg.lifespan)
@@ -82,13 +77,8 @@ class AsgiWorker(Worker):
         self.loop.run_until_complete(self.serve())
 
     async def serve(self) -> None:
-        loop = self.loop
         state = self.state
-        # uvloop installs its own wake-up fd while it runs; signals must wake this loop
-        signal.set_wakeup_fd(self._wake_w, warn_on_full_buffer=False)
-        self.stopped = asyncio.Event()
-        loop.add_reader(self.wake_fd, self.on_wakeup)
-        loop.add_reader(self.channel.sock.fileno(), self.on_channel)
+        self.watch_signals_and_channel()
         if state.ssl is not None and state.proxy_peers is not None:
             log.warning("the asgi worker reads PROXY headers on plain listeners only; "
                         "with TLS the header is not expected")
@@ -112,10 +102,7 @@ class AsgiWorker(Worker):
         self.accept_paused = False
         state.on_full, state.on_room = self.pause_accepting, self.resume_accepting
         await self.listen()
-        self.tick()
-        self.notify_ready()
-        if self.alive:
-            await self.stopped.wait()
+        await self.serve_until_stopped()
         await self.shutdown()
 
     # --- accepting --------------------------------------------------------------------------
@@ -144,7 +131,7 @@ class AsgiWorker(Worker):
             self.loop.create_task(self.listen())
 
     # --- the loop's housekeeping ------------------------------------------------------------
-    def tick(self) -> None:
+    def on_tick(self) -> None:
         """Twice a second: prove liveness, expire idle/slow connections, ping WebSockets."""
         now = monotonic()
         self.beat(now)
@@ -153,23 +140,9 @@ class AsgiWorker(Worker):
                 conn.expire(now)
             elif conn.__class__ is not HttpProtocol:
                 conn.tick(now)
-        if not self.alive:
-            self.stopped.set()
-        self.loop.call_later(TICK, self.tick)
-
-    def on_wakeup(self) -> None:
-        self.handle_wakeup()
-        if not self.alive:
-            self.stopped.set()
-
-    def on_channel(self) -> None:
-        self.handle_channel()
-        if not self.alive:
-            self.stopped.set()
 
     # --- stopping ---------------------------------------------------------------------------
     async def shutdown(self) -> None:
-        loop = self.loop
         state = self.state
         state.stopping = True
         self.board.stopping(monotonic())
@@ -189,5 +162,4 @@ class AsgiWorker(Worker):
             conn.transport.abort()
         for task in list(state.tasks):
             task.cancel()
-        loop.remove_reader(self.wake_fd)
-        loop.remove_reader(self.channel.sock.fileno())
+        self.unwatch_signals_and_channel()

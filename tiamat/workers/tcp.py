@@ -15,18 +15,14 @@ from __future__ import annotations
 import asyncio
 import inspect
 import logging
-import signal
 import socket
 from concurrent.futures import ThreadPoolExecutor
 from time import monotonic
 from typing import Any
 
-from tiamat.asgi.loop import new_event_loop
-from tiamat.workers.base import Worker
+from tiamat.workers.aio import AioWorker
 
 log = logging.getLogger("tiamat.error")
-
-TICK = 0.5
 
 
 def is_async_handler(app: Any) -> bool:
@@ -35,14 +31,13 @@ def is_async_handler(app: Any) -> bool:
     return inspect.iscoroutinefunction(getattr(app, "__call__", None))  # noqa: B004
 
 
-class TcpWorker(Worker):
+class TcpWorker(AioWorker):
     """Serves raw TCP connections to ``handle(reader, writer)`` or ``handle(sock, addr)``."""
 
     interface = "tcp"
 
     def init_app(self) -> None:
-        self.loop = new_event_loop(self.cfg.loop)
-        asyncio.set_event_loop(self.loop)
+        self.make_loop()
         self.is_async = is_async_handler(self.app)
         self.tasks: set[asyncio.Task[None]] = set()
         self.busy = 0
@@ -54,11 +49,7 @@ class TcpWorker(Worker):
         self.loop.run_until_complete(self.serve())
 
     async def serve(self) -> None:
-        loop = self.loop
-        signal.set_wakeup_fd(self._wake_w, warn_on_full_buffer=False)
-        self.stopped = asyncio.Event()
-        loop.add_reader(self.wake_fd, self.on_wakeup)
-        loop.add_reader(self.channel.sock.fileno(), self.on_channel)
+        self.watch_signals_and_channel()
         servers: list[asyncio.AbstractServer] = []
         if self.is_async:
             servers = [await asyncio.start_server(self.on_client, sock=sock, backlog=self.cfg.backlog)
@@ -68,10 +59,7 @@ class TcpWorker(Worker):
             for sock in self.listeners:
                 sock.setblocking(False)
             self.set_accepting(True)
-        self.tick()
-        self.notify_ready()
-        if self.alive:
-            await self.stopped.wait()
+        await self.serve_until_stopped()
         await self.shutdown(servers)
 
     # --- async handlers -------------------------------------------------------------------
@@ -134,23 +122,7 @@ class TcpWorker(Worker):
         else:
             self.stopped.set()
 
-    # --- housekeeping ---------------------------------------------------------------------
-    def tick(self) -> None:
-        self.beat()
-        if not self.alive:
-            self.stopped.set()
-        self.loop.call_later(TICK, self.tick)
-
-    def on_wakeup(self) -> None:
-        self.handle_wakeup()
-        if not self.alive:
-            self.stopped.set()
-
-    def on_channel(self) -> None:
-        self.handle_channel()
-        if not self.alive:
-            self.stopped.set()
-
+    # --- stopping ---------------------------------------------------------------------------
     async def shutdown(self, servers: list[asyncio.AbstractServer]) -> None:
         self.board.stopping(monotonic())
         for server in servers:
