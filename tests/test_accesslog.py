@@ -259,7 +259,7 @@ def test_no_line_is_built_when_the_access_log_is_off():
 
 def test_asgi_worker_writes_the_same_lines(tiamat_server, tmp_path):
     access = tmp_path / "access.log"
-    server = tiamat_server(str(APPS / "ops_asgi.py"), "--access-logfile", str(access),
+    server = tiamat_server(str(APPS / "asgi_hello.py"), "--access-logfile", str(access),
                            "--access-logformat", '%(m)s %(U)s %(q)s %(s)s %(B)s %({x-echo}i)s '
                            '%({x-out}o)s "%(r)s"')
     server.request(b"GET /missing%0Ax?a=1 HTTP/1.1\r\nHost: t\r\nX-Echo: hi\r\n"

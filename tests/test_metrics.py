@@ -282,7 +282,7 @@ def test_counters_exact_across_a_refork_generation(tiamat_server):
 
 def test_asgi_worker_counts_the_same_way(tiamat_server):
     port = _free_port()
-    server = tiamat_server(str(APPS / "ops_asgi.py"), "-w", "2", "--metrics-bind",
+    server = tiamat_server(str(APPS / "asgi_hello.py"), "-w", "2", "--metrics-bind",
                            f"127.0.0.1:{port}")
     wait_for(lambda: scrape(port)["tiamat_request_duration_seconds_count"] >= 1)
     before = scrape(port)

@@ -6,7 +6,7 @@ import pytest
 from conftest import run_tiamat
 
 WSGI = "tests/apps/wk_wsgi.py"
-ASGI = "tests/apps/wk_asgi_hello.py:app"
+ASGI = "tests/apps/asgi_hello.py:app"
 
 
 @pytest.mark.parametrize("preload", [[], ["--preload"]])
@@ -49,7 +49,7 @@ def test_asgi_app_under_a_wsgi_class_is_a_one_line_error(args):
 
 def test_interface_override(tiamat_server):
     # detection says WSGI for this plain function; --interface asgi makes it an ASGI app
-    server = tiamat_server("--interface", "asgi", "tests/apps/wk_asgi_hello.py:disguised")
+    server = tiamat_server("--interface", "asgi", "tests/apps/asgi_hello.py:disguised")
     assert server.get("/")[2] == b"asgi hello"
     wsgi = tiamat_server("--interface", "wsgi", "-k", "asgi", WSGI)
     assert wsgi.get("/")[2] == b"hello"
@@ -85,5 +85,5 @@ def test_bad_worker_class(spec, message):
 
 
 def test_asgi2_app_is_detected_and_wrapped(tiamat_server):
-    server = tiamat_server("tests/apps/wk_asgi_hello.py:Asgi2App")
+    server = tiamat_server("tests/apps/asgi_hello.py:Asgi2App")
     assert server.get("/two")[2] == b"asgi2 /two"

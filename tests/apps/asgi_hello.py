@@ -1,4 +1,11 @@
-"""A minimal ASGI 3 app (for interface detection tests)."""
+"""The one small ASGI 3 app the tests share (worker selection, access log, metrics).
+
+``/`` -> 200 "asgi hello", ``/missing...`` -> 404 "no such thing\\n"; the response header
+X-Out echoes the request's X-Echo ("none" without one).  Also ``disguised`` (an ASGI app
+that interface detection cannot see) and ``Asgi2App`` (the ASGI 2 "double callable" form).
+"""
+
+NOT_FOUND = b"no such thing\n"
 
 
 async def app(scope, receive, send):
@@ -10,9 +17,12 @@ async def app(scope, receive, send):
             elif message["type"] == "lifespan.shutdown":
                 await send({"type": "lifespan.shutdown.complete"})
                 return
-    body = b"asgi hello"
-    await send({"type": "http.response.start", "status": 200,
-                "headers": [(b"content-type", b"text/plain"), (b"content-length", b"%d" % len(body))]})
+    echo = dict(scope["headers"]).get(b"x-echo", b"none")
+    status = 404 if scope["path"].startswith("/missing") else 200
+    body = NOT_FOUND if status == 404 else b"asgi hello"
+    await send({"type": "http.response.start", "status": status,
+                "headers": [(b"content-type", b"text/plain"), (b"x-out", echo),
+                            (b"content-length", b"%d" % len(body))]})
     await send({"type": "http.response.body", "body": body})
 
 
