@@ -39,6 +39,20 @@ def wait_for(predicate: Callable[[], object], timeout: float = 10.0, interval: f
         time.sleep(interval)
 
 
+def read_until_closed(sock: socket.socket) -> bytes:
+    """Everything the peer sends until it closes (a reset or the socket's timeout ends it too)."""
+    chunks = []
+    while True:
+        try:
+            data = sock.recv(65536)
+        except (ConnectionResetError, TimeoutError):
+            break
+        if not data:
+            break
+        chunks.append(data)
+    return b"".join(chunks)
+
+
 class TiamatServer:
     """A running ``tiamat`` process and the ways a test talks to it."""
 
@@ -149,16 +163,7 @@ class TiamatServer:
         """Send raw bytes on a new connection and read until the server closes it."""
         with socket.create_connection((self.host, self.port), timeout=timeout) as sock:
             sock.sendall(raw)
-            chunks = []
-            while True:
-                try:
-                    data = sock.recv(65536)
-                except (ConnectionResetError, TimeoutError):
-                    break
-                if not data:
-                    break
-                chunks.append(data)
-            return b"".join(chunks)
+            return read_until_closed(sock)
 
     def get(self, path: str = "/", timeout: float = 5.0) -> tuple[int, dict[str, str], bytes]:
         import http.client

@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import APPS, run_tiamat, wait_for
+from conftest import APPS, read_until_closed, run_tiamat, wait_for
 
 APP = "core_app:application"
 LOG_LINE = re.compile(
@@ -36,20 +36,7 @@ def _http_get(host: str, port: int, path: str = "/", family: int = socket.AF_INE
         sock.settimeout(timeout)
         sock.connect((host, port))
         sock.sendall(f"GET {path} HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n".encode())
-        return _read_all(sock)
-
-
-def _read_all(sock: socket.socket) -> bytes:
-    chunks = []
-    while True:
-        try:
-            data = sock.recv(65536)
-        except (ConnectionResetError, TimeoutError):
-            break
-        if not data:
-            break
-        chunks.append(data)
-    return b"".join(chunks)
+        return read_until_closed(sock)
 
 
 def _unix_get(path: str) -> bytes:
@@ -57,7 +44,7 @@ def _unix_get(path: str) -> bytes:
         sock.settimeout(5)
         sock.connect(path)
         sock.sendall(b"GET / HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n")
-        return _read_all(sock)
+        return read_until_closed(sock)
 
 
 def _cmdline(pid: int) -> str:
