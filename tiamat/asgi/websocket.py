@@ -92,12 +92,16 @@ class WebSocketProtocol(asyncio.Protocol):
         return ServerProtocol(extensions=extensions, max_size=self.max_size,
                               select_subprotocol=lambda _, offered: self.chosen_subprotocol)
 
-    def start(self, leftover: bytes) -> None:
-        """Parse the handshake request and start the app's session."""
+    def _handshake_request(self) -> Any:
+        """The engine's view of the upgrade request (None if it rejects it)."""
         ws = self.ws
         ws.receive_data(_handshake_bytes(self.head))
         events = ws.events_received()
-        self.request = events[0] if events else None
+        return events[0] if events else None
+
+    def start(self, leftover: bytes) -> None:
+        """Parse the handshake request and start the app's session."""
+        self.request = self._handshake_request()
         self.pending = leftover
         state = self.state
         task = state.loop.create_task(self.run(state.app))
@@ -118,6 +122,10 @@ class WebSocketProtocol(asyncio.Protocol):
             if len(self.pending) > self.max_size:
                 self.transport.close()
             return
+        self._feed(data)
+
+    def _feed(self, data: bytes) -> None:
+        """Bytes of an accepted session into the engine (the engine class decides how)."""
         ws = self.ws
         ws.receive_data(data)
         self._flush()
@@ -182,6 +190,10 @@ class WebSocketProtocol(asyncio.Protocol):
                 return
         else:
             message = {"type": "websocket.receive", "bytes": data}
+        self._put_received(message)
+
+    def _put_received(self, message: dict[str, Any]) -> None:
+        """Queue a message for the app; stop reading while the app lags QUEUE_HIGH behind."""
         self._put(message)
         if len(self.queue) >= QUEUE_HIGH and not self.read_paused:
             self.read_paused = True

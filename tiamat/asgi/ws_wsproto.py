@@ -24,7 +24,7 @@ from wsproto.events import (
 from wsproto.extensions import PerMessageDeflate
 from wsproto.utilities import LocalProtocolError, RemoteProtocolError
 
-from tiamat.asgi.websocket import QUEUE_HIGH, ClientDisconnected, WebSocketProtocol, _handshake_bytes
+from tiamat.asgi.websocket import ClientDisconnected, WebSocketProtocol, _handshake_bytes
 
 
 class WsprotoProtocol(WebSocketProtocol):
@@ -33,27 +33,18 @@ class WsprotoProtocol(WebSocketProtocol):
     def _new_engine(self) -> Any:
         return WSConnection(ConnectionType.SERVER)
 
-    def start(self, leftover: bytes) -> None:
-        self.request = None
+    def _handshake_request(self) -> Any:
+        request = None
         try:
             self.ws.receive_data(_handshake_bytes(self.head))
             for event in self.ws.events():
                 if isinstance(event, Request):
-                    self.request = event
+                    request = event
         except RemoteProtocolError:
-            self.request = None
-        self.pending = leftover
-        state = self.state
-        task = state.loop.create_task(self.run(state.app))
-        state.tasks.add(task)
-        task.add_done_callback(state.tasks.discard)
+            return None
+        return request
 
-    def data_received(self, data: bytes) -> None:
-        if not self.accepted:
-            self.pending += data
-            if len(self.pending) > self.max_size:
-                self.transport.close()
-            return
+    def _feed(self, data: bytes) -> None:
         self.ws.receive_data(data)
         self._handle_events()
 
@@ -82,10 +73,7 @@ class WsprotoProtocol(WebSocketProtocol):
                     if not self.disconnected:
                         message = {"type": "websocket.receive"}
                         message["text" if kind is TextMessage else "bytes"] = data
-                        self._put(message)
-                        if len(self.queue) >= QUEUE_HIGH and not self.read_paused:
-                            self.read_paused = True
-                            self.transport.pause_reading()
+                        self._put_received(message)
             elif kind is Ping:
                 self.transport.write(ws.send(event.response()))
             elif kind is Pong:
