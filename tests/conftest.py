@@ -40,12 +40,13 @@ def wait_for(predicate: Callable[[], object], timeout: float = 10.0, interval: f
 
 
 def read_until_closed(sock: socket.socket) -> bytes:
-    """Everything the peer sends until it closes (a reset or the socket's timeout ends it too)."""
+    """Everything the peer sends until it closes (a reset, the socket's timeout or any other
+    socket error ends it too: what arrived before is returned)."""
     chunks = []
     while True:
         try:
             data = sock.recv(65536)
-        except (ConnectionResetError, TimeoutError):
+        except OSError:
             break
         if not data:
             break

@@ -17,7 +17,7 @@ from apps.pc_support import (
     try_get,
     unix_get,
 )
-from conftest import wait_for
+from conftest import read_until_closed, wait_for
 
 APP = "tests/apps/pc_app.py"
 
@@ -208,14 +208,8 @@ def _slow_request(server, seconds: float):
 
 
 def _read_all(sock) -> bytes:
-    chunks = []
-    try:
-        while data := sock.recv(65536):
-            chunks.append(data)
-    except OSError:
-        pass
-    sock.close()
-    return b"".join(chunks)
+    with sock:
+        return read_until_closed(sock)
 
 
 def test_quit_is_graceful_and_int_is_quick(tiamat_server):
