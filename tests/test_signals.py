@@ -344,3 +344,20 @@ def test_hup_finds_a_relative_config_file_after_chdir(tiamat_server, tmp_path):
     config.write_text(f"bind = ['127.0.0.1:0']\nworkers = 2\napp = {app!r}\n")
     server.signal(signal.SIGHUP)
     wait_for(lambda: one_per_slot(server.pid, 2), timeout=20, message="2 workers after HUP")
+
+
+def test_hup_finds_a_relative_tiamat_config_after_chdir(tiamat_server, tmp_path):
+    from conftest import ROOT
+
+    config = tmp_path / "conf.py"
+    app = str(Path(ROOT / APP).resolve())
+    config.write_text(f"workers = 1\napp = {app!r}\n")
+    work = tmp_path / "elsewhere"
+    work.mkdir()
+    server = tiamat_server("--chdir", str(work),
+                           env={"TIAMAT_CONFIG": os.path.relpath(config, ROOT)})
+    wait_for(lambda: one_per_slot(server.pid, 1), message="1 worker")
+    config.write_text(f"workers = 2\napp = {app!r}\n")
+    server.signal(signal.SIGHUP)
+    wait_for(lambda: one_per_slot(server.pid, 2), timeout=20, message="2 workers after HUP")
+    assert "configuration not reloaded" not in server.log()

@@ -26,12 +26,14 @@ import signal
 import sys
 import time
 from collections import deque
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 from tiamat import apploader, daemon, hooks, logs, memory, ops, pidfile, refork, sockets, systemd
 from tiamat.channel import Channel
 from tiamat.scoreboard import BOOTING, BUSY, Scoreboard
+from tiamat.settings import BY_NAME
 from tiamat.workers import WorkerClassError, resolve
 from tiamat.workers.base import (
     EXIT_APP_LOAD_ERROR,
@@ -244,6 +246,19 @@ def command_line_settings(cfg: Any) -> dict[str, Any]:
     if given.get("config"):
         given["config"] = os.path.join(START_CWD, given["config"])
     return given
+
+
+def _reload_environ() -> Mapping[str, str]:
+    """The environment a HUP re-reads, with a relative ``TIAMAT_CONFIG`` made absolute.
+
+    Like ``-c`` (see :func:`command_line_settings`), the variable names a file relative to
+    the directory the command ran in, and ``--chdir`` has moved the master since.
+    """
+    name = BY_NAME["config"].env_var
+    path = os.environ.get(name)
+    if not path or os.path.isabs(path):
+        return os.environ
+    return {**os.environ, name: os.path.join(START_CWD, path)}
 
 
 def _take_fd_env(name: str) -> int:
@@ -465,7 +480,7 @@ def reload_config(state: MasterState) -> tuple[Any, type[Worker] | None] | None:
     from tiamat.config import load_config
 
     try:
-        cfg = load_config(state.cli)
+        cfg = load_config(state.cli, environ=_reload_environ())
         worker_class = pick_worker_class(cfg, None)
     except Exception as exc:
         log.error("HUP: configuration not reloaded: %s; the running workers keep serving", exc)
