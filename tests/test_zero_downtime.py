@@ -1,5 +1,5 @@
-"""Zero downtime under continuous traffic: every single request succeeds across a HUP, and
-across USR2 followed by QUIT to the old master."""
+"""Zero downtime under continuous traffic, for every HTTP worker class: every single request
+succeeds across a HUP, and across USR2 followed by QUIT to the old master."""
 
 from __future__ import annotations
 
@@ -7,20 +7,32 @@ import os
 import signal
 from pathlib import Path
 
+import pytest
 from apps.pc_support import Load, alive, one_per_slot, read_pid
 from conftest import wait_for
 
-APP = "tests/apps/pc_app.py"
-CLIENTS, PER_CLIENT = 8, 300  # 2400 requests, a new connection each
+CLIENTS, PER_CLIENT = 8, 500  # 4000 requests, a new connection each
+#: worker class -> the app and arguments it runs with (each app answers "pid slot version")
+CLASSES = {
+    "sync": ("tests/apps/pc_app.py", "-k", "sync"),
+    "thread": ("tests/apps/pc_app.py", "-k", "thread", "--threads", "4"),
+    "asgi": ("tests/apps/pc_asgi_app.py", "-k", "asgi"),
+}
+worker_classes = pytest.mark.parametrize("kind", list(CLASSES))
 
 
-def _start(tiamat_server, tmp_path: Path, *args: str):
+def _start(tiamat_server, tmp_path: Path, kind: str, *args: str):
     version_file = tmp_path / "version"
     version_file.write_text("v1")
-    server = tiamat_server(APP, "-w", "2", *args, env={"PC_VERSION_FILE": str(version_file)})
+    server = tiamat_server(*CLASSES[kind], "-w", "2", *args,
+                           env={"PC_VERSION_FILE": str(version_file)})
     server.wait_log(r"Ready: 2 worker")
     wait_for(lambda: one_per_slot(server.pid, 2), message="2 workers")
     return server, version_file
+
+
+def _failed(load: Load, server) -> str:
+    return f"{len(load.failures)} failed: {load.failures[:5]}\n{server.log()[-4000:]}"
 
 
 def _during(load: Load, fraction: float) -> None:
@@ -31,8 +43,9 @@ def _during(load: Load, fraction: float) -> None:
     assert load.running, "the load finished before the event: make it longer"
 
 
-def test_every_request_succeeds_across_a_hup(tiamat_server, tmp_path):
-    server, version_file = _start(tiamat_server, tmp_path)
+@worker_classes
+def test_every_request_succeeds_across_a_hup(tiamat_server, tmp_path, kind):
+    server, version_file = _start(tiamat_server, tmp_path, kind)
     load = Load(server.host, server.port, CLIENTS, PER_CLIENT).start()
     _during(load, 0.2)
     version_file.write_text("v2")
@@ -40,14 +53,15 @@ def test_every_request_succeeds_across_a_hup(tiamat_server, tmp_path):
     server.wait_log(r"Reload complete", timeout=30)
     load.join(90)
     assert not load.running
-    assert load.failures == [], f"{len(load.failures)} failed: {load.failures[:5]}"
+    assert load.failures == [], _failed(load, server)
     assert load.done == CLIENTS * PER_CLIENT
     assert load.bodies == {"v1", "v2"}  # both generations served, none failed
 
 
-def test_every_request_succeeds_across_usr2_then_quit(tiamat_server, tmp_path):
+@worker_classes
+def test_every_request_succeeds_across_usr2_then_quit(tiamat_server, tmp_path, kind):
     pid_path = tmp_path / "tiamat.pid"
-    server, version_file = _start(tiamat_server, tmp_path, "--pid", str(pid_path))
+    server, version_file = _start(tiamat_server, tmp_path, kind, "--pid", str(pid_path))
     load = Load(server.host, server.port, CLIENTS, PER_CLIENT).start()
     _during(load, 0.15)
     version_file.write_text("v2")
@@ -60,7 +74,7 @@ def test_every_request_succeeds_across_usr2_then_quit(tiamat_server, tmp_path):
     load.join(90)
     try:
         assert not load.running
-        assert load.failures == [], f"{len(load.failures)} failed: {load.failures[:5]}"
+        assert load.failures == [], _failed(load, server)
         assert load.done == CLIENTS * PER_CLIENT
         assert load.bodies == {"v1", "v2"}
         assert new_master and alive(new_master)

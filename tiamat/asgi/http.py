@@ -350,10 +350,13 @@ class HttpProtocol(asyncio.Protocol):
         else:
             self.transport.close()
 
-    def shutdown(self) -> None:
-        """Graceful stop: close now if idle, else after the current response."""
+    def shutdown(self, idle_before: float = FOREVER) -> None:
+        """Graceful stop: close after the current response, or now if idle since before
+        ``idle_before`` (the worker gives a connection accepted just before the stop a
+        moment for its request: closing it at once would reset a client that did no wrong)."""
         self.closing = True
-        if self.cycle is None and not self.reader.in_message:
+        if (self.cycle is None and not self.reader.in_message and not self.proxy_buf
+                and self.idle_since <= idle_before):
             self.transport.close()
 
 

@@ -28,6 +28,7 @@ from tiamat.asgi.http import HttpProtocol
 from tiamat.asgi.lifespan import Lifespan
 from tiamat.asgi.state import ServerState
 from tiamat.workers.aio import AioWorker
+from tiamat.workers.base import STOP_GRACE
 
 log = logging.getLogger("tiamat.error")
 
@@ -152,9 +153,17 @@ class AsgiWorker(AioWorker):
             sock.close()
         if not self.quick:
             for conn in list(state.connections):
-                conn.shutdown()
+                if conn.__class__ is not HttpProtocol:
+                    conn.shutdown()  # WebSocket: close 1012
             deadline = monotonic() + self.cfg.graceful_timeout
             while (state.connections or state.tasks) and not self.quick and monotonic() < deadline:
+                # HTTP: idle connections close now, busy ones after their response; one
+                # accepted just before the stop (or still being accepted) gets STOP_GRACE
+                # for its request to arrive and be answered, as in the sync worker
+                idle_before = monotonic() - STOP_GRACE
+                for conn in list(state.connections):
+                    if conn.__class__ is HttpProtocol:
+                        conn.shutdown(idle_before)
                 await asyncio.sleep(0.02)
             if not self.quick:
                 await self.lifespan.shutdown(max(1.0, deadline - monotonic()))

@@ -41,6 +41,9 @@ log = logging.getLogger("tiamat.error")
 DUMP_SIGNAL = signal.SIGUSR2
 #: then this: the worker runs the worker_abort hook and exits
 ABORT_SIGNAL = signal.SIGABRT
+#: on a graceful stop: how long a connection accepted just before it has to send its request
+#: (every HTTP worker class answers it rather than reset a client that did nothing wrong)
+STOP_GRACE = 0.5
 #: how often the watchdog thread checks that the master is still there
 WATCHDOG_INTERVAL = 0.25
 #: after the master is gone, how long the loop gets to stop by itself before os._exit
