@@ -163,3 +163,22 @@ def test_graceful_stop_closes_idle_connections_and_waits_quietly(tiamat_server):
     assert server.wait(10) == 0
     idle.close()
     busy.close()
+
+
+def test_a_pipelined_partial_head_read_during_a_request_is_timed_by_header_timeout(tiamat_server):
+    # the next request's first bytes come with the current one, so the worker reads them
+    # while a pool thread answers it; --keep-alive (30 s) must not govern them, only
+    # --header-timeout (1 s) does: 408 and a close, as in the sync worker
+    server = tiamat_server(APP, "-k", "thread", "--threads", "2", "--keep-alive", "30",
+                           "--header-timeout", "1")
+    with socket.create_connection((server.host, server.port), timeout=10) as sock:
+        sock.sendall(b"GET / HTTP/1.1\r\nHost: t\r\n\r\nGET / HTTP/1.1\r\nHost: t\r\n")
+        start = time.monotonic()
+        data = b""
+        while data.count(b"HTTP/1.1 ") < 2:
+            chunk = sock.recv(65536)
+            assert chunk, f"closed without a 408: {data!r}"
+            data += chunk
+    assert data.startswith(b"HTTP/1.1 200")
+    assert b"HTTP/1.1 408" in data
+    assert time.monotonic() - start < 8

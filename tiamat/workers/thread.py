@@ -138,7 +138,10 @@ class ThreadWorker(SyncWorker):
             else:
                 now = time.monotonic()
                 conn.idle_since = now
-                conn.deadline = now + self.keepalive_timeout  # cached by SyncWorker.run
+                # (both cached by SyncWorker.run) a pipelined request read in part while a
+                # pool thread had the connection has its head timed as in SyncWorker.feed
+                conn.deadline = now + (self.header_timeout if conn.reader.in_message
+                                       else self.keepalive_timeout)
                 self.selector.register(conn.sock, selectors.EVENT_READ, conn)
                 if job.pending:
                     conn.reader.events[:0] = job.pending
