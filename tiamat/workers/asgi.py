@@ -20,7 +20,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-from time import monotonic
+import select
+from time import monotonic, sleep
 from typing import Any
 
 from tiamat.asgi.adapt import as_asgi3
@@ -53,6 +54,19 @@ def websocket_factory(choice: str) -> Any:
         log.warning("no WebSocket library installed (websockets or wsproto): WebSocket is off")
         return None
     return WsprotoProtocol
+
+
+#: see tiamat.workers.sync: connections held before stepping aside in a burst, and for how long
+SPREAD_AFTER = 16
+SPREAD_PAUSE = 0.0001
+
+
+def _pending(socks: list[Any]) -> bool:
+    """Whether a connection waits in the backlog of one of the listening sockets."""
+    poller = select.poll()
+    for sock in socks:
+        poller.register(sock, select.POLLIN)
+    return bool(poller.poll(0))
 
 
 class AsgiWorker(AioWorker):
@@ -92,10 +106,16 @@ class AsgiWorker(AioWorker):
         # connection, inside that accept loop: yielding the CPU there lets a sibling woken
         # for the same burst take its share (33/31; docs/benchmarks.md, "Even load").
         spread = self.cfg.workers > 1
+        listeners = self.listeners
 
         def factory() -> HttpProtocol:
             if spread:
-                os.sched_yield()
+                # as SyncWorker._step_aside: yield; in a burst, once this worker holds
+                # SPREAD_AFTER connections and more wait, pause a moment instead
+                if len(state.connections) >= SPREAD_AFTER and _pending(listeners):
+                    sleep(SPREAD_PAUSE)
+                else:
+                    os.sched_yield()
             return HttpProtocol(state)
 
         self.factory, self.tls = factory, tls
