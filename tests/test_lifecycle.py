@@ -4,21 +4,30 @@ from __future__ import annotations
 
 import re
 
+import pytest
 from apps.pc_support import Load, one_per_slot, try_get
 from conftest import wait_for
 
 APP = "tests/apps/pc_app.py"
 GRANT = re.compile(r"Worker (\d+) \(pid (\d+)\) reached max-requests; replacing it")
 EXITED = re.compile(r"Worker (\d+) \(pid (\d+)\) exited \(recycle\)")
+#: worker class -> the app and arguments it runs with
+CLASSES = {
+    "sync": (APP, "-k", "sync"),
+    "thread": (APP, "-k", "thread", "--threads", "4"),
+    "asgi": ("tests/apps/pc_asgi_app.py", "-k", "asgi"),
+}
 
 
-def test_max_requests_recycles_one_worker_at_a_time_without_failures(tiamat_server):
-    server = tiamat_server(APP, "-w", "3", "--max-requests", "15", "--max-requests-jitter", "5")
+@pytest.mark.parametrize("kind", list(CLASSES))
+def test_max_requests_recycles_one_worker_at_a_time_without_failures(tiamat_server, kind):
+    server = tiamat_server(*CLASSES[kind], "-w", "3", "--max-requests", "15",
+                           "--max-requests-jitter", "5")
     wait_for(lambda: one_per_slot(server.pid, 3), message="3 workers")
     load = Load(server.host, server.port, clients=6, per_client=60).start()
     load.join(60)
     assert not load.running and load.done == 360
-    assert load.failures == []
+    assert load.failures == [], f"{load.failures[:5]}\n{server.log()[-4000:]}"
     # every worker that reached its quota gets its turn, one after the other
     asked = len(re.findall(r"asking to be replaced", server.log()))
     assert asked >= 2

@@ -1,9 +1,11 @@
 """Zero downtime under continuous traffic, for every HTTP worker class: every single request
-succeeds across a HUP, and across USR2 followed by QUIT to the old master."""
+succeeds across a HUP, across USR2 followed by QUIT to the old master, and across
+--max-requests recycling."""
 
 from __future__ import annotations
 
 import os
+import re
 import signal
 from pathlib import Path
 
@@ -82,3 +84,17 @@ def test_every_request_succeeds_across_usr2_then_quit(tiamat_server, tmp_path, k
         if new_master:
             os.kill(new_master, signal.SIGTERM)
             wait_for(lambda: not alive(new_master), timeout=20, message="the new master to stop")
+
+
+@worker_classes
+def test_every_request_succeeds_across_max_requests_recycling(tiamat_server, tmp_path, kind):
+    server, _ = _start(tiamat_server, tmp_path, kind, "--max-requests", "300",
+                       "--max-requests-jitter", "50")
+    load = Load(server.host, server.port, CLIENTS, PER_CLIENT).start()
+    load.join(90)
+    assert not load.running
+    assert load.failures == [], _failed(load, server)
+    assert load.done == CLIENTS * PER_CLIENT
+    # 4000 requests over 2 workers with quotas of 300-350: many recycled under the load
+    wait_for(lambda: len(re.findall(r"exited \(recycle\)", server.log())) >= 4, timeout=20,
+             message="4 recycled workers")
