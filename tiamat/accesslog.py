@@ -12,7 +12,8 @@ format gets the same protection from JSON string escaping.
 
 The one entry point shared by every worker class is :meth:`AccessLog.log`, which takes
 plain values (the WSGI handler and the ASGI worker both call it); :meth:`AccessLog.log_wsgi`
-is a convenience that pulls those values out of a WSGI environ.
+is a convenience that pulls those values out of a WSGI environ, and :class:`Refusals` logs
+(and counts) the error responses a worker writes without calling the app.
 
 Atoms (as in gunicorn): ``h`` remote address, ``l`` ``-``, ``u`` user from Basic auth,
 ``t`` request time ``[27/Nov/2026:23:43:29 +0000]``, ``r`` request line, ``m`` method,
@@ -272,6 +273,48 @@ class AccessLog:
             "pid": self.pid_number,
         }
         return json.dumps(record, separators=(",", ":"))
+
+
+class Refusals:
+    """Logs and counts a response the worker wrote itself (400, 408, 413, 414, 431, 501, 503).
+
+    The app never saw the request, so neither the WSGI handler nor an ASGI cycle records
+    it; every worker class calls this from the one place it writes such a response.  The
+    method, target and protocol are ``-`` when the request head never became complete.
+    Made once per worker by :func:`refusals`, which returns None when neither the access
+    log nor metrics are on: the error path then pays one ``is None`` test.
+    """
+
+    __slots__ = ("access", "recorder")
+
+    def __init__(self, access: AccessLog | None, recorder: Any) -> None:
+        self.access = access
+        self.recorder = recorder
+
+    def __call__(self, status: int, response: bytes, remote_addr: str | None,
+                 head: Any = None) -> None:
+        """``response`` as written (its body length is logged); ``head`` a RequestHead or None."""
+        if self.recorder is not None:
+            self.recorder.refused(status)
+        if self.access is None:
+            return
+        if head is None:
+            method = target = protocol = "-"
+            headers: Iterable[tuple[bytes, bytes]] = ()
+        else:
+            method, target = head.method.decode("latin-1"), head.target.decode("latin-1")
+            protocol, headers = "HTTP/" + head.version, head.headers
+        self.access.log(remote_addr=remote_addr or "-", method=method, target=target,
+                        protocol=protocol, status=status,
+                        length=len(response) - response.find(b"\r\n\r\n") - 4, duration=0.0,
+                        request_headers=headers)
+
+
+def refusals(access: AccessLog | None, recorder: Any) -> Refusals | None:
+    """A worker's :class:`Refusals` over its access log and metrics row (None: both off)."""
+    if access is None and recorder is None:
+        return None
+    return Refusals(access, recorder)
 
 
 def enabled(logger: logging.Logger = access_log) -> bool:

@@ -94,6 +94,12 @@ class Recorder:
         row[SUM_US] += int(duration * 1_000_000)
         row[BUCKET + bisect.bisect_left(BUCKETS, duration)] += 1
 
+    def refused(self, status: int) -> None:
+        """A response the worker wrote itself (400, 408, 413, 503 ...): the app never ran,
+        so it counts by status class only, not in the duration histogram."""
+        klass = status // 100
+        self._row[STATUS + (klass if 1 <= klass <= 5 else 0)] += 1
+
 
 class LockedRecorder(Recorder):
     """For workers that run requests on several threads: the read-modify-writes of one
@@ -112,6 +118,10 @@ class LockedRecorder(Recorder):
     def done(self, status: int, duration: float) -> None:
         with self._lock:
             Recorder.done(self, status, duration)
+
+    def refused(self, status: int) -> None:
+        with self._lock:
+            Recorder.refused(self, status)
 
 
 @dataclass

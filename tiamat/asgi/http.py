@@ -235,8 +235,7 @@ class HttpProtocol(asyncio.Protocol):
             return
         limit = state.limit_concurrency
         if limit and (len(state.connections) > limit or len(state.tasks) >= limit):
-            self.transport.write(error_response(503, "too many concurrent requests"))
-            self.transport.close()
+            self.refuse(503, "too many concurrent requests", head)
             return
         scope = self.scope_base.copy()
         method = head.method
@@ -261,6 +260,7 @@ class HttpProtocol(asyncio.Protocol):
         cycle = self.cycle = Cycle(self, scope, head)
         if state.observed:
             cycle.t0 = perf_counter()
+            cycle.refused = 0  # (read only by _observe, so set only when observed)
             if state.recorder is not None:
                 state.recorder.start()
             if state.request_hooks is not None:
@@ -306,11 +306,22 @@ class HttpProtocol(asyncio.Protocol):
             cycle.wake()
             if cycle.framing is None:
                 self.transport.write(error_response(error.status, error.reason))
+                if self.state.observed:  # the cycle's log line and count say what was sent
+                    cycle.refused = error.status
             self.transport.close()
             return
         log.debug("rejected request: %s %s", error.status, error.reason)
-        self.transport.write(error_response(error.status, error.reason))
+        self.refuse(error.status, error.reason)
+
+    def refuse(self, status: int, reason: str, head: RequestHead | None = None) -> None:
+        """Answer an error the app never saw, log and count it, and close."""
+        response = error_response(status, reason)
+        self.transport.write(response)
         self.transport.close()
+        refusals = self.state.refusals
+        if refusals is not None:  # the one place this class writes its own response
+            client = self.scope_base["client"]
+            refusals(status, response, client[0] if client else None, head)
 
     # --- flow control and keep-alive ------------------------------------------------------------
     def pause_reading(self) -> None:
@@ -364,8 +375,8 @@ class Cycle:
     """One request/response: the ASGI ``receive`` and ``send`` of one HTTP request."""
 
     __slots__ = ("body", "body_size", "complete", "conn", "disconnected", "expect_100",
-                 "final_sent", "framing", "head", "headers", "length", "more_body", "scope",
-                 "sent", "started", "status", "t0", "waiter")
+                 "final_sent", "framing", "head", "headers", "length", "more_body", "refused",
+                 "scope", "sent", "started", "status", "t0", "waiter")
 
     def __init__(self, conn: HttpProtocol, scope: dict[str, Any], head: RequestHead) -> None:
         self.conn = conn
@@ -414,7 +425,7 @@ class Cycle:
         """Access log line, metrics and post_request for this request (only when one is on)."""
         duration = perf_counter() - self.t0
         framing = self.framing
-        status = self.status if self.started and framing is not None else 500
+        status = self.refused or (self.status if self.started and framing is not None else 500)
         if state.recorder is not None:
             state.recorder.done(status, duration)
         if state.request_hooks is not None:

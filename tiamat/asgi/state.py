@@ -44,6 +44,8 @@ class ServerState:
         #: None when off, so a request pays one test and builds nothing
         self.access_log = accesslog.for_worker(cfg)
         self.recorder = metrics.recorder(threaded=False)
+        #: logs and counts the error responses the protocol writes itself (None: both off)
+        self.refusals = accesslog.refusals(self.access_log, self.recorder)
         #: pre_request / post_request (the scope stands in for the WSGI environ)
         self.request_hooks = hooks.RequestHooks.for_config(cfg)
         self.observed = (self.access_log is not None or self.recorder is not None

@@ -28,7 +28,7 @@ import tempfile
 import time
 from typing import Any, BinaryIO
 
-from tiamat import tls
+from tiamat import accesslog, tls
 from tiamat.http import proxy_protocol, reader_factory
 from tiamat.http.errors import ProtocolError
 from tiamat.http.h1 import END_OF_MESSAGE, RequestHead, RequestReader
@@ -211,6 +211,8 @@ class SyncWorker(Worker):
     def run(self) -> None:
         cfg = self.cfg
         self.handler = WSGIHandler(self.app, cfg, multithread=self.multithread)
+        #: access log + metrics for the error responses reject() writes (None: both off)
+        self.refusals = accesslog.refusals(self.handler.access, self.handler.recorder)
         self.new_reader = reader_factory(cfg)
         # per-request and per-chunk copies of settings: reading a Config attribute goes
         # through __getattr__ after a failed lookup (about 1 us each, measured in the profile)
@@ -581,12 +583,15 @@ class SyncWorker(Worker):
 
     def reject(self, conn: Connection, error: ProtocolError) -> None:
         log.debug("rejected request: %s %s", error.status, error.reason)
+        response = error_response(error.status, error.reason)
         try:
             # one non-blocking send: an error response is small, and a client whose window
             # is shut must not hold the worker for --send-timeout
-            conn.sock.send(error_response(error.status, error.reason))
+            conn.sock.send(response)
         except (*_WOULD_BLOCK, OSError):
             pass
+        if self.refusals is not None:  # the one place this class writes its own response
+            self.refusals(error.status, response, conn.environ.get("REMOTE_ADDR"), conn.head)
         self.close(conn, linger=True)
 
     def sweep(self, now: float) -> None:
