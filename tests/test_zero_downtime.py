@@ -7,13 +7,18 @@ from __future__ import annotations
 import os
 import re
 import signal
+import socket
 from pathlib import Path
 
 import pytest
 from apps.pc_support import Load, alive, one_per_slot, read_pid
-from conftest import wait_for
+from conftest import read_until_closed, wait_for
 
 CLIENTS, PER_CLIENT = 8, 500  # 4000 requests, a new connection each
+#: the HUP and USR2 loads run until the test ends them, at most this many requests a client
+BOUND = 1000
+#: requests in each phase: before the signal, between two steps, after the last one
+BEFORE, AFTER = 400, 800
 #: worker class -> the app and arguments it runs with (each app answers "pid slot version")
 CLASSES = {
     "sync": ("tests/apps/pc_app.py", "-k", "sync"),
@@ -37,26 +42,31 @@ def _failed(load: Load, server) -> str:
     return f"{len(load.failures)} failed: {load.failures[:5]}\n{server.log()[-4000:]}"
 
 
-def _during(load: Load, fraction: float) -> None:
-    """Wait until the load has done ``fraction`` of its requests (it must still be running)."""
-    total = CLIENTS * PER_CLIENT
-    wait_for(lambda: load.done >= total * fraction or not load.running, timeout=60,
-             message=f"{fraction:.0%} of the load")
-    assert load.running, "the load finished before the event: make it longer"
+def _more(load: Load, count: int) -> None:
+    """Wait until the load has done ``count`` more requests (it must still be running)."""
+    target = load.done + count
+    wait_for(lambda: load.done >= target or not load.running, timeout=60,
+             message=f"{count} more requests")
+    assert load.running, "the load reached its bound before the event was over"
+
+
+def _finish(load: Load, server) -> None:
+    load.finish()
+    load.join(60)
+    assert not load.running
+    assert load.failures == [], _failed(load, server)
 
 
 @worker_classes
 def test_every_request_succeeds_across_a_hup(tiamat_server, tmp_path, kind):
     server, version_file = _start(tiamat_server, tmp_path, kind)
-    load = Load(server.host, server.port, CLIENTS, PER_CLIENT).start()
-    _during(load, 0.2)
+    load = Load(server.host, server.port, CLIENTS, BOUND).start()
+    _more(load, BEFORE)
     version_file.write_text("v2")
     server.signal(signal.SIGHUP)
     server.wait_log(r"Reload complete", timeout=30)
-    load.join(90)
-    assert not load.running
-    assert load.failures == [], _failed(load, server)
-    assert load.done == CLIENTS * PER_CLIENT
+    _more(load, AFTER)  # while the old workers stop, and after
+    _finish(load, server)
     assert load.bodies == {"v1", "v2"}  # both generations served, none failed
 
 
@@ -64,23 +74,22 @@ def test_every_request_succeeds_across_a_hup(tiamat_server, tmp_path, kind):
 def test_every_request_succeeds_across_usr2_then_quit(tiamat_server, tmp_path, kind):
     pid_path = tmp_path / "tiamat.pid"
     server, version_file = _start(tiamat_server, tmp_path, kind, "--pid", str(pid_path))
-    load = Load(server.host, server.port, CLIENTS, PER_CLIENT).start()
-    _during(load, 0.15)
+    load = Load(server.host, server.port, CLIENTS, BOUND).start()
+    _more(load, BEFORE)
     version_file.write_text("v2")
     server.signal(signal.SIGUSR2)
     server.wait_log(r"New master \(pid \d+\) is ready", timeout=30)
     new_master = read_pid(pid_path)
-    _during(load, 0.5)
-    server.signal(signal.SIGQUIT)
-    assert server.wait(30) == 0
-    load.join(90)
     try:
-        assert not load.running
-        assert load.failures == [], _failed(load, server)
-        assert load.done == CLIENTS * PER_CLIENT
+        _more(load, BEFORE)  # both masters serve
+        server.signal(signal.SIGQUIT)
+        assert server.wait(30) == 0
+        _more(load, AFTER)  # the new master alone
+        _finish(load, server)
         assert load.bodies == {"v1", "v2"}
         assert new_master and alive(new_master)
     finally:
+        load.finish()
         if new_master:
             os.kill(new_master, signal.SIGTERM)
             wait_for(lambda: not alive(new_master), timeout=20, message="the new master to stop")
@@ -98,3 +107,33 @@ def test_every_request_succeeds_across_max_requests_recycling(tiamat_server, tmp
     # 4000 requests over 2 workers with quotas of 300-350: many recycled under the load
     wait_for(lambda: len(re.findall(r"exited \(recycle\)", server.log())) >= 4, timeout=20,
              message="4 recycled workers")
+
+
+def _sockets(pid: int) -> set[str]:
+    """The sockets process ``pid`` holds (cheap enough to poll, unlike /proc/net/tcp)."""
+    found = set()
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        try:
+            link = os.readlink(f"/proc/{pid}/fd/{fd}")
+        except FileNotFoundError:
+            continue
+        if link.startswith("socket:"):
+            found.add(link)
+    return found
+
+
+@worker_classes
+def test_a_connection_accepted_just_before_a_graceful_stop_is_answered(tiamat_server, tmp_path,
+                                                                       kind):
+    server = tiamat_server(*CLASSES[kind], "-w", "1", "--keep-alive", "30")
+    server.wait_log(r"Ready: 1 worker")
+    worker = one_per_slot(server.pid, 1)[0]
+    before = _sockets(worker)
+    with socket.create_connection((server.host, server.port), timeout=10) as sock:
+        # the worker has accepted it (a socket it did not hold), and no request has come yet
+        wait_for(lambda: _sockets(worker) - before, interval=0.005,
+                 message="the worker to accept")
+        os.kill(worker, signal.SIGTERM)
+        sock.sendall(b"GET / HTTP/1.1\r\nHost: t\r\n\r\n")
+        reply = read_until_closed(sock)
+    assert reply.startswith(b"HTTP/1.1 200"), reply

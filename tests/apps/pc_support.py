@@ -88,7 +88,8 @@ def unix_get(path: str, target: str = "/", timeout: float = 5.0) -> bytes:
 
 class Load:
     """``clients`` threads, each doing ``per_client`` requests (a new connection each), and
-    recording every failure; bounded, so a broken server ends the test instead of hanging."""
+    recording every failure; bounded, so a broken server ends the test instead of hanging.
+    :meth:`finish` ends it early (each client stops after its current request)."""
 
     def __init__(self, host: str, port: int, clients: int = 8, per_client: int = 400,
                  path: str = "/") -> None:
@@ -98,6 +99,7 @@ class Load:
         self.failures: list[str] = []
         self.bodies: set[str] = set()
         self._lock = threading.Lock()
+        self._finish = threading.Event()
         self.threads = [threading.Thread(target=self._run, daemon=True) for _ in range(clients)]
 
     def start(self) -> Load:
@@ -107,6 +109,8 @@ class Load:
 
     def _run(self) -> None:
         for _ in range(self.per_client):
+            if self._finish.is_set():
+                return
             try:
                 status, body = get(self.host, self.port, self.path, timeout=10)
                 error = None if status == 200 else f"status {status}"
@@ -118,6 +122,9 @@ class Load:
                     self.failures.append(error)
                 else:
                     self.bodies.add(body.rsplit(" ", 1)[-1])
+
+    def finish(self) -> None:
+        self._finish.set()
 
     def join(self, timeout: float = 60.0) -> None:
         for thread in self.threads:
