@@ -148,14 +148,18 @@ class HttpProtocol(asyncio.Protocol):
         if header is None:
             self.proxy_buf = data
             return b""
+        self.proxied(header)
+        return data[header.length:]
+
+    def proxied(self, header: proxy_protocol.ProxyHeader) -> None:
+        """Apply a PROXY header: read above, or before the TLS handshake (asgi.proxy_tls)."""
         self.proxy_buf = None
         scope = self.scope_base
         if header.source is not None:
             scope["client"] = header.source
-            self.trusted = state.forwarded.trusts(header.source[0])
+            self.trusted = self.state.forwarded.trusts(header.source[0])
         if header.destination is not None:
             scope["server"] = header.destination
-        return data[header.length:]
 
     def eof_received(self) -> bool:
         reader = self.reader

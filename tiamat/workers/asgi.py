@@ -24,6 +24,7 @@ import select
 from time import monotonic, sleep
 from typing import Any
 
+from tiamat.asgi import proxy_tls
 from tiamat.asgi.adapt import as_asgi3
 from tiamat.asgi.http import HttpProtocol
 from tiamat.asgi.lifespan import Lifespan
@@ -94,10 +95,8 @@ class AsgiWorker(AioWorker):
     async def serve(self) -> None:
         state = self.state
         self.watch_signals_and_channel()
-        if state.ssl is not None and state.proxy_peers is not None:
-            log.warning("the asgi worker reads PROXY headers on plain listeners only; "
-                        "with TLS the header is not expected")
-            state.proxy_peers = None
+        #: PROXY protocol and TLS: accepted by the worker itself, to read the header first
+        self.proxy_tls = proxy_tls.supports(state)
         tls = {"ssl": state.ssl, "ssl_handshake_timeout": self.cfg.header_timeout or None} \
             if state.ssl is not None else {}
         # Several workers share the listening socket and the loop accepts every pending
@@ -129,9 +128,13 @@ class AsgiWorker(AioWorker):
     # --- accepting --------------------------------------------------------------------------
     async def listen(self) -> None:
         """Accept on every listener (through duplicates: pausing closes them, not the originals)."""
-        servers = [await self.loop.create_server(self.factory, sock=sock.dup(),
-                                                 backlog=self.cfg.backlog, **self.tls)
-                   for sock in self.listeners]
+        if self.proxy_tls:
+            servers: list[Any] = [proxy_tls.Listener(sock.dup(), self.state, self.factory)
+                                  for sock in self.listeners]
+        else:
+            servers = [await self.loop.create_server(self.factory, sock=sock.dup(),
+                                                     backlog=self.cfg.backlog, **self.tls)
+                       for sock in self.listeners]
         if self.accept_paused or self.state.stopping:
             for server in servers:
                 server.close()
