@@ -16,6 +16,8 @@ import trustme
 from apps.sec_support import WORKERS, read_until_close, server_args, statuses
 from conftest import ROOT, TiamatServer, wait_for
 
+from tiamat.http.proxy_protocol import encode_v1, encode_v2
+
 GET = b"GET /echo HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n"
 
 
@@ -222,29 +224,130 @@ def test_ssl_context_hook(tmp_path_factory: pytest.TempPathFactory, certs: Certs
         srv.stop()
 
 
-def test_proxy_protocol_header_before_the_handshake(tmp_path_factory: pytest.TempPathFactory,
-                                                     certs: Certs) -> None:
-    from tiamat.http.proxy_protocol import encode_v1, encode_v2
+# --- PROXY protocol header, then the TLS handshake (every worker class) -------------------------
+V1 = encode_v1(("203.0.113.5", 1000), ("198.51.100.2", 443))
+V2 = encode_v2(("203.0.113.6", 1001), ("198.51.100.3", 8443))
+V2_6 = encode_v2(("2001:db8::6", 1002), ("2001:db8::1", 443))
 
-    srv = start_tls(tmp_path_factory.mktemp("tls-pp"), certs, "sync", "--proxy-protocol", "auto")
+
+def proxied_tls_exchange(server: TiamatServer, ctx: ssl.SSLContext, header: bytes,
+                         raw: bytes = GET) -> bytes:
+    """Send ``header`` in the clear, then speak TLS on the same connection."""
+    with socket.create_connection((server.host, server.port), timeout=5) as plain:
+        plain.sendall(header)
+        with ctx.wrap_socket(plain, server_hostname="127.0.0.1") as sock:
+            sock.sendall(raw)
+            chunks = []
+            while True:
+                try:
+                    data = sock.recv(65536)
+                except (ssl.SSLZeroReturnError, ConnectionResetError):
+                    break
+                if not data:
+                    break
+                chunks.append(data)
+            return b"".join(chunks)
+
+
+@pytest.fixture(scope="module", params=[*WORKERS, "asgi-asyncio"])
+def proxied(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory,
+            certs: Certs) -> Iterator[TiamatServer]:
+    """TLS with ``--proxy-protocol auto`` (so the readiness probe needs no header); the asgi
+    class also on the stdlib loop, whose TLS transport hands over the protocol differently."""
+    worker, _, loop = request.param.partition("-")
+    srv = start_tls(tmp_path_factory.mktemp("tls-pp"), certs, worker, "--proxy-protocol", "auto",
+                    "--header-timeout", "2", *(["--loop", loop] if loop else []))
+    yield srv
+    srv.stop()
+
+
+@pytest.mark.parametrize(("header", "client", "server_addr"), [
+    (V1, ("203.0.113.5", "1000"), ("198.51.100.2", "443")),
+    (V2, ("203.0.113.6", "1001"), ("198.51.100.3", "8443")),
+    (V2_6, ("2001:db8::6", "1002"), ("2001:db8::1", "443"))], ids=["v1", "v2", "v2-ipv6"])
+def test_proxy_header_before_the_handshake(proxied: TiamatServer, certs: Certs, header: bytes,
+                                           client: tuple[str, str],
+                                           server_addr: tuple[str, str]) -> None:
+    keep_alive = GET.replace(b"Connection: close\r\n", b"")
+    data = proxied_tls_exchange(proxied, certs.context(), header, keep_alive + GET)
+    assert statuses(data) == [200, 200], data[:300]
+    info = body_json(data.split(b"HTTP/1.1 200", 2)[1])
+    assert (info["remote_addr"], info["remote_port"]) == client
+    assert (info["server_name"], info["server_port"]) == server_addr
+    assert info["scheme"] == "https"
+
+
+def test_proxy_auto_without_header_over_tls(proxied: TiamatServer, certs: Certs) -> None:
+    assert body_json(tls_exchange(proxied, certs.context()))["remote_addr"] == "127.0.0.1"
+    local = proxied_tls_exchange(proxied, certs.context(), encode_v2(None, None))
+    assert body_json(local)["remote_addr"] == "127.0.0.1"
+
+
+def test_malformed_proxy_header_before_tls_closes(proxied: TiamatServer) -> None:
+    with socket.create_connection((proxied.host, proxied.port), timeout=5) as sock:
+        sock.sendall(b"PROXY TCP4 1.2.3.4 ::1 1 80\r\n\x16\x03\x01")
+        assert read_until_close(sock, 5) == b""
+
+
+def test_slow_proxy_header_is_timed_out(proxied: TiamatServer, certs: Certs) -> None:
+    """--header-timeout (2 s here) bounds the header; other clients are served meanwhile."""
+    stalled = []
     try:
-        for header, client in ((encode_v1(("203.0.113.5", 1000), ("127.0.0.1", 443)), "203.0.113.5"),
-                               (encode_v2(("203.0.113.6", 1001), ("127.0.0.1", 443)), "203.0.113.6")):
-            with socket.create_connection((srv.host, srv.port), timeout=5) as raw:
-                raw.sendall(header)
-                with certs.context().wrap_socket(raw, server_hostname="127.0.0.1") as sock:
-                    sock.sendall(GET)
-                    data = b""
-                    while True:
-                        try:
-                            more = sock.recv(65536)
-                        except ssl.SSLZeroReturnError:
-                            break
-                        if not more:
-                            break
-                        data += more
-            info = body_json(data)
-            assert info["remote_addr"] == client
-            assert info["scheme"] == "https"
+        # part of a v1 header, nothing at all, part of a v2 header
+        for piece in (b"PROXY TCP4 203.0", b"", V2[:20]):
+            sock = socket.create_connection((proxied.host, proxied.port), timeout=8)
+            if piece:
+                sock.sendall(piece)
+            stalled.append(sock)
+        start = time.monotonic()
+        assert statuses(proxied_tls_exchange(proxied, certs.context(), V1)) == [200]
+        assert time.monotonic() - start < 1.5
+        for sock in stalled:
+            assert read_until_close(sock, 8) == b""
+        assert time.monotonic() - start < 6
+    finally:
+        for sock in stalled:
+            sock.close()
+
+
+@pytest.mark.parametrize("worker", WORKERS)
+def test_proxy_header_from_a_peer_not_allowed(tmp_path_factory: pytest.TempPathFactory,
+                                              certs: Certs, worker: str) -> None:
+    """A peer outside --proxy-allow-from speaks TLS at once: its PROXY header breaks the
+    handshake, and without one it is served under its own address."""
+    srv = start_tls(tmp_path_factory.mktemp("tls-pp-deny"), certs, worker, "--proxy-protocol",
+                    "v1", "--proxy-allow-from", "10.0.0.1")
+    try:
+        assert body_json(tls_exchange(srv, certs.context()))["remote_addr"] == "127.0.0.1"
+        with pytest.raises((ssl.SSLError, ConnectionResetError, BrokenPipeError)):
+            data = proxied_tls_exchange(srv, certs.context(), V1)
+            assert b"203.0.113.5" not in data
+            raise ssl.SSLError("no response after a PROXY header from a peer not allowed")
+    finally:
+        srv.stop()
+
+
+@pytest.mark.parametrize("worker", WORKERS)
+def test_required_proxy_header_before_tls(tmp_path_factory: pytest.TempPathFactory, certs: Certs,
+                                          worker: str) -> None:
+    """``--proxy-protocol v2`` with TLS: a v2 header is required before the ClientHello."""
+    tmp = tmp_path_factory.mktemp("tls-pp-v2")
+    srv = TiamatServer(["-b", "127.0.0.1:0", *server_args(worker, *certs.args(),
+                                                          "--proxy-protocol", "v2")], tmp)
+    srv.start(wait=False)
+    try:
+        srv.wait_listening()
+
+        def answers() -> bool:
+            try:
+                return b"203.0.113.6" in proxied_tls_exchange(srv, certs.context(), V2)
+            except OSError:
+                return False
+
+        wait_for(answers, 15, 0.05, "the TLS server to answer behind a v2 header")
+        with pytest.raises((ssl.SSLError, ConnectionResetError, BrokenPipeError)):
+            data = tls_exchange(srv, certs.context())
+            assert b"200 OK" not in data
+            raise ssl.SSLError("no response without the required header")
     finally:
         srv.stop()
