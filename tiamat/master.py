@@ -217,6 +217,7 @@ def prepare(state: MasterState) -> int:
     if state.app is not None and cfg.gc_freeze:
         gc.collect()
         gc.freeze()  # keep the preloaded app's objects out of the collector: pages stay shared
+        memory.trim_malloc()  # the collected garbage's pages: not counted, not copied
     if cfg.pidfile:
         try:
             pidfile.write(cfg.pidfile, state.pid)

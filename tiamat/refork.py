@@ -381,6 +381,7 @@ def run_mold(worker: Worker) -> None:
     if worker.cfg.gc_freeze:
         gc.collect()
         gc.freeze()  # what the warm worker built is shared by the generation forked from it
+        memory.trim_malloc()
     if not worker.channel.send("molded", os.getpid()):
         return
     log.info("worker %s (pid %s) is now the mold of generation %s", worker.slot, os.getpid(), generation)
