@@ -29,6 +29,7 @@ from typing import Any
 from tiamat.asgi.http import HttpProtocol
 from tiamat.asgi.state import ServerState
 from tiamat.http import proxy_protocol
+from tiamat.workers.base import STOP_GRACE
 
 log = logging.getLogger("tiamat.error")
 
@@ -95,7 +96,8 @@ class Setup(asyncio.Protocol):
         self.sock = sock
         self.protocol = protocol
         self.transport = self  # (for the worker's final ``conn.transport.abort()``)
-        self.deadline = monotonic() + state.header_timeout
+        self.accepted = monotonic()
+        self.deadline = self.accepted + state.header_timeout
         self.buf = b""
         #: the header read (None: none read, the peer is not allowed to send one)
         self.header: proxy_protocol.ProxyHeader | None = None
@@ -204,7 +206,10 @@ class Setup(asyncio.Protocol):
         pass
 
     def shutdown(self, idle_before: float = 0.0) -> None:
-        pass  # a graceful stop lets the set-up finish (bounded by the deadline)
+        """Graceful stop: a header or handshake under way may finish (until the deadline);
+        a connection that has sent nothing gets STOP_GRACE from accept, as an idle one."""
+        if self.reading and not self.buf:
+            self.deadline = min(self.deadline, self.accepted + STOP_GRACE)
 
     def abort(self) -> None:
         if self.done:
