@@ -128,6 +128,8 @@ class AsgiWorker(AioWorker):
     # --- accepting --------------------------------------------------------------------------
     async def listen(self) -> None:
         """Accept on every listener (through duplicates: pausing closes them, not the originals)."""
+        if self.state.stopping:
+            return  # (resumed just before the stop: the listeners may be closed already)
         if self.proxy_tls:
             servers: list[Any] = [proxy_tls.Listener(sock.dup(), self.state, self.factory)
                                   for sock in self.listeners]
