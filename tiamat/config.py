@@ -46,9 +46,18 @@ class Config:
     """
 
     def __init__(self, values: dict[str, Any], sources: dict[str, str]) -> None:
+        # Each value is also an instance attribute, so ``cfg.keepalive`` is a plain attribute
+        # read (tens of ns) rather than a failed lookup plus __getattr__ (about 1 us), which
+        # matters on paths that read settings per request.
+        self.__dict__.update(values)
         self.values = values
         self.sources = sources
         self.warnings: list[str] = []
+
+    def set(self, name: str, value: Any) -> None:
+        """Change one value after loading (HUP keeps restart-only settings this way)."""
+        self.values[name] = value
+        self.__dict__[name] = value
 
     def __getattr__(self, name: str) -> Any:
         try:

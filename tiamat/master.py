@@ -491,7 +491,7 @@ def reload_config(state: MasterState) -> tuple[Any, type[Worker] | None] | None:
     for name in RESTART_ONLY:
         if cfg.values.get(name) != state.cfg.values.get(name):
             log.warning("HUP: %s changed; it takes effect after a USR2 upgrade", name)
-            cfg.values[name] = state.cfg.values.get(name)
+            cfg.set(name, state.cfg.values.get(name))
     return cfg, worker_class
 
 

@@ -112,7 +112,7 @@ _add("tcp", "Server Socket", "choice", "tcp4",
 _add("backlog", "Server Socket", "int", 2048, "Pending-connection queue length of each socket.",
      flags=("--backlog",), minimum=1)
 _add("reuse_port", "Server Socket", "bool", False,
-     "Give each worker its own SO_REUSEPORT socket so the kernel balances connections.",
+     "Set SO_REUSEPORT on the listening sockets, so another process may bind the same address.",
      flags=("--reuse-port",))
 
 # --- Worker processes ---------------------------------------------------------------------
