@@ -5,6 +5,7 @@ sync worker's loop."""
 from __future__ import annotations
 
 import json
+import signal
 import socket
 import ssl
 import time
@@ -349,5 +350,44 @@ def test_required_proxy_header_before_tls(tmp_path_factory: pytest.TempPathFacto
             data = tls_exchange(srv, certs.context())
             assert b"200 OK" not in data
             raise ssl.SSLError("no response without the required header")
+    finally:
+        srv.stop()
+
+
+def test_asgi_proxy_tls_set_ups_count_as_connections(tmp_path_factory: pytest.TempPathFactory,
+                                                     certs: Certs) -> None:
+    """asgi: a connection still before its PROXY header counts against --worker-connections
+    (the next client waits in the backlog until the stalled ones time out)."""
+    srv = start_tls(tmp_path_factory.mktemp("tls-pp-wc"), certs, "asgi", "--proxy-protocol", "auto",
+                    "--worker-connections", "2", "--header-timeout", "2")
+    stalled = []
+    try:
+        stalled = [socket.create_connection((srv.host, srv.port), timeout=8) for _ in range(2)]
+        start = time.monotonic()
+        assert statuses(proxied_tls_exchange(srv, certs.context(), V1)) == [200]
+        assert time.monotonic() - start > 1.0
+        for sock in stalled:
+            assert read_until_close(sock, 8) == b""
+    finally:
+        for sock in stalled:
+            sock.close()
+        srv.stop()
+
+
+def test_asgi_graceful_stop_does_not_wait_for_a_silent_connection(
+        tmp_path_factory: pytest.TempPathFactory, certs: Certs) -> None:
+    """asgi, PROXY and TLS: a connection that sent nothing does not hold a graceful stop for
+    --header-timeout (it gets the same short grace as an idle HTTP connection)."""
+    srv = start_tls(tmp_path_factory.mktemp("tls-pp-stop"), certs, "asgi", "--proxy-protocol",
+                    "auto", "--header-timeout", "10")
+    try:
+        with socket.create_connection((srv.host, srv.port), timeout=12) as silent:
+            # answered after the silent one was accepted (the worker accepts in order)
+            assert statuses(proxied_tls_exchange(srv, certs.context(), V1)) == [200]
+            start = time.monotonic()
+            srv.signal(signal.SIGTERM)
+            assert srv.wait(12) == 0
+            assert time.monotonic() - start < 6
+            assert read_until_close(silent, 2) == b""
     finally:
         srv.stop()
