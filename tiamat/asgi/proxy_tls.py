@@ -7,7 +7,7 @@ are configured the worker accepts sockets itself (:class:`Listener`), peeks the 
 ``MSG_PEEK`` from peers in ``--proxy-allow-from`` and consumes exactly its bytes
 (:class:`Setup`), then hands the untouched socket to ``loop.connect_accepted_socket(...,
 ssl=...)``, so TLS and HTTP proceed as on any other listener.  Listeners without both
-settings keep the loop's own ``create_server`` (this path costs a task per connection).
+settings keep the loop's own ``create_server``: this path costs a task per connection.
 
 A :class:`Setup` stands in :attr:`ServerState.connections` while the header is read and the
 handshake runs, so ``--worker-connections`` counts it, the worker's sweep closes it at its
@@ -222,7 +222,6 @@ class Setup(asyncio.Protocol):
                 self.state.loop.remove_reader(self.sock.fileno())
             self.sock.close()
         self.state.connection_closed(self)
-
 
 
 def supports(state: ServerState) -> bool:
