@@ -307,3 +307,10 @@ def test_metrics_table_matches_what_the_master_exports():
     exported = set(re.findall(r"^# TYPE (\S+) ", metrics.render_prometheus(snap), re.M))
     documented = set(re.findall(r"^\| `(tiamat_\w+)` \|", (DOCS / "deployment.md").read_text(), re.M))
     assert documented == exported
+
+
+def test_cli_knows_every_control_subcommand() -> None:
+    """tiamat.cli repeats the subcommand names (so a server start need not import control)."""
+    from tiamat import cli, control
+
+    assert cli.SUBCOMMANDS == control.SUBCOMMANDS

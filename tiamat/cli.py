@@ -143,18 +143,23 @@ def build_command() -> click.Command:
                                 message="%(prog)s %(version)s")(command)
 
 
+#: :data:`tiamat.control.SUBCOMMANDS`, repeated so that starting a server does not import
+#: tiamat.control (tests/test_docs.py checks that both agree)
+SUBCOMMANDS = ("status", "reload", "stop", "scale", "reopen-logs")
+
+
 def with_subcommands(command: click.Command) -> click.Command:
     """``tiamat status|reload|stop|scale|reopen-logs ...`` talk to a running master through
     its control socket (:mod:`tiamat.control`); every other command line is ``tiamat
     [OPTIONS] APP`` exactly as before.  (An app module really named ``status`` is still
     reachable as ``tiamat status:app`` or ``tiamat -s status``.)"""
-    from tiamat import control
-
     serve_main = command.main
 
     def main(args: Any = None, prog_name: str | None = None, **extra: Any) -> Any:
         argv = list(sys.argv[1:] if args is None else args)
-        if argv and argv[0] in control.SUBCOMMANDS:
+        if argv and argv[0] in SUBCOMMANDS:
+            from tiamat import control  # only here: a server start does not pay for it
+
             return control.control_cli.main(args=argv, prog_name=prog_name or "tiamat", **extra)
         return serve_main(args=argv, prog_name=prog_name, **extra)
 

@@ -16,9 +16,15 @@ import socket
 import sys
 import time
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from tiamat import control, metrics, reloader, sockets
+from tiamat import metrics, sockets
+
+if TYPE_CHECKING:
+    from tiamat import control, reloader
+
+# control and reloader are imported only when their setting is on: every master start would
+# otherwise pay for them before its first fork (issue 6, start-up time)
 
 log = logging.getLogger("tiamat.error")
 
@@ -42,23 +48,30 @@ def start(state: Any) -> bool:
     cfg = state.cfg
     global _current
     ops = state.ops = _current = Ops(metrics=metrics.setup(cfg, state.board.capacity))
+    reload_error: type[Exception] = OSError
     try:
         if cfg.metrics_bind:
             ops.exporter = _open_exporter(state, cfg.metrics_bind, ops.metrics)
             log.info("Metrics at: http://%s/metrics", sockets.describe(ops.exporter.sock)
                      .removeprefix("http://"))
-        path = control.socket_path(cfg)
+        path = cfg.control_socket or cfg.pidfile  # control.socket_path() is None without both
         if path:
+            from tiamat import control
+
+            path = control.socket_path(cfg)
             ops.control = control.ControlServer(state, path, ops.metrics)
             log.info("Control socket at: %s", ops.control.path)
         if cfg.statsd_host:
             ops.statsd = metrics.StatsD(cfg.statsd_host, cfg.statsd_prefix)
             ops.next_push = time.monotonic() + cfg.statsd_interval
         if cfg.reload:
+            from tiamat import reloader
+
+            reload_error = reloader.ReloadError
             ops.reloader = reloader.Reloader(cfg)
             state.selector.register(ops.reloader.read_fd, selectors.EVENT_READ, ops)
             ops.reloader.start()
-    except (OSError, ValueError, reloader.ReloadError) as exc:  # socket.gaierror is an OSError
+    except (OSError, ValueError, reload_error) as exc:  # socket.gaierror is an OSError
         text = getattr(exc, "strerror", None) or str(exc)
         state.fatal = f"cannot start: {text}"
         state.exit_code = 1
@@ -101,6 +114,8 @@ os.register_at_fork(after_in_child=_close_in_child)
 
 def _open_exporter(state: Any, bind: str, master_metrics: metrics.MasterMetrics
                    ) -> control.SocketService:
+    from tiamat import control
+
     host, sep, port = bind.rpartition(":")
     if not sep or not port.isdigit():
         raise ValueError(f"--metrics-bind {bind!r}: expected HOST:PORT (or :PORT for every "
@@ -142,6 +157,8 @@ def step(state: Any) -> None:
     if ops.reloader is not None:
         changed = ops.reloader.take_changes()
         if changed and not state.stopping:
+            from tiamat import control, reloader
+
             log.info("Reloading: %s changed", reloader.describe(changed))
             control.reload_workers(state)
 
