@@ -24,7 +24,6 @@ import select
 import selectors
 import socket
 import ssl
-import tempfile
 import time
 from typing import Any, BinaryIO
 
@@ -555,6 +554,8 @@ class SyncWorker(Worker):
             body = conn.body = _Chunks()  # type: ignore[assignment]
         conn.body_size += len(data)
         if conn.body_size > self.body_buffer_size and body.__class__ is _Chunks:
+            import tempfile  # here: only large bodies need it (a few ms of every start)
+
             spooled: BinaryIO = tempfile.TemporaryFile()  # noqa: SIM115 - closed after the request
             spooled.writelines(body)  # type: ignore[arg-type]
             conn.body = body = spooled
