@@ -384,10 +384,7 @@ def worker_exited(state: MasterState, worker: WorkerProc, code: int) -> None:
 
 
 def _forget(state: MasterState, worker: WorkerProc) -> None:
-    try:
-        state.selector.unregister(worker.channel.sock)
-    except (KeyError, ValueError):
-        pass
+    _unwatch(state, worker)
     worker.channel.close()
     state.board.clear(worker.board_index)
 
@@ -688,8 +685,21 @@ def announce_ready(state: MasterState) -> None:
 def read_channels(state: MasterState) -> None:
     for worker in list(state.workers.values()):
         messages = worker.channel.receive()
-        for message in messages or ():
+        if messages is None:
+            # EOF: the worker is exiting.  Its channel stays readable (EPOLLHUP) until the
+            # reap, so the sleep would return at once and the loop spin until then: stop
+            # watching it; SIGCHLD wakes the loop for the reap.
+            _unwatch(state, worker)
+            continue
+        for message in messages:
             handle_message(state, worker, message)
+
+
+def _unwatch(state: MasterState, worker: WorkerProc) -> None:
+    try:
+        state.selector.unregister(worker.channel.sock)
+    except (KeyError, ValueError):
+        pass
 
 
 def handle_message(state: MasterState, worker: WorkerProc, message: tuple[Any, ...]) -> None:
