@@ -182,3 +182,24 @@ def test_a_pipelined_partial_head_read_during_a_request_is_timed_by_header_timeo
     assert data.startswith(b"HTTP/1.1 200")
     assert b"HTTP/1.1 408" in data
     assert time.monotonic() - start < 8
+
+
+def _cpu_seconds(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def test_a_client_gone_while_its_request_runs_costs_no_cpu_and_the_next_one_is_served(tiamat_server):
+    """The connection stays registered while a pool thread has it; when the client goes away
+    (the socket turns readable at EOF) the loop must stop watching it, not spin on it."""
+    server = tiamat_server(APP, "-k", "thread", "--threads", "2", "-w", "1")
+    [worker] = wait_for(lambda: server.worker_pids() or None, 10)
+    sock = socket.create_connection((server.host, server.port), timeout=10)
+    sock.sendall(b"GET /sleep?s=1.5 HTTP/1.1\r\nHost: t\r\n\r\n")
+    time.sleep(0.2)  # the request is in a pool thread now
+    before = _cpu_seconds(worker)
+    sock.close()
+    time.sleep(1.0)  # the client is gone and the app still sleeps: an idle loop uses ~0 CPU
+    assert _cpu_seconds(worker) - before < 0.5
+    status, _, body = server.get("/")
+    assert status == 200

@@ -34,7 +34,7 @@ _FOREVER = float("inf")
 class _InFlight:
     """A request handed to the pool; the main thread looks at it only once it is done."""
 
-    __slots__ = ("body", "close_after", "conn", "head", "keep_alive", "pending", "start")
+    __slots__ = ("body", "close_after", "conn", "head", "keep_alive", "pending", "start", "unwatched")
 
     def __init__(self, conn: Connection, head: RequestHead, body: BinaryIO,
                  pending: list[object], start: float) -> None:
@@ -45,6 +45,8 @@ class _InFlight:
         self.start = start
         self.keep_alive = False
         self.close_after = False
+        #: the loop saw the connection readable while in the pool and stopped watching it
+        self.unwatched = False
 
 
 class ThreadWorker(SyncWorker):
@@ -58,6 +60,8 @@ class ThreadWorker(SyncWorker):
         self.in_flight: dict[Connection, _InFlight] = {}
         self.done: deque[_InFlight] = deque()
         self.jobs: queue.SimpleQueue[_InFlight | None] = queue.SimpleQueue()
+        #: a wake-up byte is on its way for ``done``: later finishers need not write another
+        self.wake_pending = False
         self.threads = [threading.Thread(target=self._pool_thread, name=f"tiamat-{i}", daemon=True)
                         for i in range(self.nthreads)]
         for thread in self.threads:
@@ -82,14 +86,14 @@ class ThreadWorker(SyncWorker):
         assert head is not None
         body = request_body(conn.body)
         conn.head = conn.body = None
-        # stop watching the connection; events already read (a pipelined request) wait too
+        # events already read (a pipelined request) wait until the pool hands the connection
+        # back.  The connection stays registered with the selector: a client that waits for
+        # its answer sends nothing, so the common case costs no epoll_ctl at all (it was an
+        # unregister and a register per request); if it does become readable meanwhile,
+        # on_readable stops watching it then, and _collect watches it again.
         events = conn.reader.events
         pending = events[:]
         events.clear()
-        try:
-            self.selector.unregister(conn.sock)
-        except (KeyError, ValueError):
-            pass
         conn.deadline = _FOREVER
         job = _InFlight(conn, head, body, pending, time.monotonic())
         self.in_flight[conn] = job
@@ -114,10 +118,25 @@ class ThreadWorker(SyncWorker):
             finally:
                 job.body.close()
             done.append(job)
+            # one wake-up byte per batch, not per request: the loop clears the flag before it
+            # takes the finished jobs, so a job appended after that writes a new byte
+            if not self.wake_pending:
+                self.wake_pending = True
+                try:
+                    os.write(self._wake_w, b"\0")
+                except (BlockingIOError, InterruptedError):
+                    pass  # the pipe is full: the loop is going to wake up anyway
+
+    def on_readable(self, conn: Connection) -> None:
+        job = self.in_flight.get(conn)
+        if job is not None:  # a pool thread has it: stop watching it until it comes back
+            job.unwatched = True
             try:
-                os.write(self._wake_w, b"\0")
-            except (BlockingIOError, InterruptedError):
-                pass  # the pipe is full: the loop is going to wake up anyway
+                self.selector.unregister(conn.sock)
+            except (KeyError, ValueError):
+                pass
+            return
+        super().on_readable(conn)
 
     # --- taking connections back ----------------------------------------------------------
     def handle_wakeup(self) -> None:
@@ -126,6 +145,7 @@ class ThreadWorker(SyncWorker):
 
     def _collect(self) -> None:
         done = self.done
+        self.wake_pending = False
         while done:
             job = done.popleft()
             conn = job.conn
@@ -142,7 +162,8 @@ class ThreadWorker(SyncWorker):
                 # pool thread had the connection has its head timed as in SyncWorker.feed
                 conn.deadline = now + (self.header_timeout if conn.reader.in_message
                                        else self.keepalive_timeout)
-                self.selector.register(conn.sock, selectors.EVENT_READ, conn)
+                if job.unwatched:
+                    self.selector.register(conn.sock, selectors.EVENT_READ, conn)
                 if job.pending:
                     conn.reader.events[:0] = job.pending
                     self.process(conn)
