@@ -201,5 +201,5 @@ def test_a_client_gone_while_its_request_runs_costs_no_cpu_and_the_next_one_is_s
     sock.close()
     time.sleep(1.0)  # the client is gone and the app still sleeps: an idle loop uses ~0 CPU
     assert _cpu_seconds(worker) - before < 0.5
-    status, _, body = server.get("/")
+    status, _, _ = server.get("/")
     assert status == 200
