@@ -18,6 +18,7 @@ import logging
 import os
 import queue
 import selectors
+import socket
 import threading
 import time
 from collections import deque
@@ -75,6 +76,15 @@ class ThreadWorker(SyncWorker):
             return
         super()._set_accepting(on)
 
+    def accept(self, listener: socket.socket) -> None:
+        # Every thread busy: stop watching the listeners, lazily.  dispatch() does not do it
+        # at once: under a keep-alive load the pool fills and drains all the time while no
+        # new client comes, and each toggle cost an unregister and a register per listener.
+        if len(self.in_flight) >= self.nthreads:
+            self._set_accepting(False)
+            return
+        super().accept(listener)
+
     # --- handing requests to the pool ---------------------------------------------------
     def dispatch(self, conn: Connection) -> None:
         if not self.alive:
@@ -98,8 +108,6 @@ class ThreadWorker(SyncWorker):
         job = _InFlight(conn, head, body, pending, time.monotonic())
         self.in_flight[conn] = job
         self._update_board()
-        if len(self.in_flight) >= self.nthreads:
-            self._set_accepting(False)
         self.jobs.put(job)
 
     def _pool_thread(self) -> None:
