@@ -107,7 +107,10 @@ class ThreadWorker(SyncWorker):
         conn.deadline = _FOREVER
         job = _InFlight(conn, head, body, pending, time.monotonic())
         self.in_flight[conn] = job
-        self._update_board()
+        if len(self.in_flight) == 1:
+            # only a first request changes the oldest in flight: with others in flight the
+            # board already shows the oldest (_collect ends with _update_board)
+            self._update_board()
         self.jobs.put(job)
 
     def _pool_thread(self) -> None:
