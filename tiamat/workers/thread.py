@@ -138,6 +138,11 @@ class ThreadWorker(SyncWorker):
                 except (BlockingIOError, InterruptedError):
                     pass  # the pipe is full: the loop is going to wake up anyway
 
+    def _watched(self, conn: Connection) -> bool:
+        # a connection in a pool thread stays registered (see dispatch) but is handed off:
+        # a pipelined partial head read with its request must not arm the header timeout
+        return conn not in self.in_flight and super()._watched(conn)
+
     def on_readable(self, conn: Connection) -> None:
         job = self.in_flight.get(conn)
         if job is not None:  # a pool thread has it: stop watching it until it comes back
