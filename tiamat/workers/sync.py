@@ -23,11 +23,10 @@ import os
 import select
 import selectors
 import socket
-import ssl
 import time
 from typing import Any, BinaryIO
 
-from tiamat import accesslog, tls
+from tiamat import accesslog
 from tiamat.http import proxy_protocol, reader_factory
 from tiamat.http.errors import ProtocolError
 from tiamat.http.h1 import END_OF_MESSAGE, RequestHead, RequestReader
@@ -52,7 +51,23 @@ SWEEP_INTERVAL = 0.5
 #: after an error response: how long, and how many bytes, to keep draining the client
 LINGER_SECONDS = 2.0
 LINGER_BYTES = 16 * 1024 * 1024
-_WOULD_BLOCK = (BlockingIOError, InterruptedError, ssl.SSLWantReadError, ssl.SSLWantWriteError)
+#: a read or write that must wait; with TLS on, _tls_context adds ssl's want-read/write errors
+_WOULD_BLOCK: tuple[type[BaseException], ...] = (BlockingIOError, InterruptedError)
+
+
+def _tls_context(cfg: Any) -> Any:
+    """The worker's TLS context, or None without --certfile.  ssl and tiamat.tls are imported
+    only then: for a plain server they cost ~6 ms of every start and a private OpenSSL per
+    process."""
+    if not getattr(cfg, "certfile", None):  # tiamat.tls.enabled()
+        return None
+    global _WOULD_BLOCK
+    import ssl
+
+    from tiamat import tls
+
+    _WOULD_BLOCK = (BlockingIOError, InterruptedError, ssl.SSLWantReadError, ssl.SSLWantWriteError)
+    return tls.server_context(cfg)
 _READ, _READ_WRITE = selectors.EVENT_READ, selectors.EVENT_READ | selectors.EVENT_WRITE
 
 
@@ -208,7 +223,7 @@ class SyncWorker(Worker):
     def init_app(self) -> None:
         """Build the TLS context once per worker, at boot (a bad certificate is a boot error)."""
         super().init_app()
-        self.ssl_context = tls.server_context(self.cfg)
+        self.ssl_context = _tls_context(self.cfg)
 
     def run(self) -> None:
         cfg = self.cfg
@@ -223,7 +238,7 @@ class SyncWorker(Worker):
         self.header_timeout = cfg.header_timeout or 1e9
         self.body_buffer_size = cfg.body_buffer_size
         if not hasattr(self, "ssl_context"):
-            self.ssl_context = tls.server_context(cfg)
+            self.ssl_context = _tls_context(cfg)
         self.scheme = "https" if self.ssl_context is not None else "http"
         self.forwarded = ForwardedRules.from_config(cfg)
         self.proxy_mode = cfg.proxy_protocol
@@ -492,6 +507,8 @@ class SyncWorker(Worker):
             count -= len(got)
 
     def _handshake(self, conn: Connection) -> bool:
+        import ssl  # loaded by _tls_context: only a dict lookup
+
         try:
             conn.sock.do_handshake()  # type: ignore[attr-defined]
         except ssl.SSLWantReadError:
