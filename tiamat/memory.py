@@ -120,11 +120,13 @@ def descendants(pid: int) -> list[int]:
 
 # --- sharing with the workers -----------------------------------------------------------
 def preimport_worker_modules() -> None:
-    """Import the sync worker's modules (and so ssl, httptools ...) in the master.
+    """Import the sync worker's modules (httptools, the HTTP core ...) in the master.
 
     Without --preload and with ``-k auto`` the worker class is only known once a worker
     has loaded the app, so every worker would import it after the fork, each keeping a
-    private copy (about 1.5 MB each with OpenSSL); imported here, they are shared.
+    private copy; imported here, they are shared.  ``ssl`` is not among them any more: the
+    sync worker imports it only with --certfile (a plain server loads no OpenSSL at all), so
+    with TLS and without --preload each worker has its own copy.
     """
     import importlib
 
