@@ -20,7 +20,6 @@ import errno
 import gc
 import logging
 import os
-import random
 import selectors
 import signal
 import sys
@@ -40,8 +39,8 @@ from tiamat.workers.base import (
     EXIT_BOOT_ERROR,
     Worker,
     install_stack_dump,
+    run_child,
     set_title,
-    worker_main,
 )
 
 log = logging.getLogger("tiamat.error")
@@ -929,40 +928,35 @@ def _exit_before_boot(signum: int, frame: Any) -> None:
 
 def _become_worker(state: MasterState, info: WorkerProc, parent_end: Channel,
                    child_end: Channel) -> None:
-    code = 1
-    slot = info.slot
-    try:
-        signal.set_wakeup_fd(-1)
-        install_stack_dump()
-        signal.signal(ABORT_SIGNAL, _exit_before_boot)  # a boot timeout before boot() runs
-        for fd in (state.wake_r, state.wake_w, state.reexec_ready_fd, state.upgrade_fd):
-            if fd >= 0:
-                os.close(fd)
-        daemon.close_status_fd()
-        parent_end.close()
-        for other in state.workers.values():
-            other.channel.close()
-        os.environ["TIAMAT"] = "1"
-        os.environ["TIAMAT_WORKER_ID"] = str(slot)
-        for item in state.cfg.raw_env:
-            key, _, value = item.partition("=")
-            os.environ[key] = value
-        random.seed()
-        worker_class, app = state.worker_class, state.app
-        if worker_class is None:
-            worker_class, app = _load_and_pick(state, child_end)
-        board = state.board.writer(info.board_index)
-        state.board.reset(info.board_index, os.getpid(), time.monotonic())
-        worker = worker_class(slot=slot, cfg=state.cfg, listeners=state.listeners,
-                              channel=child_end, board=board, app=app,
-                              master_pid=state.pid, generation=state.generation)
-        worker.server = state
-        worker_main(worker)
-    except SystemExit as exc:
-        code = exc.code if isinstance(exc.code, int) else 1
-    except BaseException:
-        log.exception("worker %s failed before booting", slot)
-    os._exit(code)
+    """In the forked child: drop the master's ends, load the app if not preloaded, serve."""
+    run_child(info.slot, lambda: _build_worker(state, info, parent_end, child_end),
+              f"worker {info.slot}")
+
+
+def _build_worker(state: MasterState, info: WorkerProc, parent_end: Channel,
+                  child_end: Channel) -> Worker:
+    install_stack_dump()
+    signal.signal(ABORT_SIGNAL, _exit_before_boot)  # a boot timeout before boot() runs
+    for fd in (state.wake_r, state.wake_w, state.reexec_ready_fd, state.upgrade_fd):
+        if fd >= 0:
+            os.close(fd)
+    daemon.close_status_fd()
+    parent_end.close()
+    for other in state.workers.values():
+        other.channel.close()
+    os.environ["TIAMAT"] = "1"
+    for item in state.cfg.raw_env:
+        key, _, value = item.partition("=")
+        os.environ[key] = value
+    worker_class, app = state.worker_class, state.app
+    if worker_class is None:
+        worker_class, app = _load_and_pick(state, child_end)
+    state.board.reset(info.board_index, os.getpid(), time.monotonic())
+    worker = worker_class(slot=info.slot, cfg=state.cfg, listeners=state.listeners,
+                          channel=child_end, board=state.board.writer(info.board_index),
+                          app=app, master_pid=state.pid, generation=state.generation)
+    worker.server = state
+    return worker
 
 
 def _load_and_pick(state: MasterState, channel: Channel) -> tuple[type[Worker], Any]:

@@ -37,9 +37,7 @@ import gc
 import logging
 import os
 import pickle
-import random
 import select
-import signal
 import socket
 import sys
 import time
@@ -492,31 +490,26 @@ def _spawn(mold: Worker, message: tuple[Any, ...], fds: list[int]) -> None:
 
 def _become_worker(mold: Worker, slot: int, generation: int, record: int, fd: int) -> None:
     """In the new worker: drop the mold's ends, wait to be adopted, boot and serve; never returns."""
-    from tiamat.workers.base import worker_main
+    from tiamat.workers.base import run_child
 
-    code = 1
-    try:
-        signal.set_wakeup_fd(-1)
-        _close_all([mold.wake_fd, mold._wake_w])
-        mold.channel.close()
-        deadline = time.monotonic() + 5.0
-        while os.getppid() != mold.master_pid:  # the middle process exits at once
-            if time.monotonic() > deadline:
-                raise RuntimeError("was not adopted by the master")
-            time.sleep(0.001)
-        os.environ["TIAMAT_WORKER_ID"] = str(slot)
-        random.seed()
-        sock = socket.socket(fileno=fd)
-        sock.setblocking(False)
-        assert _board is not None
-        _board.reset(record, os.getpid(), time.monotonic())
-        worker = type(mold)(slot=slot, cfg=mold.cfg, listeners=mold.listeners, channel=Channel(sock),
-                            board=_board.writer(record), app=mold.app, master_pid=mold.master_pid,
-                            generation=mold.generation)
-        worker.refork_generation = generation
-        worker_main(worker)
-    except SystemExit as exc:
-        code = exc.code if isinstance(exc.code, int) else 1
-    except BaseException:
-        log.exception("worker %s (forked by the mold) failed before booting", slot)
-    os._exit(code)
+    run_child(slot, lambda: _build_worker(mold, slot, generation, record, fd),
+              f"worker {slot} (forked by the mold)")
+
+
+def _build_worker(mold: Worker, slot: int, generation: int, record: int, fd: int) -> Worker:
+    _close_all([mold.wake_fd, mold._wake_w])
+    mold.channel.close()
+    deadline = time.monotonic() + 5.0
+    while os.getppid() != mold.master_pid:  # the middle process exits at once
+        if time.monotonic() > deadline:
+            raise RuntimeError("was not adopted by the master")
+        time.sleep(0.001)
+    sock = socket.socket(fileno=fd)
+    sock.setblocking(False)
+    assert _board is not None
+    _board.reset(record, os.getpid(), time.monotonic())
+    worker = type(mold)(slot=slot, cfg=mold.cfg, listeners=mold.listeners, channel=Channel(sock),
+                        board=_board.writer(record), app=mold.app, master_pid=mold.master_pid,
+                        generation=mold.generation)
+    worker.refork_generation = generation
+    return worker

@@ -24,7 +24,7 @@ import threading
 import time
 import traceback
 from collections.abc import Callable
-from typing import Any
+from typing import Any, NoReturn
 
 from tiamat import apploader, daemon, hooks, logs
 from tiamat.channel import Channel
@@ -281,6 +281,25 @@ def set_title(role: str, cfg: Any) -> None:
         return
     name = cfg.proc_name or cfg.app or "-"
     setproctitle(f"tiamat: {role} [{name}]")
+
+
+def run_child(slot: int, build: Callable[[], Worker], what: str) -> NoReturn:
+    """The envelope of a newly forked worker process, shared by the master's fork and the
+    mold's (refork): ``build`` does what is particular to the fork (closing the parent's fds,
+    loading the app, waiting to be adopted) and returns the worker, which then runs in
+    :func:`worker_main`.  A failure before that is logged as ``what`` failed and exits 1; the
+    process never returns into the forking code's stack."""
+    code = 1
+    try:
+        signal.set_wakeup_fd(-1)  # the parent's wakeup pipe is not ours to write
+        os.environ["TIAMAT_WORKER_ID"] = str(slot)
+        random.seed()  # not the parent's random sequence
+        worker_main(build())
+    except SystemExit as exc:
+        code = exc.code if isinstance(exc.code, int) else 1
+    except BaseException:
+        log.exception("%s failed before booting", what)
+    os._exit(code)
 
 
 def worker_main(worker: Worker) -> None:
