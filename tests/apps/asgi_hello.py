@@ -5,18 +5,15 @@ X-Out echoes the request's X-Echo ("none" without one).  Also ``disguised`` (an 
 that interface detection cannot see) and ``Asgi2App`` (the ASGI 2 "double callable" form).
 """
 
+from asgi_lifespan import answer_lifespan
+
 NOT_FOUND = b"no such thing\n"
 
 
 async def app(scope, receive, send):
     if scope["type"] == "lifespan":
-        while True:
-            message = await receive()
-            if message["type"] == "lifespan.startup":
-                await send({"type": "lifespan.startup.complete"})
-            elif message["type"] == "lifespan.shutdown":
-                await send({"type": "lifespan.shutdown.complete"})
-                return
+        await answer_lifespan(receive, send)
+        return
     echo = dict(scope["headers"]).get(b"x-echo", b"none")
     status = 404 if scope["path"].startswith("/missing") else 200
     body = NOT_FOUND if status == 404 else b"asgi hello"

@@ -8,23 +8,24 @@ from the mold by a worker it forked).
 import asyncio
 import os
 
+from tests.apps.asgi_lifespan import answer_lifespan
+
 LOADED_IN = os.getpid()
 STARTUP_IN = 0
 SERVED = 0
 
 
+def _started() -> None:
+    global STARTUP_IN
+    asyncio.get_running_loop()  # the lifespan runs on this worker's own loop
+    STARTUP_IN = os.getpid()
+
+
 async def app(scope, receive, send):
-    global STARTUP_IN, SERVED
+    global SERVED
     if scope["type"] == "lifespan":
-        while True:
-            message = await receive()
-            if message["type"] == "lifespan.startup":
-                asyncio.get_running_loop()
-                STARTUP_IN = os.getpid()
-                await send({"type": "lifespan.startup.complete"})
-            elif message["type"] == "lifespan.shutdown":
-                await send({"type": "lifespan.shutdown.complete"})
-                return
+        await answer_lifespan(receive, send, _started)
+        return
     SERVED += 1
     body = f"{LOADED_IN} {STARTUP_IN} {os.getpid()} {SERVED}".encode()
     await send({"type": "http.response.start", "status": 200,

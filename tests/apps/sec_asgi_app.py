@@ -4,19 +4,16 @@ import asyncio
 import hashlib
 import json
 
+from tests.apps.asgi_lifespan import answer_lifespan
+
 HITS = 0
 
 
 async def app(scope, receive, send):
     global HITS
     if scope["type"] == "lifespan":
-        while True:
-            message = await receive()
-            if message["type"] == "lifespan.startup":
-                await send({"type": "lifespan.startup.complete"})
-            elif message["type"] == "lifespan.shutdown":
-                await send({"type": "lifespan.shutdown.complete"})
-                return
+        await answer_lifespan(receive, send)
+        return
     if scope["type"] != "http":
         return
     data = b""
