@@ -299,7 +299,7 @@ def status(state: Any, ops_metrics: Any) -> dict[str, Any]:
     restarts = getattr(ops_metrics, "restarts_by_slot", {})
     workers = []
     for worker in sorted(state.workers.values(), key=lambda w: (w.slot, w.started)):
-        record = state.board.read(getattr(worker, "board_index", worker.slot))
+        record = state.board.read(worker.board_index)
         name = record.state_name
         if worker.stop_deadline is not None and name in ("idle", "booting"):
             name = "stopping"

@@ -186,7 +186,7 @@ class MasterMetrics:
             if worker.slot < 0:  # a refork mold: it forks workers and serves nobody
                 states["mold"] = states.get("mold", 0) + 1
                 continue
-            record = state.board.read(getattr(worker, "board_index", worker.slot))
+            record = state.board.read(worker.board_index)
             if record.state == BUSY:
                 states["busy"] += 1
             elif record.state == IDLE and worker.stop_deadline is None:
@@ -205,7 +205,7 @@ class MasterMetrics:
 
 def _row_of(worker: Any) -> int:
     """A worker's row: its scoreboard record number (its slot on masters without one)."""
-    return int(getattr(worker, "board_index", worker.slot))
+    return int(worker.board_index)
 
 
 #: the master's words for why it ended a worker -> the names metrics use

@@ -206,9 +206,9 @@ def _maybe_promote(state: MasterState, rs: ReforkState) -> None:
     best_count = -1
     for worker in _serving(state):
         if (not worker.booted or rs.gen_of.get(worker.pid, -1) != rs.generation
-                or getattr(worker, "recycle", None) is not None):
+                or worker.recycle is not None):
             continue
-        count = state.board.read(getattr(worker, "board_index", worker.slot)).requests
+        count = state.board.read(worker.board_index).requests
         if count >= threshold and count > best_count:
             best, best_count = worker, count
     if best is None:
@@ -245,7 +245,7 @@ def on_message(state: MasterState, worker: WorkerProc, message: tuple[Any, ...])
     old_mold = rs.mold
     worker.slot = MOLD_SLOT  # its serving slot is free for a worker of the new generation
     worker.role = "mold"
-    if getattr(worker, "recycle", None) is not None:
+    if worker.recycle is not None:
         worker.recycle = None  # a max-requests recycle asked for just before: moot, it serves no more
     rs.mold = worker
     rs.generation += 1
@@ -287,7 +287,7 @@ def fork(state: MasterState, info: WorkerProc, child_end: Channel) -> int:
             rs.gen_of[pid] = rs.generation
         return pid
     slot = info.slot
-    record = getattr(info, "board_index", slot)
+    record = info.board_index
     rs.token += 1
     data = pickle.dumps(("spawn", slot, rs.generation, rs.token, record),
                         protocol=pickle.HIGHEST_PROTOCOL)
