@@ -593,11 +593,13 @@ class Cycle:
         # break inside a name or value (header injection) shows up as an extra one
         if block.count(b"\n") != len(lines) or block.count(b"\r") != len(lines):
             raise RuntimeError("a response header contains a line break")
-        if length is None and body_length is not None and head.method != b"HEAD" \
-                and status >= 200 and status not in (204, 304):
+        # the whole body's length (when known) frames like an app-given Content-Length; whether
+        # a body goes out at all (HEAD, 1xx, 204, 304) is decide_framing's rule, not repeated here
+        framing = self.framing = decide_framing(
+            status, body_length if length is None else length, head.method, head.version,
+            keep_alive, conn.state.server_keep_alive)
+        if length is None and framing.send_body:
             length = body_length
-        framing = self.framing = decide_framing(status, length, head.method, head.version,
-                                                keep_alive, conn.state.server_keep_alive)
         self.length = length if framing.send_body else None
         return b"".join((
             status_line(status), SERVER_HEADER, date_header(), block,
