@@ -54,16 +54,7 @@ def tls_exchange(server: TiamatServer, ctx: ssl.SSLContext, raw: bytes = GET,
     with socket.create_connection((server.host, server.port), timeout=timeout) as raw_sock, \
             ctx.wrap_socket(raw_sock, server_hostname="127.0.0.1") as sock:
         sock.sendall(raw)
-        chunks = []
-        while True:
-            try:
-                data = sock.recv(65536)
-            except (ssl.SSLZeroReturnError, ConnectionResetError):
-                break
-            if not data:
-                break
-            chunks.append(data)
-        return b"".join(chunks)
+        return read_until_close(sock, timeout)
 
 
 def start_tls(tmp: Path, certs: Certs, worker: str, *extra: str, ctx: ssl.SSLContext | None = None
@@ -238,16 +229,7 @@ def proxied_tls_exchange(server: TiamatServer, ctx: ssl.SSLContext, header: byte
         plain.sendall(header)
         with ctx.wrap_socket(plain, server_hostname="127.0.0.1") as sock:
             sock.sendall(raw)
-            chunks = []
-            while True:
-                try:
-                    data = sock.recv(65536)
-                except (ssl.SSLZeroReturnError, ConnectionResetError):
-                    break
-                if not data:
-                    break
-                chunks.append(data)
-            return b"".join(chunks)
+            return read_until_close(sock)
 
 
 @pytest.fixture(scope="module", params=[*WORKERS, "asgi-asyncio"])

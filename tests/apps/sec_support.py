@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import re
 import socket
+import ssl
 import time
 from pathlib import Path
 from typing import Any
@@ -84,7 +85,7 @@ def read_until_close(sock: socket.socket, timeout: float = 5.0) -> bytes:
         sock.settimeout(remaining)
         try:
             data = sock.recv(65536)
-        except ConnectionResetError:
+        except (ConnectionResetError, ssl.SSLZeroReturnError):
             break
         except TimeoutError:
             continue
