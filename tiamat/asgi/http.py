@@ -250,22 +250,8 @@ class HttpProtocol(asyncio.Protocol):
         method = head.method
         scope["method"] = _METHODS.get(method) or method.decode("latin-1")
         scope["http_version"] = head.version
-        path = head.path
-        if state.root_path:
-            scope["path"] = state.root_path + _decode_path(path)
-            scope["raw_path"] = state.root_path_bytes + path
-        else:
-            scope["path"] = _decode_path(path)
-            scope["raw_path"] = path
-        scope["query_string"] = head.query
-        scope["headers"] = head.headers
         # a fresh dict per request: middleware may add to it
-        scope["extensions"] = {"http.response.pathsend": {}}
-        if self.trusted:
-            scope["client"], scope["scheme"], scope["server"] = apply_to_scope(
-                head.headers, scope["client"], scope["scheme"], scope["server"], state.forwarded)
-        if state.lifespan_state is not None:
-            scope["state"] = state.lifespan_state.copy()
+        self.fill_scope(scope, head, {"http.response.pathsend": {}})
         cycle = self.cycle = Cycle(self, scope, head)
         if state.observed:
             cycle.t0 = perf_counter()
@@ -279,25 +265,36 @@ class HttpProtocol(asyncio.Protocol):
         state.tasks.add(task)
         task.add_done_callback(state.tasks.discard)
 
-    def upgrade_to_websocket(self, head: RequestHead) -> None:
+    def fill_scope(self, scope: dict[str, Any], head: RequestHead,
+                   extensions: dict[str, Any]) -> None:
+        """The request parts of an HTTP or WebSocket scope (one place for both): path under
+        --root-path, query, headers, forwarding headers of a trusted peer, lifespan state."""
         state = self.state
-        scope = self.scope_base.copy()
-        scope["type"] = "websocket"
-        scope["scheme"] = "wss" if state.ssl is not None else "ws"
         path = head.path
-        scope["path"] = state.root_path + _decode_path(path)
-        scope["raw_path"] = state.root_path_bytes + path
+        if state.root_path:
+            scope["path"] = state.root_path + _decode_path(path)
+            scope["raw_path"] = state.root_path_bytes + path
+        else:
+            scope["path"] = _decode_path(path)
+            scope["raw_path"] = path
         scope["query_string"] = head.query
         scope["headers"] = head.headers
-        scope["subprotocols"] = [
-            p.strip().decode("latin-1") for name, value in head.headers
-            if name == b"sec-websocket-protocol" for p in value.split(b",") if p.strip()]
-        scope["extensions"] = {"websocket.http.response": {}}
+        scope["extensions"] = extensions
         if self.trusted:
             scope["client"], scope["scheme"], scope["server"] = apply_to_scope(
                 head.headers, scope["client"], scope["scheme"], scope["server"], state.forwarded)
         if state.lifespan_state is not None:
             scope["state"] = state.lifespan_state.copy()
+
+    def upgrade_to_websocket(self, head: RequestHead) -> None:
+        state = self.state
+        scope = self.scope_base.copy()
+        scope["type"] = "websocket"
+        scope["scheme"] = "wss" if state.ssl is not None else "ws"
+        scope["subprotocols"] = [
+            p.strip().decode("latin-1") for name, value in head.headers
+            if name == b"sec-websocket-protocol" for p in value.split(b",") if p.strip()]
+        self.fill_scope(scope, head, {"websocket.http.response": {}})
         protocol = state.ws_factory(state, scope, head)
         state.connections.discard(self)
         self.transport.set_protocol(protocol)
