@@ -237,6 +237,12 @@ class SyncWorker(Worker):
         self.body_timeout = cfg.body_timeout or 1e9
         self.header_timeout = cfg.header_timeout or 1e9
         self.body_buffer_size = cfg.body_buffer_size
+        self.worker_connections = cfg.worker_connections
+        # 0 means no limit, as for the other timeouts (it failed every write that had to wait);
+        # 1e6 s, not 1e9: poll() takes the timeout in ms as a C int
+        self.send_timeout = cfg.send_timeout or 1e6
+        #: with sibling workers, accept() takes one connection per wake-up (see there)
+        self.spread = cfg.workers > 1
         if not hasattr(self, "ssl_context"):
             self.ssl_context = _tls_context(cfg)
         self.scheme = "https" if self.ssl_context is not None else "http"
@@ -305,16 +311,15 @@ class SyncWorker(Worker):
                 self.sweep(now)
 
     def accept(self, listener: socket.socket) -> None:
-        cfg = self.cfg
         now = time.monotonic()
         # Several workers share the listening socket and every idle one is woken for a new
         # connection; the first to get the CPU would take a whole burst, ACCEPT_BATCH at a
         # time (wrk's 64 keep-alive connections split 55/9 between two workers).  So with
         # siblings, take one connection per wake-up and yield the CPU to a sibling woken
         # for the same burst (then 33/30; see docs/benchmarks.md, "Even load").
-        spread = cfg.workers > 1
+        spread = self.spread
         for _ in range(1 if spread else ACCEPT_BATCH):
-            if len(self.connections) >= cfg.worker_connections:
+            if len(self.connections) >= self.worker_connections:
                 self._set_accepting(False)
                 return
             try:
@@ -333,7 +338,7 @@ class SyncWorker(Worker):
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             environ = self.handler.connection_environ(
                 peer, self.sockname[listener.fileno()], self.scheme)
-            conn = Connection(sock, self.new_reader(), environ, now, cfg.send_timeout)
+            conn = Connection(sock, self.new_reader(), environ, now, self.send_timeout)
             conn.deadline = now + self.header_timeout
             peer_addr = peer[0] if isinstance(peer, tuple) else None
             if self.proxy_peers is not None and self.proxy_peers.trusts(peer_addr):
@@ -558,7 +563,7 @@ class SyncWorker(Worker):
         conn.body = None
         conn.body_size = 0
         if head.has_body:
-            conn.deadline = time.monotonic() + (self.cfg.body_timeout or 1e9)
+            conn.deadline = time.monotonic() + self.body_timeout
             if head.expect_continue and head.version == "1.1":
                 try:
                     conn.write(CONTINUE_100)
@@ -686,7 +691,7 @@ class SyncWorker(Worker):
         sock.close()
         if conn.body is not None:
             conn.body.close()
-        if not self.accepting and self.alive and len(self.connections) < self.cfg.worker_connections:
+        if not self.accepting and self.alive and len(self.connections) < self.worker_connections:
             self._set_accepting(True)
 
     def shutdown(self) -> None:

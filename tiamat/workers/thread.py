@@ -72,7 +72,7 @@ class ThreadWorker(SyncWorker):
     # --- accepting ----------------------------------------------------------------------
     def _set_accepting(self, on: bool) -> None:
         if on and (len(self.in_flight) >= self.nthreads
-                   or len(self.connections) >= self.cfg.worker_connections):
+                   or len(self.connections) >= self.worker_connections):
             return
         super()._set_accepting(on)
 
@@ -220,7 +220,7 @@ class ThreadWorker(SyncWorker):
             now = time.monotonic()
             for conn in list(self.connections.values()):
                 if (conn not in self.in_flight and not conn.reader.in_message
-                        and not getattr(conn, "setup", False) and now - conn.idle_since >= STOP_GRACE):
+                        and not conn.setup and now - conn.idle_since >= STOP_GRACE):
                     self.close(conn)
             for key, _ in self.selector.select(0.2):
                 data = key.data
