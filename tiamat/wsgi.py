@@ -25,6 +25,8 @@ from tiamat.http.response import (
     CHUNKED_HEADER,
     LAST_CHUNK,
     SERVER_HEADER,
+    Framing,
+    body_allowed,
     chunk,
     connection_header,
     date_header,
@@ -228,8 +230,7 @@ class WSGIHandler:
             if response.status is None:
                 raise AssertionError("write() before start_response()")
             if not response.head_sent:
-                framing, expected, status_code, head_bytes = self._head(
-                    head, response, None if data else 0)
+                framing, expected, status_code, head_bytes = self._head(head, response)
                 send_body = framing.send_body
                 response.head_sent = True
                 if not send_body or not data:
@@ -302,17 +303,17 @@ class WSGIHandler:
 
         Not for 1xx/204 (which must not carry one) nor 304 (whose length describes the
         representation the client already has)."""
-        status = response.status or ""
-        if status[:1] == "1" or status[:3] in ("204", "304"):
-            return
+        code = (response.status or "")[:3]
+        if not code.isdigit() or not body_allowed(int(code)):
+            return  # (an invalid status fails in _head)
         for name, _ in response.headers:
             lname = name.lower()
             if lname == "content-length" or lname == "transfer-encoding":
                 return
         response.headers = [*response.headers, ("Content-Length", str(length))]
 
-    def _head(self, head: RequestHead, response: _Response,
-              body_hint: int | None) -> tuple[Any, int | None, int, bytes]:
+    def _head(self, head: RequestHead,
+              response: _Response) -> tuple[Framing, int | None, int, bytes]:
         """Serialise the response head; decide framing once the app's headers are known."""
         status = response.status or "500 Internal Server Error"
         try:
@@ -346,7 +347,7 @@ class WSGIHandler:
         return framing, content_length, status_code, data
 
     def _send_file(self, wrapper: FileWrapper, head: RequestHead, response: _Response,
-                   transport: Transport) -> tuple[int, Any, int]:
+                   transport: Transport) -> tuple[int, Framing, int]:
         if response.status is None:
             raise AssertionError("the app returned without calling start_response()")
         fileobj = wrapper.filelike
@@ -361,7 +362,7 @@ class WSGIHandler:
                 break
         else:
             response.headers = [*response.headers, ("Content-Length", str(size))]
-        framing, _, status_code, head_bytes = self._head(head, response, length)
+        framing, _, status_code, head_bytes = self._head(head, response)
         response.head_sent = True
         transport.write(head_bytes)
         if not framing.send_body:  # HEAD, 304: the same headers as GET, no body

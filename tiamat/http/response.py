@@ -87,10 +87,16 @@ class Framing(NamedTuple):
     send_body: bool
 
 
+def body_allowed(status_code: int) -> bool:
+    """Whether a response with this status may have a body (not 1xx, 204, 304), so whether
+    a Content-Length the server adds on its own would be right."""
+    return status_code >= 200 and status_code not in _NO_BODY_STATUS
+
+
 def decide_framing(status_code: int, content_length: int | None, method: bytes,
                    http_version: str, request_keep_alive: bool, server_keep_alive: bool) -> Framing:
     """Choose the framing of a response from what the app gave and what the client asked."""
-    send_body = method != b"HEAD" and status_code >= 200 and status_code not in _NO_BODY_STATUS
+    send_body = method != b"HEAD" and body_allowed(status_code)
     keep_alive = request_keep_alive and server_keep_alive
     chunked = False
     if content_length is None and send_body:
