@@ -131,6 +131,7 @@ def test_a_worker_above_max_worker_memory_finishes_its_request_and_is_replaced(t
     assert int(match.group(1)) == grown and int(match.group(2)) > 120
     wait_for(lambda: grown not in server.worker_pids() and len(server.worker_pids()) == 2, 15,
              message="the grown worker replaced")
+    server.wait_log(rf"Worker \d \(pid {grown}\) exited \(memory\)", timeout=5)  # not "recycle"
     (other,) = first - {grown}
     assert other in server.worker_pids()  # the one below the limit stays
     assert len(re.findall(r"above max_worker_memory", server.log())) == 1

@@ -840,7 +840,8 @@ def fill_slot(state: MasterState, slot: int, workers: list[WorkerProc], now: flo
     ready = any(w.booted for w in current)
     for worker in stale:
         if ready or not worker.booted:
-            retire(state, worker, "recycle" if worker.recycle == "granted" else "reload")
+            granted = worker.recycle == "granted"
+            retire(state, worker, (worker.reason or "recycle") if granted else "reload")
 
 
 def grant_recycle(state: MasterState) -> None:
@@ -851,8 +852,15 @@ def grant_recycle(state: MasterState) -> None:
                if w.recycle == "requested" and w.stop_deadline is None and not outdated(state, w)]
     if waiting:
         worker = min(waiting, key=lambda w: w.started)
-        worker.recycle = "granted"
         log.info("Worker %s (pid %s) reached max-requests; replacing it", worker.slot, worker.pid)
+        grant_replacement(worker, "recycle")
+
+
+def grant_replacement(worker: WorkerProc, reason: str) -> None:
+    """Mark ``worker`` for a readiness-gated replacement (see :func:`fill_slot`); ``reason``
+    is kept for the exit log line and the restart metrics (max-requests, memory, refork)."""
+    worker.recycle = "granted"
+    worker.reason = reason
 
 
 def check_reload_done(state: MasterState) -> None:

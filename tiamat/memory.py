@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from tiamat.master import MasterState
+    from tiamat.master import MasterState, WorkerProc
 
 log = logging.getLogger("tiamat.error")
 
@@ -193,8 +193,8 @@ def step(state: MasterState) -> None:
     if now < policy.next_check:
         return
     policy.next_check = now + CHECK_INTERVAL
-    serving = [w for w in state.workers.values() if getattr(w, "role", "worker") == "worker"
-               and w.stop_deadline is None and w.booted and getattr(w, "recycle", None) != "granted"]
+    serving = [w for w in state.workers.values() if w.role == "worker"
+               and w.stop_deadline is None and w.booted and w.recycle != "granted"]
     sizes: dict[int, int] = {}
     for worker in serving:
         size = rss(worker.pid)
@@ -219,22 +219,18 @@ def replacement_pending(state: MasterState) -> bool:
     slot without a booted worker (so replacements happen one at a time)."""
     serving = 0
     for w in state.workers.values():
-        if getattr(w, "role", "worker") != "worker":
+        if w.role != "worker":
             continue
-        if getattr(w, "recycle", None) == "granted" or w.stop_deadline is not None:
+        if w.recycle == "granted" or w.stop_deadline is not None:
             return True
         serving += w.booted
     return serving < state.target
 
 
-def replace(state: MasterState, worker: Any, reason: str) -> None:
-    """Replace ``worker`` gracefully: it finishes its current request.  Where the master
-    gates replacements on readiness (``recycle``), its successor is forked first and the
-    worker is retired once that one is ready; otherwise it is retired at once."""
+def replace(state: MasterState, worker: WorkerProc, reason: str) -> None:
+    """Replace ``worker`` gracefully: it finishes its current request.  Its successor is
+    forked first and the worker is retired once that one is ready (the master's
+    readiness-gated replacement, shared with max-requests)."""
     from tiamat import master  # the master imports this module: import late
 
-    if hasattr(worker, "recycle"):
-        worker.recycle = "granted"
-        worker.reason = reason
-    else:
-        master.retire(state, worker, reason)
+    master.grant_replacement(worker, reason)
