@@ -59,6 +59,32 @@ def _decode_path(path: bytes) -> str:
     return unquote_to_bytes(path).decode("utf-8", "replace")
 
 
+def header_block(headers: Any) -> tuple[bytes, bytes | None, bool]:
+    """An app's ASGI response headers as wire bytes, for HTTP and WebSocket-denial responses:
+    ``(block, content_length, close)``.  Content-Length (raw value), Connection and
+    Transfer-Encoding are taken out, since the server frames the response itself; ``close``
+    says whether the app asked for Connection: close.  A line break in a name or value
+    (header injection) raises RuntimeError."""
+    content_length: bytes | None = None
+    close = False
+    lines = []
+    for name, value in headers:
+        lname = name.lower()
+        if lname == b"content-length":
+            content_length = value
+        elif lname == b"connection":
+            if b"close" in value.lower():
+                close = True
+        elif lname != b"transfer-encoding":
+            lines.append(name + b": " + value + b"\r\n")
+    block = b"".join(lines)
+    # one scan for the whole block: each line has exactly one CR and one LF, so a line
+    # break inside a name or value shows up as an extra one
+    if block.count(b"\n") != len(lines) or block.count(b"\r") != len(lines):
+        raise RuntimeError("a response header contains a line break")
+    return block, content_length, close
+
+
 def _is_websocket(head: RequestHead) -> bool:
     for name, value in head.headers:
         if name == b"upgrade":
@@ -573,23 +599,9 @@ class Cycle:
         head = self.head
         conn = self.conn
         status = self.status
-        keep_alive = head.keep_alive and not head.upgrade and not conn.closing
-        length: int | None = None
-        lines = []
-        for name, value in self.headers:
-            lname = name.lower()
-            if lname == b"content-length":
-                length = int(value)
-            elif lname == b"connection":
-                if b"close" in value.lower():
-                    keep_alive = False
-            elif lname != b"transfer-encoding":
-                lines.append(name + b": " + value + b"\r\n")
-        block = b"".join(lines)
-        # one scan for the whole block: each line has exactly one CR and one LF, so a line
-        # break inside a name or value (header injection) shows up as an extra one
-        if block.count(b"\n") != len(lines) or block.count(b"\r") != len(lines):
-            raise RuntimeError("a response header contains a line break")
+        block, given_length, close = header_block(self.headers)
+        keep_alive = head.keep_alive and not head.upgrade and not conn.closing and not close
+        length = int(given_length) if given_length is not None else None
         # the whole body's length (when known) frames like an app-given Content-Length; whether
         # a body goes out at all (HEAD, 1xx, 204, 304) is decide_framing's rule, not repeated here
         framing = self.framing = decide_framing(

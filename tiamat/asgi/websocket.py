@@ -27,6 +27,7 @@ from websockets.frames import Opcode
 from websockets.protocol import State
 from websockets.server import ServerProtocol
 
+from tiamat.asgi.http import header_block
 from tiamat.asgi.state import ServerState
 from tiamat.http.h1 import RequestHead
 from tiamat.http.response import SERVER_HEADER, date_header, status_line
@@ -349,17 +350,10 @@ class WebSocketProtocol(asyncio.Protocol):
     def _send_http(self, status: int, headers: list[Any], body: bytes) -> None:
         if self.transport.is_closing():
             return
-        parts = [status_line(status), SERVER_HEADER, date_header()]
-        for name, value in headers:
-            lname = name.lower()
-            if lname in (b"content-length", b"connection", b"transfer-encoding"):
-                continue
-            if b"\r" in name + value or b"\n" in name + value:
-                raise RuntimeError(f"response header {name!r} contains a line break")
-            parts.append(name + b": " + value + b"\r\n")
-        parts.append(b"Content-Length: %d\r\nConnection: close\r\n\r\n" % len(body))
-        parts.append(body)
-        self.transport.write(b"".join(parts))
+        block = header_block(headers)[0]
+        self.transport.write(b"".join((
+            status_line(status), SERVER_HEADER, date_header(), block,
+            b"Content-Length: %d\r\nConnection: close\r\n\r\n" % len(body), body)))
         self.transport.close()
         self.accepted = False
 
