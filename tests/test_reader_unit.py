@@ -344,3 +344,16 @@ def test_nothing_after_a_request_that_closes() -> None:
             assert heads == [b"/a"], (cls.__name__, first)
             assert not any(isinstance(e, ProtocolError) for e in reader.events)
             assert not reader.in_message
+
+
+@pytest.mark.parametrize("cls", READERS)
+@pytest.mark.parametrize(("version", "expected"), [(b"1.1", True), (b"1.0", False)])
+def test_expect_continue_only_for_http11(cls: type[RequestReader], version: bytes,
+                                         expected: bool) -> None:
+    """RFC 9110 10.1.1: the core decides it once; no worker re-checks the version."""
+    reader = cls()
+    reader.feed(b"POST / HTTP/" + version + b"\r\nHost: a\r\nExpect: 100-continue\r\n"
+                b"Content-Length: 1\r\n\r\n")
+    head = reader.events[0]
+    assert isinstance(head, RequestHead)
+    assert head.expect_continue is expected

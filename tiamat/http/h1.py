@@ -118,6 +118,7 @@ class RequestHead:
         self.keep_alive = keep_alive
         self.content_length = content_length
         self.chunked = chunked
+        #: ``Expect: 100-continue`` in an HTTP/1.1 request (ignored in HTTP/1.0, RFC 9110 10.1.1)
         self.expect_continue = expect_continue
         self.upgrade = upgrade
 
@@ -485,9 +486,10 @@ class RequestReader:
             upgrade = method == b"CONNECT" or (self._upgrade_header and b"upgrade" in options)
         self._upgrade = upgrade
         self._keep_alive = keep_alive
+        # RFC 9110 10.1.1: a 100-continue expectation in an HTTP/1.0 request is ignored
         self.events.append(RequestHead(
             method, self._url, version, self._headers, keep_alive, length, self._chunked,
-            self._expect, upgrade))
+            self._expect and version == "1.1", upgrade))
         self._body_size = 0
         self._ext_total = 0
         if self._chunked:

@@ -564,7 +564,7 @@ class SyncWorker(Worker):
         conn.body_size = 0
         if head.has_body:
             conn.deadline = time.monotonic() + self.body_timeout
-            if head.expect_continue and head.version == "1.1":
+            if head.expect_continue:  # (HTTP/1.1 only: the core's rule)
                 try:
                     conn.write(CONTINUE_100)
                 except ClientDisconnected:
