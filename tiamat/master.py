@@ -412,9 +412,8 @@ def boot_failed(state: MasterState, worker: WorkerProc, code: int) -> None:
         return  # the other workers failed the same way: the one line is printed at exit
     state.backoff = min(MAX_BACKOFF, max(1.0, state.backoff * 2))
     state.not_before[worker.slot] = time.monotonic() + state.backoff
-    serving = sum(1 for w in state.workers.values() if w.booted and w.stop_deadline is None)
     log.error("%s; retrying in %.0fs (%s worker(s) still serving)", worker.boot_error,
-              state.backoff, serving)
+              state.backoff, serving_count(state))
     if state.reloading:  # systemd must not wait for a reload that cannot complete
         systemd.notify("READY=1", f"STATUS=reload failed: {worker.boot_error}")
     if worker.boot_details:
@@ -737,8 +736,13 @@ def broadcast(state: MasterState, message: Any) -> int:
 
 
 def _all_ready(state: MasterState) -> bool:
-    booted = sum(1 for w in state.workers.values() if w.booted and w.stop_deadline is None)
-    return booted >= state.target
+    return serving_count(state) >= state.target
+
+
+def serving_count(state: MasterState) -> int:
+    """Workers that booted and were not told to stop (a refork mold serves nobody)."""
+    return sum(1 for w in state.workers.values()
+               if w.booted and w.stop_deadline is None and w.role == "worker")
 
 
 # --- liveness ----------------------------------------------------------------------------

@@ -166,7 +166,7 @@ def step(state: MasterState) -> None:
 
 def _serving(state: MasterState) -> list[WorkerProc]:
     return [w for w in state.workers.values()
-            if getattr(w, "role", "worker") == "worker" and w.stop_deadline is None]
+            if w.role == "worker" and w.stop_deadline is None]
 
 
 def _replace_old(state: MasterState, rs: ReforkState) -> bool:
