@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import asyncio
 import signal
+from collections.abc import Callable
+from time import monotonic
 
 from tiamat.asgi.loop import new_event_loop
 from tiamat.workers.base import Worker
@@ -48,6 +50,18 @@ class AioWorker(Worker):
         self.notify_ready()
         if self.alive:
             await self.stopped.wait()
+
+    async def wait_graceful(self, busy: Callable[[], bool], poll: float,
+                            step: Callable[[], None] | None = None) -> float:
+        """The graceful part of a stop, the same for every asyncio class: while ``busy()``,
+        call ``step`` (if any) and poll, for at most ``--graceful-timeout`` and not at all
+        on a quick stop.  Returns the deadline, for what the class still has to end."""
+        deadline = monotonic() + self.cfg.graceful_timeout
+        while busy() and not self.quick and monotonic() < deadline:
+            if step is not None:
+                step()
+            await asyncio.sleep(poll)
+        return deadline
 
     def tick(self) -> None:
         """Every :data:`TICK` seconds: beat, run :meth:`on_tick`, notice a stop."""

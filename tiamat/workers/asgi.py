@@ -168,6 +168,15 @@ class AsgiWorker(AioWorker):
                 conn.tick(now)
 
     # --- stopping ---------------------------------------------------------------------------
+    def close_idle(self) -> None:
+        """HTTP: idle connections close now, busy ones after their response; one accepted
+        just before the stop (or still being accepted) gets STOP_GRACE for its request to
+        arrive and be answered, as in the sync worker."""
+        idle_before = monotonic() - STOP_GRACE
+        for conn in list(self.state.connections):
+            if conn.__class__ is HttpProtocol:
+                conn.shutdown(idle_before)
+
     async def shutdown(self) -> None:
         state = self.state
         state.stopping = True
@@ -180,16 +189,8 @@ class AsgiWorker(AioWorker):
             for conn in list(state.connections):
                 if conn.__class__ is not HttpProtocol:
                     conn.shutdown()  # WebSocket: close 1012
-            deadline = monotonic() + self.cfg.graceful_timeout
-            while (state.connections or state.tasks) and not self.quick and monotonic() < deadline:
-                # HTTP: idle connections close now, busy ones after their response; one
-                # accepted just before the stop (or still being accepted) gets STOP_GRACE
-                # for its request to arrive and be answered, as in the sync worker
-                idle_before = monotonic() - STOP_GRACE
-                for conn in list(state.connections):
-                    if conn.__class__ is HttpProtocol:
-                        conn.shutdown(idle_before)
-                await asyncio.sleep(0.02)
+            deadline = await self.wait_graceful(
+                lambda: bool(state.connections or state.tasks), 0.02, self.close_idle)
             if not self.quick:
                 await self.lifespan.shutdown(max(1.0, deadline - monotonic()))
         for conn in list(state.connections):

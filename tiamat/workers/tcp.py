@@ -131,9 +131,7 @@ class TcpWorker(AioWorker):
             self.set_accepting(False)
             for sock in self.listeners:
                 sock.close()
-        deadline = monotonic() + self.cfg.graceful_timeout
-        while (self.tasks or self.busy) and not self.quick and monotonic() < deadline:
-            await asyncio.sleep(0.05)
+        await self.wait_graceful(lambda: bool(self.tasks or self.busy), 0.05)
         for task in list(self.tasks):
             task.cancel()
         if self.tasks:
