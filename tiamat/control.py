@@ -258,31 +258,17 @@ class ControlServer:
             wanted = message.get("workers")
             if not isinstance(wanted, int) or not 1 <= wanted <= 4096:
                 raise ValueError("scale needs a worker count between 1 and 4096")
-            set_target = getattr(master, "set_target", None)  # what TTIN/TTOU do, in one step
-            if set_target is not None:
-                if wanted != state.target:
-                    set_target(state, wanted, "Control socket: scale")
-                return {"workers": state.target}
-            for _ in range(abs(wanted - state.target)):
-                before = state.target
-                actions[signal.SIGTTIN if wanted > state.target else signal.SIGTTOU](state)
-                if state.target == before:
-                    break
+            if wanted != state.target:  # what TTIN/TTOU do, in one step
+                master.set_target(state, wanted, "Control socket: scale")
             return {"workers": state.target}
         raise ValueError(f"unknown command {command!r}")
 
 
-def reload_workers(state: Any, why: str = "") -> None:
-    """HUP's action when the master has one; otherwise replace every worker gracefully."""
+def reload_workers(state: Any) -> None:
+    """What HUP does (the control socket's ``reload`` and --reload's file changes)."""
     from tiamat import master
 
-    action = master.SIGNAL_ACTIONS.get(signal.SIGHUP)
-    if action is not None and action is not getattr(master, "on_unsupported", None):
-        action(state)
-        return
-    for worker in list(state.workers.values()):
-        if worker.stop_deadline is None:
-            master.retire(state, worker, "reload")
+    master.on_hup(state)
 
 
 def _answer(obj: dict[str, Any]) -> bytes:

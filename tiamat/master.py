@@ -140,6 +140,8 @@ class MasterState:
     upgrade_fd: int = -1
     #: the command-line settings, re-applied over the config file on HUP
     cli: dict[str, Any] = field(default_factory=dict)
+    #: metrics, control socket, StatsD and --reload (a ``tiamat.ops.Ops``, set by ops.start)
+    ops: Any = None
 
     # --- for hooks (``server`` in every master hook is this object) ---------------------
     def send(self, worker: WorkerProc, message: Any) -> bool:

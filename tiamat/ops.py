@@ -143,7 +143,7 @@ def _open_exporter(state: Any, bind: str, master_metrics: metrics.MasterMetrics
 
 def step(state: Any) -> None:
     """Serve scrapes and control requests, push StatsD, act on file changes."""
-    ops: Ops | None = getattr(state, "ops", None)
+    ops: Ops | None = state.ops
     if ops is None:
         return
     now = time.monotonic()
@@ -164,19 +164,19 @@ def step(state: Any) -> None:
 
 
 def before_fork(state: Any, worker: Any) -> None:
-    ops: Ops | None = getattr(state, "ops", None)
+    ops: Ops | None = state.ops
     if ops is not None:
         ops.metrics.before_fork(worker)
 
 
 def worker_exited(state: Any, worker: Any, code: int) -> None:
-    ops: Ops | None = getattr(state, "ops", None)
+    ops: Ops | None = state.ops
     if ops is not None:
         ops.metrics.worker_exited(state, worker, code)
 
 
 def close(state: Any) -> None:
-    ops: Ops | None = getattr(state, "ops", None)
+    ops: Ops | None = state.ops
     if ops is None:
         return
     for part in (ops.exporter, ops.control, ops.statsd, ops.reloader):
