@@ -212,6 +212,21 @@ def test_file_wrapper_keep_alive_and_head(sendfile_server):
         assert reader.read().body == DATA[1000:6000]
 
 
+def test_file_wrapper_shorter_than_its_content_length_closes(sendfile_server):
+    """The app declares more than the file holds: the connection must close after the file,
+    or the client would read the next response as the rest of this body."""
+    with socket.create_connection((sendfile_server.host, sendfile_server.port), timeout=10) as sock:
+        sock.sendall(GET % b"/overlong" + GET % b"/count")  # no answer due to the second
+        received = b""
+        while True:
+            data = sock.recv(65536)
+            if not data:
+                break
+            received += data
+    assert received.endswith(DATA)
+    assert b"Content-Length: %d\r\n" % (len(DATA) + 100) in received
+
+
 def test_file_wrapper_without_sendfile(tmp_path_factory):
     srv = _server(tmp_path_factory, "--no-sendfile", "core_sendfile")
     try:

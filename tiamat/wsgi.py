@@ -362,7 +362,7 @@ class WSGIHandler:
                 break
         else:
             response.headers = [*response.headers, ("Content-Length", str(size))]
-        framing, _, status_code, head_bytes = self._head(head, response)
+        framing, declared, status_code, head_bytes = self._head(head, response)
         response.head_sent = True
         transport.write(head_bytes)
         if not framing.send_body:  # HEAD, 304: the same headers as GET, no body
@@ -370,6 +370,9 @@ class WSGIHandler:
         sent = transport.sendfile(fileobj, offset, length)
         if sent < length:
             raise ClientDisconnected("client went away during sendfile")
+        if declared is not None and sent < declared:
+            # the app declared more than the file holds: only the close can end the body
+            framing = framing._replace(keep_alive=False)
         return sent, framing, status_code
 
 

@@ -33,6 +33,9 @@ def application(environ, start_response):
         f.seek(1000)
         start_response("200 OK", [("Content-Type", "application/octet-stream"),
                                   ("Content-Length", "5000")])
+    elif environ["PATH_INFO"] == "/overlong":  # declares more than the file holds
+        start_response("200 OK", [("Content-Type", "application/octet-stream"),
+                                  ("Content-Length", str(len(DATA) + 100))])
     else:
         start_response("200 OK", [("Content-Type", "application/octet-stream")])
     return environ["wsgi.file_wrapper"](f, 65536)
