@@ -173,7 +173,7 @@ def _replace_old(state: MasterState, rs: ReforkState) -> bool:
     """Replace one old-generation worker when the previous replacement is up; True while busy."""
     serving = _serving(state)
     old = [w for w in serving if rs.gen_of.get(w.pid, -1) < rs.generation
-           and getattr(w, "recycle", None) != "granted"]
+           and w.recycle != "granted"]
     if not old:
         if any(w.role == "worker" and rs.gen_of.get(w.pid, -1) < rs.generation
                for w in state.workers.values()):
