@@ -416,9 +416,10 @@ class Cycle:
         self.head = head
         self.body: list[bytes] | None = None
         self.body_size = 0
-        self.more_body = more_body = head.chunked or bool(head.content_length)
+        self.more_body = more_body = head.has_body
         self.final_sent = False
-        self.expect_100 = more_body and head.expect_continue and head.version == "1.1"
+        # (expect_continue is already False for HTTP/1.0: the core's rule)
+        self.expect_100 = more_body and head.expect_continue
         self.waiter: asyncio.Future[None] | None = None
         self.disconnected = False
         self.started = False
