@@ -694,6 +694,18 @@ class SyncWorker(Worker):
         if not self.accepting and self.alive and len(self.connections) < self.worker_connections:
             self._set_accepting(True)
 
+    def _serve_stopping(self, timeout: float) -> None:
+        """One pass of the loop while stopping: connections, wake-ups and the channel, no
+        listeners (shared by this class's and the thread worker's shutdown)."""
+        for key, _ in self.selector.select(timeout):
+            data = key.data
+            if data.__class__ is Connection:
+                self.on_readable(data)
+            elif data is _WAKE:
+                self.handle_wakeup()
+            elif data is _CHANNEL:
+                self.handle_channel()
+
     def shutdown(self) -> None:
         """Stop accepting, answer the requests already on their way, close every connection.
 
@@ -711,13 +723,7 @@ class SyncWorker(Worker):
                     self._close_now(conn)
             if not self.connections:
                 break
-            for key, _ in self.selector.select(min(0.05, deadline - now)):
-                if key.data.__class__ is Connection:
-                    self.on_readable(key.data)
-                elif key.data is _WAKE:
-                    self.handle_wakeup()
-                elif key.data is _CHANNEL:
-                    self.handle_channel()
+            self._serve_stopping(min(0.05, deadline - now))
             now = time.monotonic()
         for conn in list(self.connections.values()):
             self._close_now(conn)

@@ -212,9 +212,7 @@ class ThreadWorker(SyncWorker):
         worker is stopping), and the sync worker's own shutdown does the rest.
         """
         self.board.stopping(time.monotonic())
-        self._set_accepting(False)
-        for sock in self.listeners:
-            sock.close()  # refuse new clients now rather than leave them in the backlog
+        self._release_listeners()  # refuse new clients now rather than leave them in the backlog
         deadline = time.monotonic() + self.cfg.graceful_timeout
         while self.in_flight and not self.quick and time.monotonic() < deadline:
             now = time.monotonic()
@@ -222,14 +220,7 @@ class ThreadWorker(SyncWorker):
                 if (conn not in self.in_flight and not conn.reader.in_message
                         and not conn.setup and now - conn.idle_since >= STOP_GRACE):
                     self.close(conn)
-            for key, _ in self.selector.select(0.2):
-                data = key.data
-                if data.__class__ is Connection:
-                    self.on_readable(data)
-                elif key.fileobj == self.wake_fd:
-                    self.handle_wakeup()
-                elif key.fileobj is self.channel.sock:
-                    self.handle_channel()
+            self._serve_stopping(0.2)
             self.beat()
         for _ in self.threads:
             self.jobs.put(None)
