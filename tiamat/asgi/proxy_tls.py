@@ -19,7 +19,6 @@ protocol and applies the announced addresses before the first request byte arriv
 from __future__ import annotations
 
 import asyncio
-import errno
 import logging
 import socket
 from collections.abc import Callable
@@ -29,14 +28,13 @@ from typing import Any
 from tiamat.asgi.http import HttpProtocol
 from tiamat.asgi.state import ServerState
 from tiamat.http import proxy_protocol
+from tiamat.workers.aio import ACCEPT_PAUSE, ACCEPT_RETRY, ACCEPT_SKIP
 from tiamat.workers.base import STOP_GRACE
 
 log = logging.getLogger("tiamat.error")
 
 #: connections accepted per wake-up before the loop runs other work (as asyncio's default)
 ACCEPT_BATCH = 100
-#: after running out of file descriptors, stop accepting this long (as asyncio does)
-ACCEPT_RETRY = 1.0
 
 
 class Listener:
@@ -67,10 +65,10 @@ class Listener:
             except (BlockingIOError, InterruptedError):
                 return
             except OSError as exc:
-                if exc.errno in (errno.ECONNABORTED, errno.EPROTO):
+                if exc.errno in ACCEPT_SKIP:
                     continue
                 log.error("accept failed: %s", exc)
-                if exc.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
+                if exc.errno in ACCEPT_PAUSE:
                     state.loop.remove_reader(sock.fileno())
                     state.loop.call_later(ACCEPT_RETRY, self.retry)
                 return

@@ -20,7 +20,7 @@ from concurrent.futures import ThreadPoolExecutor
 from time import monotonic
 from typing import Any
 
-from tiamat.workers.aio import AioWorker
+from tiamat.workers.aio import ACCEPT_PAUSE, ACCEPT_RETRY, ACCEPT_SKIP, AioWorker
 
 log = logging.getLogger("tiamat.error")
 
@@ -97,13 +97,22 @@ class TcpWorker(AioWorker):
             except (BlockingIOError, InterruptedError):
                 return
             except OSError as exc:
+                if exc.errno in ACCEPT_SKIP:
+                    continue
                 log.error("accept failed: %s", exc)
+                if exc.errno in ACCEPT_PAUSE:  # (a finished handler resumes it sooner)
+                    self.set_accepting(False)
+                    self.loop.call_later(ACCEPT_RETRY, self.resume_accepting)
                 return
             sock.setblocking(True)
             self.busy += 1
             future = self.loop.run_in_executor(self.pool, self.run_blocking, sock, addr)
             future.add_done_callback(self.on_blocking_done)
         self.set_accepting(False)  # every thread is busy: leave clients in the backlog
+
+    def resume_accepting(self) -> None:
+        if self.alive and self.busy < self.nthreads:
+            self.set_accepting(True)
 
     def run_blocking(self, sock: socket.socket, addr: Any) -> None:
         try:
