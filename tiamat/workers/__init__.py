@@ -58,7 +58,7 @@ def resolve(name: str, app_interface: str = "wsgi", threads: int = 1) -> type[Wo
         elif app_interface == "tcp":
             name = "tcp"
         else:
-            name = "thread" if threads > 1 and "thread" in BUILTIN else "sync"
+            name = "thread" if threads > 1 else "sync"
     alias = ALIASES.get(name)
     if alias is not None:
         log.info("worker class %s: using tiamat's %s worker instead", name, alias)
