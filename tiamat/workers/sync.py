@@ -246,7 +246,7 @@ class SyncWorker(Worker):
         if not hasattr(self, "ssl_context"):
             self.ssl_context = _tls_context(cfg)
         self.scheme = "https" if self.ssl_context is not None else "http"
-        self.forwarded = ForwardedRules.from_config(cfg)
+        self.forwarded = self.handler.forwarded  # the handler's: parsed once per worker
         self.proxy_mode = cfg.proxy_protocol
         self.proxy_peers = ForwardedRules(cfg.proxy_allow_ips) if self.proxy_mode != "off" else None
         self.selector = selectors.DefaultSelector()
