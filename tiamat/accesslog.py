@@ -103,17 +103,31 @@ def _basic_user(authorization: str | None) -> str | None:
     return decoded.partition(":")[0] or None
 
 
-def _pick(headers: Iterable[tuple[bytes | str, bytes | str]], names: frozenset[str]
+def _pick(headers: Iterable[tuple[bytes | str, bytes | str]], names: frozenset[str | bytes]
           ) -> dict[str, str]:
-    """The first value of each header in ``names`` (lower-case), in one pass."""
+    """The first value of each header in ``names`` (lower-case, each as str and as bytes),
+    in one pass; a bytes name is decoded only when it is one of them."""
     found: dict[str, str] = {}
     for key, value in headers:
-        if isinstance(key, bytes):
-            key = key.decode("latin-1")
         key = key.lower()
-        if key in names and key not in found:
-            found[key] = value.decode("latin-1") if isinstance(value, bytes) else value
+        if key in names:
+            if key.__class__ is bytes:
+                key = key.decode("latin-1")  # type: ignore[union-attr]
+            if key not in found:
+                found[key] = value.decode("latin-1") if isinstance(value, bytes) else value  # type: ignore[index]
     return found
+
+
+def _both_types(names: set[str]) -> frozenset[str | bytes]:
+    """``names`` as str (WSGI response headers) and as bytes (the core's request headers,
+    ASGI response headers); a name outside latin-1 can never match bytes from the wire."""
+    both: set[str | bytes] = set(names)
+    for name in names:
+        try:
+            both.add(name.encode("latin-1"))
+        except UnicodeEncodeError:
+            pass
+    return frozenset(both)
 
 
 class _Request:
@@ -170,8 +184,8 @@ class AccessLog:
         self.atoms: list[tuple[str, _Atom]] = []
         for key in ([] if self.json else dict.fromkeys(_KEY.findall(fmt))):
             self.atoms.append((key, self._compile(key, request_names, response_names)))
-        self.request_names = frozenset(request_names)
-        self.response_names = frozenset(response_names)
+        self.request_names = _both_types(request_names)
+        self.response_names = _both_types(response_names)
 
     def _compile(self, key: str, request_names: set[str], response_names: set[str]) -> _Atom:
         if key.startswith("{") and "}" in key:
