@@ -35,6 +35,9 @@ _REQUESTS_AT = 32
 _IDLE = struct.Struct("=B3xd")
 _LABEL_AT = 40
 _LABEL_SIZE = 64
+#: ("s" cuts a longer label and pads a shorter one with NULs, in C)
+_LABEL = struct.Struct(f"{_LABEL_SIZE}s")
+_REQUESTS = struct.Struct("=Q")
 
 
 class SlotState(NamedTuple):
@@ -108,15 +111,13 @@ class SlotWriter:
     def busy(self, now: float, method: bytes, path: bytes) -> None:
         base = self._base
         _STATE_BEAT_START.pack_into(self._mem, base + _STATE_AT, BUSY, now, now)
-        label = method + b" " + path
-        self._mem[base + _LABEL_AT:base + _LABEL_AT + _LABEL_SIZE] = \
-            label[:_LABEL_SIZE].ljust(_LABEL_SIZE, b"\0")
+        _LABEL.pack_into(self._mem, base + _LABEL_AT, method + b" " + path)  # (cut or padded)
 
     def idle(self, now: float) -> None:
         self.requests += 1
         base = self._base
         _IDLE.pack_into(self._mem, base + _STATE_AT, IDLE, now)
-        struct.pack_into("=Q", self._mem, base + _REQUESTS_AT, self.requests)
+        _REQUESTS.pack_into(self._mem, base + _REQUESTS_AT, self.requests)
 
     def stopping(self, now: float) -> None:
         _IDLE.pack_into(self._mem, self._base + _STATE_AT, STOPPING, now)

@@ -24,14 +24,12 @@ from tiamat.http.proxy import TRUSTED_KEY, ForwardedRules, apply_to_environ
 from tiamat.http.response import (
     CHUNKED_HEADER,
     LAST_CHUNK,
-    SERVER_HEADER,
-    Framing,
     body_allowed,
     chunk,
-    connection_header,
-    date_header,
     decide_framing,
+    end_of_head,
     error_response,
+    server_and_date,
     status_line,
 )
 
@@ -76,14 +74,121 @@ class ClientDisconnected(OSError):
 
 
 class _Response:
-    """State of one response while the app produces it."""
+    """One response while the app produces it.
 
-    __slots__ = ("head_sent", "headers", "status")
+    Its bound :meth:`start_response` is what the app is given, and its bound :meth:`write`
+    what that returns: one object per request instead of two closures, with the framing
+    state (decided when the head goes out) in slots the handler reads afterwards.
+    """
 
-    def __init__(self) -> None:
+    __slots__ = ("chunked", "expected", "handler", "head_sent", "headers", "keep_alive",
+                 "request", "send_body", "status", "status_code", "transport", "written")
+
+    def __init__(self, handler: WSGIHandler, request: RequestHead, transport: Transport) -> None:
+        self.handler = handler
+        self.request = request
+        self.transport = transport
         self.status: str | None = None
         self.headers: list[tuple[str, str]] = []
         self.head_sent = False
+        self.status_code = 500
+        self.written = 0
+        #: the Content-Length the head declared (None: chunked or ended by the close)
+        self.expected: int | None = None
+        self.send_body = True
+        self.chunked = False
+        self.keep_alive = False
+
+    def start_response(self, status: str, headers: list[tuple[str, str]],
+                       exc_info: Any = None) -> Callable[[bytes], None]:
+        if exc_info is not None:
+            try:
+                if self.head_sent:
+                    raise exc_info[1].with_traceback(exc_info[2])
+            finally:
+                exc_info = None
+        elif self.status is not None:
+            raise AssertionError("start_response() called twice without exc_info")
+        self.status = status
+        self.headers = headers
+        return self.write
+
+    def write(self, data: bytes) -> None:
+        """The WSGI ``write()`` callable, and how every body block goes out."""
+        if not self.head_sent:
+            if self.status is None:
+                raise AssertionError("write() before start_response()")
+            head_bytes = self.handler.head_bytes(self, None)
+            if self.send_body and data:
+                self.send(data, head_bytes)
+            else:
+                self.transport.write(head_bytes)
+        elif data and self.send_body:
+            self.send(data, b"")
+
+    def send(self, data: bytes, head_bytes: bytes) -> None:
+        """Frame one non-empty body block (after ``head_bytes``, if any) and write it."""
+        if self.chunked:
+            block = chunk(data)
+        else:
+            expected = self.expected
+            if expected is not None and self.written + len(data) > expected:
+                data = data[:expected - self.written]  # more than declared: cut, then close
+                self.keep_alive = False
+            block = data
+        self.transport.write(head_bytes + block if head_bytes else block)
+        self.written += len(data)
+
+
+#: the parts of a response head that depend only on the app's status and headers, by
+#: ``(status, tuple(headers))``: (status code, status line + the app's header lines,
+#: Content-Length or None, whether the app asked for Connection: close).  An app usually
+#: answers with a handful of distinct header sets, so a response head costs one dict lookup
+#: instead of a scan that lower-cases, checks and encodes every header (cleared when full).
+_HEAD_CACHE: dict[tuple[str, tuple[tuple[str, str], ...]], tuple[int, bytes, int | None, bool]] = {}
+_HEAD_CACHE_SIZE = 512
+
+
+def _app_head(status: str, headers: list[tuple[str, str]]) -> tuple[int, bytes, int | None, bool]:
+    """Check and serialise the app's status and headers (see _HEAD_CACHE); ValueError if bad."""
+    try:
+        key = (status, tuple(headers))
+        cached = _HEAD_CACHE.get(key)
+    except TypeError:  # unhashable (a list instead of a tuple, say): not cached
+        key, cached = None, None
+    if cached is not None:
+        return cached
+    try:
+        status_code = int(status[:3])
+    except ValueError:
+        raise ValueError(f"invalid status {status!r}") from None
+    content_length: int | None = None
+    close = False
+    lines = []
+    for name, value in headers:
+        lname = name.lower()
+        if lname == "content-length":
+            content_length = int(value)
+            if content_length < 0:
+                raise ValueError(f"invalid Content-Length {value!r}")
+            continue
+        if lname == "connection":
+            close = close or value.lower() == "close"
+            continue
+        if lname == "transfer-encoding":  # the server frames the body itself
+            continue
+        if "\n" in value or "\r" in value or "\n" in name or "\r" in name:
+            raise ValueError(f"response header {name!r} contains a line break")
+        lines.append(f"{name}: {value}\r\n")
+    block = status_line(status) + "".join(lines).encode("latin-1")
+    if content_length is not None:
+        block += b"Content-Length: %d\r\n" % content_length
+    result = (status_code, block, content_length, close)
+    if key is not None:
+        if len(_HEAD_CACHE) >= _HEAD_CACHE_SIZE:
+            _HEAD_CACHE.clear()
+        _HEAD_CACHE[key] = result
+    return result
 
 
 _HEADER_KEYS: dict[bytes, str | None] = {}
@@ -194,10 +299,10 @@ class WSGIHandler:
         becomes a 500 if nothing was sent yet; otherwise the connection is closed.
         """
         environ = self.build_environ(head, body, conn_environ)
+        response = _Response(self, head, transport)
         access, recorder, request_hooks = self.access, self.recorder, self.request_hooks
         if access is None and recorder is None and request_hooks is None:
-            return self._respond(environ, head, transport, _Response())
-        response = _Response()
+            return self._respond(environ, head, response)
         if request_hooks is not None:
             request_hooks.before(head)
         if recorder is not None:
@@ -205,7 +310,7 @@ class WSGIHandler:
         start = time.perf_counter()
         result = (False, 500, 0)
         try:
-            result = self._respond(environ, head, transport, response)
+            result = self._respond(environ, head, response)
         finally:
             duration = time.perf_counter() - start
             if recorder is not None:
@@ -217,137 +322,95 @@ class WSGIHandler:
             request_hooks.after(head, environ, result, response.status, response.headers)
         return result
 
-    def _respond(self, environ: dict[str, Any], head: RequestHead, transport: Transport,
+    def _respond(self, environ: dict[str, Any], head: RequestHead,
                  response: _Response) -> tuple[bool, int, int]:
-        written = 0
-        framing = None
-        expected: int | None = None
-        send_body = True
-        status_code = 500
-
-        def write(data: bytes) -> None:
-            nonlocal written, framing, expected, send_body, status_code
-            if response.status is None:
-                raise AssertionError("write() before start_response()")
-            if not response.head_sent:
-                framing, expected, status_code, head_bytes = self._head(head, response)
-                send_body = framing.send_body
-                response.head_sent = True
-                if not send_body or not data:
-                    transport.write(head_bytes)
-                    return
-                transport.write(head_bytes + (chunk(data) if framing.chunked else data))
-                written += len(data)
-                return
-            if not data or not send_body:
-                return
-            if expected is not None and written + len(data) > expected:
-                data = data[:expected - written]
-                framing = framing._replace(keep_alive=False)  # type: ignore[union-attr]
-            transport.write(chunk(data) if framing.chunked else data)  # type: ignore[union-attr]
-            written += len(data)
-
-        def start_response(status: str, headers: list[tuple[str, str]],
-                           exc_info: Any = None) -> Callable[[bytes], None]:
-            if exc_info is not None:
-                try:
-                    if response.head_sent:
-                        raise exc_info[1].with_traceback(exc_info[2])
-                finally:
-                    exc_info = None
-            elif response.status is not None:
-                raise AssertionError("start_response() called twice without exc_info")
-            response.status = status
-            response.headers = headers
-            return write
-
         try:
-            result = self.app(environ, start_response)
+            result = self.app(environ, response.start_response)
             try:
-                if (isinstance(result, FileWrapper) and self.sendfile_ok and send_body
-                        and result.fileno() is not None):
-                    written, framing, status_code = self._send_file(
-                        result, head, response, transport)
+                if result.__class__ is list and len(result) == 1 and not response.head_sent:
+                    # the common case (a list of one block): the length is known, and the
+                    # head and the body go out in one write
+                    data = result[0]
+                    if response.status is None:
+                        raise AssertionError("the app returned without calling start_response()")
+                    head_bytes = self.head_bytes(response, len(data))
+                    if response.send_body and data:
+                        response.send(data, head_bytes)
+                    else:
+                        response.transport.write(head_bytes)
+                elif (isinstance(result, FileWrapper) and self.sendfile_ok and response.send_body
+                        and result.fileno() is not None):  # type: ignore[attr-defined]
+                    self._send_file(result, head, response)  # type: ignore[arg-type]
                 else:
-                    single = isinstance(result, (list, tuple)) and len(result) == 1
-                    for data in result:
-                        if not response.head_sent and single and data:
-                            self._set_length(response, len(data))
-                        write(data)
-                    if not response.head_sent:
-                        if response.status is None:
-                            raise AssertionError("the app returned without calling start_response()")
-                        self._set_length(response, 0)
-                        write(b"")
-                    if framing is not None and framing.chunked and send_body:
-                        transport.write(LAST_CHUNK)
+                    self._iterate(result, response)
             finally:
                 close = getattr(result, "close", None)
                 if close is not None:
                     close()
         except ClientDisconnected:
-            return False, status_code, written
+            return False, response.status_code, response.written
         except Exception:
             log.exception("Error handling request %s %s", head.method.decode("latin-1"),
                           head.target.decode("latin-1"))
             if response.head_sent:
-                return False, status_code, written
-            transport.write(error_response(500))
+                return False, response.status_code, response.written
+            response.transport.write(error_response(500))
             return False, 500, 0
-        if expected is not None and written < expected and send_body:
-            return False, status_code, written
-        return framing.keep_alive, status_code, written  # type: ignore[union-attr]
+        if response.expected is not None and response.written < response.expected \
+                and response.send_body:
+            return False, response.status_code, response.written  # less than declared
+        return response.keep_alive, response.status_code, response.written
 
-    def _set_length(self, response: _Response, length: int) -> None:
-        """Add the Content-Length the app left out, when the whole body is known.
+    def _iterate(self, result: Iterable[bytes], response: _Response) -> None:
+        """Any other iterable: its blocks as they come (chunked when the length is unknown)."""
+        single = isinstance(result, (list, tuple)) and len(result) == 1
+        write = response.write
+        for data in result:
+            if not response.head_sent and data:
+                if response.status is None:
+                    raise AssertionError("write() before start_response()")
+                head_bytes = self.head_bytes(response, len(data) if single else None)
+                if response.send_body:
+                    response.send(data, head_bytes)
+                else:
+                    response.transport.write(head_bytes)
+            else:
+                write(data)
+        if not response.head_sent:
+            if response.status is None:
+                raise AssertionError("the app returned without calling start_response()")
+            response.transport.write(self.head_bytes(response, 0))
+        elif response.chunked:
+            response.transport.write(LAST_CHUNK)
 
-        Not for 1xx/204 (which must not carry one) nor 304 (whose length describes the
-        representation the client already has)."""
-        code = (response.status or "")[:3]
-        if not code.isdigit() or not body_allowed(int(code)):
-            return  # (an invalid status fails in _head)
-        for name, _ in response.headers:
-            lname = name.lower()
-            if lname == "content-length" or lname == "transfer-encoding":
-                return
-        response.headers = [*response.headers, ("Content-Length", str(length))]
+    def head_bytes(self, response: _Response, known_length: int | None) -> bytes:
+        """Decide the framing (into ``response``) and serialise the response head.
 
-    def _head(self, head: RequestHead,
-              response: _Response) -> tuple[Framing, int | None, int, bytes]:
-        """Serialise the response head; decide framing once the app's headers are known."""
+        ``known_length`` is the whole body's length when the server knows it (a list of one
+        block, or nothing): then a Content-Length the app left out is added, except for
+        1xx/204 (which must not carry one) and 304 (whose length describes the
+        representation the client already has).
+        """
         status = response.status or "500 Internal Server Error"
-        try:
-            status_code = int(status[:3])
-        except ValueError:
-            raise ValueError(f"invalid status {status!r}") from None
-        content_length: int | None = None
-        keep_alive_wanted = head.keep_alive
-        lines = []
-        for name, value in response.headers:
-            lname = name.lower()
-            if lname == "content-length":
-                content_length = int(value)
-                continue
-            if lname == "connection":
-                if value.lower() == "close":
-                    keep_alive_wanted = False
-                continue
-            elif lname == "transfer-encoding":
-                continue
-            if "\n" in value or "\r" in value or "\n" in name or "\r" in name:
-                raise ValueError(f"response header {name!r} contains a line break")
-            lines.append(f"{name}: {value}\r\n")
-        block = "".join(lines)
-        framing = decide_framing(status_code, content_length, head.method, head.version,
-                                 keep_alive_wanted, self.keepalive)
-        data = (status_line(status) + SERVER_HEADER + date_header() + block.encode("latin-1")
-                + (b"Content-Length: %d\r\n" % content_length if content_length is not None else b"")
-                + (CHUNKED_HEADER if framing.chunked else b"")
-                + connection_header(framing, head.version) + b"\r\n")
-        return framing, content_length, status_code, data
+        status_code, block, content_length, close = _app_head(status, response.headers)
+        request = response.request
+        if content_length is None and known_length is not None and body_allowed(status_code):
+            content_length = known_length
+            block += b"Content-Length: %d\r\n" % known_length
+            response.headers = [*response.headers, ("Content-Length", str(known_length))]
+        chunked, keep_alive, send_body = decide_framing(
+            status_code, content_length, request.method, request.version,
+            request.keep_alive and not close, self.keepalive)
+        response.head_sent = True
+        response.status_code = status_code
+        response.expected = content_length
+        response.send_body = send_body
+        response.chunked = chunked
+        response.keep_alive = keep_alive
+        return b"".join((block, CHUNKED_HEADER if chunked else b"", server_and_date(),
+                         end_of_head(keep_alive, request.version)))
 
-    def _send_file(self, wrapper: FileWrapper, head: RequestHead, response: _Response,
-                   transport: Transport) -> tuple[int, Framing, int]:
+    def _send_file(self, wrapper: FileWrapper, head: RequestHead, response: _Response) -> None:
         if response.status is None:
             raise AssertionError("the app returned without calling start_response()")
         fileobj = wrapper.filelike
@@ -362,18 +425,16 @@ class WSGIHandler:
                 break
         else:
             response.headers = [*response.headers, ("Content-Length", str(size))]
-        framing, declared, status_code, head_bytes = self._head(head, response)
-        response.head_sent = True
-        transport.write(head_bytes)
-        if not framing.send_body:  # HEAD, 304: the same headers as GET, no body
-            return 0, framing, status_code
-        sent = transport.sendfile(fileobj, offset, length)
+        head_bytes = self.head_bytes(response, None)
+        response.transport.write(head_bytes)
+        if not response.send_body:  # HEAD, 304: the same headers as GET, no body
+            return
+        sent = response.transport.sendfile(fileobj, offset, length)
+        response.written = sent
         if sent < length:
             raise ClientDisconnected("client went away during sendfile")
-        if declared is not None and sent < declared:
-            # the app declared more than the file holds: only the close can end the body
-            framing = framing._replace(keep_alive=False)
-        return sent, framing, status_code
+        # (the app declared more than the file holds: _respond closes the connection, as
+        # only the close can end such a body)
 
 
 def _stream_size(body: BinaryIO) -> int | None:

@@ -81,6 +81,8 @@ _CHUNK_LINE = re.compile(
 _TRAILER_LINE = re.compile(
     _TOKEN + rb":[ \t]*(?:[!-~\x80-\xff](?:[\t !-~\x80-\xff]*[!-~\x80-\xff])?)?[ \t]*\r\n")
 
+_VERSIONS = {b" HTTP/1.1\r\n": "1.1", b" HTTP/1.0\r\n": "1.0"}
+
 # reader states
 _HEAD, _LENGTH, _CHUNK_SIZE, _CHUNK_DATA, _CHUNK_CRLF, _TRAILER, _DONE = range(7)
 
@@ -393,7 +395,10 @@ class RequestReader:
             if isinstance(exc.__context__, ProtocolError):
                 raise exc.__context__ from None
             raise _map_parser_error(exc) from None
-        return parser.get_http_version()
+        # llhttp accepted the request line: when it ends in " HTTP/1.1" or " HTTP/1.0", that is
+        # its version (a slice and a dict lookup; get_http_version() formats a new string)
+        line_end = head.find(b"\n")
+        return _VERSIONS.get(head[line_end - 9:line_end + 1]) or parser.get_http_version()
 
     # llhttp callbacks (the reader is its own protocol object)
     def on_url(self, url: bytes) -> None:
