@@ -18,6 +18,7 @@ import asyncio
 import logging
 import os
 from time import monotonic, perf_counter
+from time import time as _time
 from typing import Any
 from urllib.parse import unquote_to_bytes
 
@@ -27,16 +28,10 @@ from tiamat.http.errors import ProtocolError
 from tiamat.http.h1 import END_OF_MESSAGE, RequestHead
 from tiamat.http.proxy import apply_to_scope
 from tiamat.http.response import (
-    CHUNKED_HEADER,
     CONTINUE_100,
     LAST_CHUNK,
-    SERVER_HEADER,
     chunk,
-    connection_header,
-    date_header,
-    decide_framing,
     error_response,
-    status_line,
 )
 
 log = logging.getLogger("tiamat.error")
@@ -59,6 +54,61 @@ def _decode_path(path: bytes) -> str:
     return unquote_to_bytes(path).decode("utf-8", "replace")
 
 
+def _scope_path(paths: dict[bytes, tuple[str, bytes]], state: ServerState,
+                path: bytes) -> tuple[str, bytes]:
+    """``(path, raw_path)`` of a scope under --root-path, remembered in ``paths``: the same few
+    paths come again and again, and a dict hit is cheaper than decoding.  Emptied when full
+    (paths with ids in them do not repeat)."""
+    if state.root_path:
+        parts = (state.root_path + _decode_path(path), state.root_path_bytes + path)
+    else:
+        parts = (_decode_path(path), path)
+    if len(paths) >= 512 or len(path) > 256:
+        if len(path) > 256:
+            return parts
+        paths.clear()
+    paths[path] = parts
+    return parts
+
+
+#: what _header_line gives for a header the server frames itself (see header_block)
+_CONTENT_LENGTH, _CLOSE, _DROP = object(), object(), object()
+#: app header pair -> its wire line (or one of the markers above).  Apps send the same pairs
+#: response after response (content-type, cache-control ...): a dict hit costs a fraction of
+#: classifying and serialising the pair again.  Bounded: emptied when full, so pairs that
+#: never repeat (request ids, cookies) cost a refill now and then, and memory stays small.
+_LINES: dict[Any, Any] = {}
+_LINES_MAX = 512
+_LINE_CACHED_SIZE = 256
+
+
+def _header_line(pair: Any) -> Any:
+    """One app header pair as a wire line, or the marker saying what the server does with it."""
+    name, value = pair
+    lname = name.lower()
+    if lname == b"content-length":
+        line: Any = _CONTENT_LENGTH
+    elif lname == b"connection":
+        line = _CLOSE if b"close" in value.lower() else _DROP
+    elif lname == b"transfer-encoding":
+        line = _DROP
+    else:
+        line = name + b": " + value + b"\r\n"
+        # the line has exactly one CR and one LF (its end), else the name or value holds a
+        # line break (header injection)
+        if line.count(b"\n") != 1 or line.count(b"\r") != 1:
+            raise RuntimeError("a response header contains a line break")
+        if len(line) > _LINE_CACHED_SIZE:
+            return line
+    if len(_LINES) >= _LINES_MAX:
+        _LINES.clear()
+    try:
+        _LINES[pair] = line
+    except TypeError:  # a list (or bytearray) is not hashable: not cached
+        pass
+    return line
+
+
 def header_block(headers: Any) -> tuple[bytes, bytes | None, bool]:
     """An app's ASGI response headers as wire bytes, for HTTP and WebSocket-denial responses:
     ``(block, content_length, close)``.  Content-Length (raw value), Connection and
@@ -68,21 +118,21 @@ def header_block(headers: Any) -> tuple[bytes, bytes | None, bool]:
     content_length: bytes | None = None
     close = False
     lines = []
-    for name, value in headers:
-        lname = name.lower()
-        if lname == b"content-length":
-            content_length = value
-        elif lname == b"connection":
-            if b"close" in value.lower():
-                close = True
-        elif lname != b"transfer-encoding":
-            lines.append(name + b": " + value + b"\r\n")
-    block = b"".join(lines)
-    # one scan for the whole block: each line has exactly one CR and one LF, so a line
-    # break inside a name or value shows up as an extra one
-    if block.count(b"\n") != len(lines) or block.count(b"\r") != len(lines):
-        raise RuntimeError("a response header contains a line break")
-    return block, content_length, close
+    get = _LINES.get
+    for pair in headers:
+        try:
+            line = get(pair)
+        except TypeError:  # a list pair
+            line = None
+        if line is None:
+            line = _header_line(pair)
+        if line.__class__ is bytes:
+            lines.append(line)
+        elif line is _CONTENT_LENGTH:
+            content_length = pair[1]
+        elif line is _CLOSE:
+            close = True
+    return b"".join(lines), content_length, close
 
 
 def _is_websocket(head: RequestHead) -> bool:
@@ -279,30 +329,28 @@ class HttpProtocol(asyncio.Protocol):
         # a fresh dict per request: middleware may add to it
         self.fill_scope(scope, head, {"http.response.pathsend": {}})
         cycle = self.cycle = Cycle(self, scope, head)
-        if state.observed:
+        if state.observed:  # (t0, refused and a default headers are read only by _observe)
             cycle.t0 = perf_counter()
-            cycle.refused = 0  # (read only by _observe, so set only when observed)
+            cycle.refused = 0
+            cycle.headers = ()
             if state.recorder is not None:
                 state.recorder.start()
             if state.request_hooks is not None:
                 state.request_hooks.before(head)
         self.deadline = monotonic() + state.body_timeout if cycle.more_body else FOREVER
-        task = state.loop.create_task(cycle.run(state.app))
+        # the task leaves state.tasks at the end of Cycle.run, not by a done callback: that
+        # would cost one more loop callback per request
+        task = cycle.task = state.loop.create_task(cycle.run(state.app))
         state.tasks.add(task)
-        task.add_done_callback(state.tasks.discard)
 
     def fill_scope(self, scope: dict[str, Any], head: RequestHead,
                    extensions: dict[str, Any]) -> None:
         """The request parts of an HTTP or WebSocket scope (one place for both): path under
         --root-path, query, headers, forwarding headers of a trusted peer, lifespan state."""
         state = self.state
-        path = head.path
-        if state.root_path:
-            scope["path"] = state.root_path + _decode_path(path)
-            scope["raw_path"] = state.root_path_bytes + path
-        else:
-            scope["path"] = _decode_path(path)
-            scope["raw_path"] = path
+        paths = state.paths
+        scope["path"], scope["raw_path"] = paths.get(head.path) or _scope_path(paths, state,
+                                                                              head.path)
         scope["query_string"] = head.query
         scope["headers"] = head.headers
         scope["extensions"] = extensions
@@ -408,14 +456,16 @@ class Cycle:
 
     __slots__ = ("body", "body_size", "complete", "conn", "disconnected", "expect_100",
                  "final_sent", "framing", "head", "headers", "length", "more_body", "refused",
-                 "scope", "sent", "started", "status", "t0", "waiter")
+                 "scope", "sent", "started", "status", "t0", "task", "waiter")
 
     def __init__(self, conn: HttpProtocol, scope: dict[str, Any], head: RequestHead) -> None:
+        # only what is read before it is written: one of these per request (status and
+        # headers come with http.response.start, length with the head, body_size with the
+        # first body bytes; t0, refused and a default headers only when observed)
         self.conn = conn
         self.scope = scope
         self.head = head
         self.body: list[bytes] | None = None
-        self.body_size = 0
         self.more_body = more_body = head.has_body
         self.final_sent = False
         # (expect_continue is already False for HTTP/1.0: the core's rule)
@@ -424,12 +474,8 @@ class Cycle:
         self.disconnected = False
         self.started = False
         self.complete = False
-        self.status = 500
-        self.headers: Any = ()
         self.framing: Any = None
-        self.length: int | None = None
         self.sent = 0
-        self.t0 = 0.0
 
     async def run(self, app: Any) -> None:
         conn = self.conn
@@ -450,6 +496,7 @@ class Cycle:
                 self._fail()
         finally:
             state = conn.state
+            state.tasks.discard(self.task)
             if state.observed:
                 self._observe(state)
             state.request_done()
@@ -486,10 +533,11 @@ class Cycle:
         body = self.body
         if body is None:
             self.body = [data]
+            self.body_size = size = len(data)
         else:
             body.append(data)
-        self.body_size += len(data)
-        if self.body_size > HIGH_WATER:
+            self.body_size = size = self.body_size + len(data)
+        if size > HIGH_WATER:
             self.conn.pause_reading()
         self.wake()
 
@@ -599,23 +647,28 @@ class Cycle:
             raise RuntimeError("http.response.start was not sent")
         head = self.head
         conn = self.conn
+        state = conn.state
         status = self.status
         block, given_length, close = header_block(self.headers)
-        keep_alive = head.keep_alive and not head.upgrade and not conn.closing and not close
-        length = int(given_length) if given_length is not None else None
         # the whole body's length (when known) frames like an app-given Content-Length; whether
         # a body goes out at all (HEAD, 1xx, 204, 304) is decide_framing's rule, not repeated here
-        framing = self.framing = decide_framing(
-            status, body_length if length is None else length, head.method, head.version,
-            keep_alive, conn.state.server_keep_alive)
-        if length is None and framing.send_body:
-            length = body_length
-        self.length = length if framing.send_body else None
-        return b"".join((
-            status_line(status), SERVER_HEADER, date_header(), block,
-            b"Content-Length: %d\r\n" % length if length is not None else b"",
-            CHUNKED_HEADER if framing.chunked else b"",
-            connection_header(framing, head.version), b"\r\n"))
+        length = int(given_length) if given_length is not None else None
+        framing, prefix, tail = state.framing(
+            status, length is None and body_length is None, head.method, head.version,
+            head.keep_alive and not head.upgrade and not conn.closing and not close)
+        self.framing = framing
+        if framing.send_body:
+            if length is None:
+                length = body_length
+            self.length = length
+        else:  # (an app's own Content-Length still goes out, e.g. for HEAD)
+            self.length = None
+        now = _time()
+        if now >= state.date_until:
+            state.refresh_date(now)
+        if length is None:
+            return b"".join((prefix, state.date_line, block, tail))
+        return b"".join((prefix, state.date_line, block, b"Content-Length: %d\r\n" % length, tail))
 
     def _complete(self) -> None:
         self.complete = True

@@ -11,6 +11,15 @@ from tiamat import accesslog, hooks, metrics, tls
 from tiamat.http import reader_factory
 from tiamat.http.h1 import RequestReader
 from tiamat.http.proxy import ForwardedRules
+from tiamat.http.response import (
+    CHUNKED_HEADER,
+    SERVER_HEADER,
+    Framing,
+    connection_header,
+    date_header,
+    decide_framing,
+    status_line,
+)
 
 ASGI_VERSION = {"version": "3.0", "spec_version": "2.4"}
 
@@ -33,6 +42,8 @@ class ServerState:
         self.limit_concurrency = cfg.limit_concurrency
         self.root_path = cfg.root_path.rstrip("/")
         self.root_path_bytes = self.root_path.encode("latin-1")
+        #: raw request path -> the scope's (path, raw_path) (see asgi.http._scope_path)
+        self.paths: dict[bytes, tuple[str, bytes]] = {}
         #: --forwarded-allow-ips: trusted per connection, applied per request
         self.forwarded = ForwardedRules.from_config(cfg)
         #: --proxy-protocol: peers allowed to send a PROXY header (None: off)
@@ -63,6 +74,39 @@ class ServerState:
         #: running ASGI tasks (requests and WebSocket sessions)
         self.tasks: set[asyncio.Task[None]] = set()
         self.stopping = False
+        #: decide_framing's answers and the head parts that follow from them (see framing)
+        self._framings: dict[tuple[Any, ...], tuple[Framing, bytes, bytes]] = {}
+        #: the Date line and when it goes stale (see refresh_date)
+        self.date_line = b""
+        self.date_until = 0.0
+
+    def framing(self, status: int, no_length: bool, method: bytes, version: str,
+                keep_alive: bool) -> tuple[Framing, bytes, bytes]:
+        """``(framing, prefix, tail)`` of a response: decide_framing's answer, the status line
+        and Server header before the Date line, and the Transfer-Encoding and Connection
+        headers and the blank line after the app's headers (and Content-Length).
+
+        Memoised: decide_framing is a pure function of these few values (of the body length
+        only whether there is one), which repeat nearly every response, and its call, the
+        status line and the Connection header cost more than the lookup."""
+        key = (status, no_length, method, version, keep_alive)
+        parts = self._framings.get(key)
+        if parts is None:
+            framing = decide_framing(status, None if no_length else 0, method, version,
+                                     keep_alive, self.server_keep_alive)
+            parts = (framing, status_line(status) + SERVER_HEADER,
+                     (CHUNKED_HEADER if framing.chunked else b"")
+                     + connection_header(framing, version) + b"\r\n")
+            if len(self._framings) >= 256:  # (statuses an app invents: stay bounded)
+                self._framings.clear()
+            self._framings[key] = parts
+        return parts
+
+    def refresh_date(self, now: float) -> None:
+        """The Date line for this second (the core's date_header), kept until the next one
+        so a response checks a float instead of calling it."""
+        self.date_line = date_header()
+        self.date_until = int(now) + 1
 
     def connection_closed(self, protocol: Any) -> None:
         connections = self.connections
