@@ -21,7 +21,6 @@ import io
 import logging
 import os
 import select
-import selectors
 import socket
 import time
 from typing import Any, BinaryIO
@@ -33,6 +32,7 @@ from tiamat.http.h1 import END_OF_MESSAGE, RequestHead, RequestReader
 from tiamat.http.proxy import TRUSTED_KEY, ForwardedRules
 from tiamat.http.response import CONTINUE_100, error_response
 from tiamat.workers.base import STOP_GRACE, Worker
+from tiamat.workers.poller import READ, WRITE, Poller
 from tiamat.wsgi import ClientDisconnected, WSGIHandler
 
 log = logging.getLogger("tiamat.error")
@@ -68,7 +68,7 @@ def _tls_context(cfg: Any) -> Any:
 
     _WOULD_BLOCK = (BlockingIOError, InterruptedError, ssl.SSLWantReadError, ssl.SSLWantWriteError)
     return tls.server_context(cfg)
-_READ, _READ_WRITE = selectors.EVENT_READ, selectors.EVENT_READ | selectors.EVENT_WRITE
+_READ, _READ_WRITE = READ, READ | WRITE
 
 
 class _Chunks(list):  # type: ignore[type-arg]
@@ -249,15 +249,16 @@ class SyncWorker(Worker):
         self.forwarded = self.handler.forwarded  # the handler's: parsed once per worker
         self.proxy_mode = cfg.proxy_protocol
         self.proxy_peers = ForwardedRules(cfg.proxy_allow_ips) if self.proxy_mode != "off" else None
-        self.selector = selectors.DefaultSelector()
+        self.selector = Poller()
         self.connections: dict[int, Connection] = {}
         self.accepting = False
         self.sockname = {sock.fileno(): sock.getsockname() for sock in self.listeners}
+        self.listener_of = {sock.fileno(): sock for sock in self.listeners}
         for sock in self.listeners:
             sock.setblocking(False)
         self._set_accepting(True)
-        self.selector.register(self.wake_fd, selectors.EVENT_READ, _WAKE)
-        self.selector.register(self.channel.sock, selectors.EVENT_READ, _CHANNEL)
+        self.selector.register(self.wake_fd, READ, _WAKE)
+        self.selector.register(self.channel.sock, READ, _CHANNEL)
         self.notify_ready()
         self.loop()
         self.shutdown()
@@ -283,21 +284,22 @@ class SyncWorker(Worker):
             return
         for sock in self.listeners:
             if on:
-                self.selector.register(sock, selectors.EVENT_READ, _LISTENER)
+                self.selector.register(sock, READ, _LISTENER)
             else:
                 self.selector.unregister(sock)
         self.accepting = on
 
     def loop(self) -> None:
-        select_ = self.selector.select
+        poll = self.selector.poll
+        data_of = self.selector.data.get
         next_sweep = 0.0
         while self.alive:
-            for key, _ in select_(SWEEP_INTERVAL):
-                data = key.data
+            for fd, _ in poll(SWEEP_INTERVAL):
+                data = data_of(fd)  # (None: closed by an event before it in this batch)
                 if data.__class__ is Connection:
                     self.on_readable(data)
                 elif data is _LISTENER:
-                    self.accept(key.fileobj)  # type: ignore[arg-type]
+                    self.accept(self.listener_of[fd])
                 elif data is _WAKE:
                     self.handle_wakeup()
                 elif data is _CHANNEL:
@@ -348,7 +350,7 @@ class SyncWorker(Worker):
             self.connections[sock.fileno()] = conn
             if self.ssl_context is not None and not conn.proxy_pending:
                 self._start_tls(conn)
-            self.selector.register(conn.sock, selectors.EVENT_READ, conn)
+            self.selector.register(conn.sock, READ, conn)
             if spread:
                 self._step_aside(listener)
 
@@ -422,8 +424,18 @@ class SyncWorker(Worker):
         reader = conn.reader
         was_idle = not reader.in_message
         reader.feed(data)
-        if reader.events:
-            self.process(conn)
+        events = reader.events
+        if events:
+            if (len(events) == 2 and events[1] is END_OF_MESSAGE and conn.head is None
+                    and events[0].__class__ is RequestHead
+                    and not events[0].expect_continue):  # type: ignore[attr-defined]
+                # the common case, a whole request without a body in one read: straight to
+                # the app (what process() -> start_request() -> dispatch() would do)
+                conn.head = events[0]  # type: ignore[assignment]
+                events.clear()
+                self.dispatch(conn)
+            else:
+                self.process(conn)
             if not conn.closed and conn.head is None and reader.in_message and self._watched(conn):
                 # a pipelined request has started: its head must arrive in time (unless the
                 # connection was handed off, as the thread worker does, and is not watched)
@@ -498,7 +510,7 @@ class SyncWorker(Worker):
                 return False
             self.selector.unregister(sock)
             self._start_tls(conn)
-            self.selector.register(conn.sock, selectors.EVENT_READ, conn)
+            self.selector.register(conn.sock, READ, conn)
         return True
 
     def _consume(self, conn: Connection, count: int) -> None:
@@ -531,16 +543,11 @@ class SyncWorker(Worker):
         return True
 
     def _watched(self, conn: Connection) -> bool:
-        try:
-            self.selector.get_key(conn.sock)
-        except (KeyError, ValueError):
-            return False
-        return True
+        return conn.sock.fileno() in self.selector.data
 
     def _watch(self, conn: Connection, events: int) -> None:
         try:
-            if self.selector.get_key(conn.sock).events != events:
-                self.selector.modify(conn.sock, events, conn)
+            self.selector.modify(conn.sock, events, conn)
         except (KeyError, ValueError):
             pass
 
@@ -594,13 +601,14 @@ class SyncWorker(Worker):
         board.busy(time.monotonic(), head.method, head.path)
         self.in_request = True
         try:
-            keep_alive, _, _ = self.handler.handle(head, body, conn.environ, conn)
+            keep_alive = self.handler.handle(head, body, conn.environ, conn)[0]
         finally:
             self.in_request = False
             body.close()
             now = time.monotonic()
             board.idle(now)
-        self.count_request()
+        if self.max_requests:
+            self.count_request()
         if not keep_alive or not self.alive or head.upgrade:
             self.close(conn)
             return
@@ -656,7 +664,7 @@ class SyncWorker(Worker):
             conn.body.close()
             conn.body = None
         try:
-            self.selector.modify(conn.sock, selectors.EVENT_READ, conn)
+            self.selector.modify(conn.sock, READ, conn)
         except (KeyError, ValueError):
             self._close_now(conn)
 
@@ -697,8 +705,9 @@ class SyncWorker(Worker):
     def _serve_stopping(self, timeout: float) -> None:
         """One pass of the loop while stopping: connections, wake-ups and the channel, no
         listeners (shared by this class's and the thread worker's shutdown)."""
-        for key, _ in self.selector.select(timeout):
-            data = key.data
+        data_of = self.selector.data.get
+        for fd, _ in self.selector.poll(timeout):
+            data = data_of(fd)
             if data.__class__ is Connection:
                 self.on_readable(data)
             elif data is _WAKE:

@@ -17,7 +17,6 @@ from __future__ import annotations
 import logging
 import os
 import queue
-import selectors
 import socket
 import threading
 import time
@@ -25,6 +24,7 @@ from collections import deque
 from typing import BinaryIO
 
 from tiamat.http.h1 import RequestHead
+from tiamat.workers.poller import READ
 from tiamat.workers.sync import STOP_GRACE, Connection, SyncWorker, request_body
 
 log = logging.getLogger("tiamat.error")
@@ -179,7 +179,7 @@ class ThreadWorker(SyncWorker):
                 conn.deadline = now + (self.header_timeout if conn.reader.in_message
                                        else self.keepalive_timeout)
                 if job.unwatched:
-                    self.selector.register(conn.sock, selectors.EVENT_READ, conn)
+                    self.selector.register(conn.sock, READ, conn)
                 if job.pending:
                     conn.reader.events[:0] = job.pending
                     self.process(conn)
