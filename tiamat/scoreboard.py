@@ -28,16 +28,15 @@ STATE_NAMES = ("empty", "booting", "idle", "busy", "stopping")
 # pid, state, (pad), beat, request start, boot time, requests served, request label
 _RECORD = struct.Struct("=iB3xdddQ64s")
 RECORD_SIZE = 128
-_STATE_AT = 4  # offset of the state byte; state + beat + request start are written together
-_STATE_BEAT_START = struct.Struct("=B3xdd")
-_BEAT = struct.Struct("=d")
+_STATE_AT = 4  # offset of the state byte
+_BEAT_AT = 8
+_START_AT = 16
 _REQUESTS_AT = 32
 _IDLE = struct.Struct("=B3xd")
 _LABEL_AT = 40
 _LABEL_SIZE = 64
 #: ("s" cuts a longer label and pads a shorter one with NULs, in C)
 _LABEL = struct.Struct(f"{_LABEL_SIZE}s")
-_REQUESTS = struct.Struct("=Q")
 
 
 class SlotState(NamedTuple):
@@ -93,31 +92,49 @@ class Scoreboard:
 
 
 class SlotWriter:
-    """The calls a worker makes on its own record; each is one ``pack_into``."""
+    """The calls a worker makes on its own record.
 
-    __slots__ = ("_base", "_mem", "requests")
+    ``busy`` and ``idle`` run twice per request, so they store single fields through typed
+    views of the mapping (a store each, about 5k instructions less per request than a
+    ``pack_into`` per call) and write the state byte last, after the times it vouches for:
+    the master never sees BUSY next to the previous request's start time.
+    """
+
+    __slots__ = ("_base", "_bytes", "_doubles", "_label", "_mem", "_words", "requests")
 
     def __init__(self, mem: mmap.mmap, base: int) -> None:
         self._mem = mem
         self._base = base
+        view = memoryview(mem)
+        self._bytes = view
+        self._doubles = view.cast("d")
+        self._words = view.cast("Q")
+        self._label = b""
         self.requests = 0
 
     def beat(self, now: float) -> None:
-        _BEAT.pack_into(self._mem, self._base + 8, now)
+        self._doubles[(self._base + _BEAT_AT) >> 3] = now
 
     def ready(self, now: float) -> None:
         _IDLE.pack_into(self._mem, self._base + _STATE_AT, IDLE, now)
 
     def busy(self, now: float, method: bytes, path: bytes) -> None:
         base = self._base
-        _STATE_BEAT_START.pack_into(self._mem, base + _STATE_AT, BUSY, now, now)
-        _LABEL.pack_into(self._mem, base + _LABEL_AT, method + b" " + path)  # (cut or padded)
+        doubles = self._doubles
+        doubles[(base + _BEAT_AT) >> 3] = now
+        doubles[(base + _START_AT) >> 3] = now
+        label = method + b" " + path
+        if label != self._label:  # (a worker serving one URL again and again writes it once)
+            self._label = label
+            _LABEL.pack_into(self._mem, base + _LABEL_AT, label)  # (cut or padded)
+        self._bytes[base + _STATE_AT] = BUSY
 
     def idle(self, now: float) -> None:
         self.requests += 1
         base = self._base
-        _IDLE.pack_into(self._mem, base + _STATE_AT, IDLE, now)
-        _REQUESTS.pack_into(self._mem, base + _REQUESTS_AT, self.requests)
+        self._words[(base + _REQUESTS_AT) >> 3] = self.requests
+        self._doubles[(base + _BEAT_AT) >> 3] = now
+        self._bytes[base + _STATE_AT] = IDLE
 
     def stopping(self, now: float) -> None:
         _IDLE.pack_into(self._mem, self._base + _STATE_AT, STOPPING, now)

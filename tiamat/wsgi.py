@@ -19,7 +19,7 @@ from typing import Any, BinaryIO, Protocol
 from urllib.parse import unquote_to_bytes
 
 from tiamat import __version__, accesslog, hooks, logs, metrics
-from tiamat.http.h1 import RequestHead
+from tiamat.http.h1 import KNOWN_METHODS, RequestHead
 from tiamat.http.proxy import TRUSTED_KEY, ForwardedRules, apply_to_environ
 from tiamat.http.response import (
     CHUNKED_HEADER,
@@ -192,6 +192,8 @@ def _app_head(status: str, headers: list[tuple[str, str]]) -> tuple[int, bytes, 
 
 
 _HEADER_KEYS: dict[bytes, str | None] = {}
+#: REQUEST_METHOD for the methods the core knows, decoded once
+_METHOD_NAMES = {method: method.decode("ascii") for method in KNOWN_METHODS}
 
 
 def environ_key(name: bytes) -> str | None:
@@ -262,17 +264,22 @@ class WSGIHandler:
     def build_environ(self, head: RequestHead, body: BinaryIO,
                       conn_environ: dict[str, Any]) -> dict[str, Any]:
         environ = conn_environ.copy()
-        environ["REQUEST_METHOD"] = head.method.decode("latin-1")
+        method = head.method
+        environ["REQUEST_METHOD"] = _METHOD_NAMES.get(method) or method.decode("latin-1")
         path = head.path
-        if b"%" in path:
-            path = unquote_to_bytes(path)
-        path_info = path.decode("latin-1")
+        target = head.target
+        raw_uri = target.decode("latin-1")
+        if path is target and b"%" not in path:  # a plain "/path": one decode serves both
+            path_info = raw_uri
+        else:
+            path_info = (unquote_to_bytes(path) if b"%" in path else path).decode("latin-1")
         root = self.root_path
         if root and (path_info == root or path_info.startswith(root + "/")):
             path_info = path_info[len(root):]
         environ["PATH_INFO"] = path_info
-        environ["QUERY_STRING"] = head.query.decode("latin-1")
-        environ["RAW_URI"] = head.target.decode("latin-1")
+        query = head.query
+        environ["QUERY_STRING"] = query.decode("latin-1") if query else ""
+        environ["RAW_URI"] = raw_uri
         environ["SERVER_PROTOCOL"] = "HTTP/1.1" if head.version == "1.1" else "HTTP/1.0"
         environ["wsgi.input"] = body
         for name, value in head.headers:
