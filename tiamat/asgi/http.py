@@ -135,6 +135,22 @@ def header_block(headers: Any) -> tuple[bytes, bytes | None, bool]:
     return b"".join(lines), content_length, close
 
 
+#: Content-Length (an app's raw value, or a body's length) -> (length, header line): the
+#: same lengths come back often enough that a dict hit beats int() and formatting; emptied
+#: when full
+_LENGTHS: dict[bytes | int, tuple[int, bytes]] = {}
+
+
+def _content_length(value: bytes | int) -> tuple[int, bytes]:
+    length = int(value)
+    parts = (length, b"Content-Length: %d\r\n" % length)
+    if value.__class__ is bytes or value.__class__ is int:
+        if len(_LENGTHS) >= 512:
+            _LENGTHS.clear()
+        _LENGTHS[value] = parts
+    return parts
+
+
 def _is_websocket(head: RequestHead) -> bool:
     for name, value in head.headers:
         if name == b"upgrade":
@@ -290,7 +306,8 @@ class HttpProtocol(asyncio.Protocol):
                 cycle = self.cycle
                 if cycle is not None:
                     cycle.more_body = False
-                    cycle.wake()
+                    if cycle.waiter is not None:
+                        cycle.wake()
                     self.deadline = FOREVER
             elif cls is RequestHead:
                 if self.cycle is not None:  # pipelined: waits until this request is done
@@ -355,8 +372,15 @@ class HttpProtocol(asyncio.Protocol):
         scope["headers"] = head.headers
         scope["extensions"] = extensions
         if self.trusted:
-            scope["client"], scope["scheme"], scope["server"] = apply_to_scope(
-                head.headers, scope["client"], scope["scheme"], scope["server"], state.forwarded)
+            # most requests carry no forwarding header at all: a set test per header is
+            # much cheaper than resolving them (which would find nothing to apply)
+            names = state.forwarding_names
+            for name, _ in head.headers:
+                if name in names:
+                    scope["client"], scope["scheme"], scope["server"] = apply_to_scope(
+                        head.headers, scope["client"], scope["scheme"], scope["server"],
+                        state.forwarded)
+                    break
         if state.lifespan_state is not None:
             scope["state"] = state.lifespan_state.copy()
 
@@ -652,23 +676,27 @@ class Cycle:
         block, given_length, close = header_block(self.headers)
         # the whole body's length (when known) frames like an app-given Content-Length; whether
         # a body goes out at all (HEAD, 1xx, 204, 304) is decide_framing's rule, not repeated here
-        length = int(given_length) if given_length is not None else None
-        framing, prefix, tail = state.framing(
-            status, length is None and body_length is None, head.method, head.version,
-            head.keep_alive and not head.upgrade and not conn.closing and not close)
+        if given_length is None:
+            length = length_line = None
+        else:
+            cached = _LENGTHS.get(given_length) if given_length.__class__ is bytes else None
+            length, length_line = cached or _content_length(given_length)
+        key = (status, length is None and body_length is None, head.method, head.version,
+               head.keep_alive and not head.upgrade and not conn.closing and not close)
+        framing, prefix, tail = state.framings.get(key) or state.framing(*key)
         self.framing = framing
         if framing.send_body:
-            if length is None:
-                length = body_length
+            if length is None and body_length is not None:
+                length, length_line = _LENGTHS.get(body_length) or _content_length(body_length)
             self.length = length
         else:  # (an app's own Content-Length still goes out, e.g. for HEAD)
             self.length = None
         now = _time()
         if now >= state.date_until:
             state.refresh_date(now)
-        if length is None:
+        if length_line is None:
             return b"".join((prefix, state.date_line, block, tail))
-        return b"".join((prefix, state.date_line, block, b"Content-Length: %d\r\n" % length, tail))
+        return b"".join((prefix, state.date_line, block, length_line, tail))
 
     def _complete(self) -> None:
         self.complete = True

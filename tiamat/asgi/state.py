@@ -46,6 +46,11 @@ class ServerState:
         self.paths: dict[bytes, tuple[str, bytes]] = {}
         #: --forwarded-allow-ips: trusted per connection, applied per request
         self.forwarded = ForwardedRules.from_config(cfg)
+        #: the request headers that can change something for a trusted peer (if none of
+        #: them is there, the forwarding rules have nothing to apply)
+        self.forwarding_names = frozenset((b"x-forwarded-for", b"x-forwarded-proto",
+                                           b"x-forwarded-host", b"forwarded",
+                                           *self.forwarded.secure_headers))
         #: --proxy-protocol: peers allowed to send a PROXY header (None: off)
         self.proxy_mode = cfg.proxy_protocol
         self.proxy_peers = ForwardedRules(cfg.proxy_allow_ips) if self.proxy_mode != "off" else None
@@ -74,8 +79,9 @@ class ServerState:
         #: running ASGI tasks (requests and WebSocket sessions)
         self.tasks: set[asyncio.Task[None]] = set()
         self.stopping = False
-        #: decide_framing's answers and the head parts that follow from them (see framing)
-        self._framings: dict[tuple[Any, ...], tuple[Framing, bytes, bytes]] = {}
+        #: decide_framing's answers and the head parts that follow from them, by framing's
+        #: arguments (read directly on the hot path; framing fills it)
+        self.framings: dict[tuple[Any, ...], tuple[Framing, bytes, bytes]] = {}
         #: the Date line and when it goes stale (see refresh_date)
         self.date_line = b""
         self.date_until = 0.0
@@ -90,16 +96,16 @@ class ServerState:
         only whether there is one), which repeat nearly every response, and its call, the
         status line and the Connection header cost more than the lookup."""
         key = (status, no_length, method, version, keep_alive)
-        parts = self._framings.get(key)
+        parts = self.framings.get(key)
         if parts is None:
             framing = decide_framing(status, None if no_length else 0, method, version,
                                      keep_alive, self.server_keep_alive)
             parts = (framing, status_line(status) + SERVER_HEADER,
                      (CHUNKED_HEADER if framing.chunked else b"")
                      + connection_header(framing, version) + b"\r\n")
-            if len(self._framings) >= 256:  # (statuses an app invents: stay bounded)
-                self._framings.clear()
-            self._framings[key] = parts
+            if len(self.framings) >= 256:  # (statuses an app invents: stay bounded)
+                self.framings.clear()
+            self.framings[key] = parts
         return parts
 
     def refresh_date(self, now: float) -> None:
