@@ -399,7 +399,11 @@ class WSGIHandler:
         representation the client already has).
         """
         status = response.status or "500 Internal Server Error"
-        status_code, block, content_length, close = _app_head(status, response.headers)
+        try:
+            cached = _HEAD_CACHE.get((status, tuple(response.headers)))
+        except TypeError:  # unhashable headers (lists instead of tuples): _app_head copes
+            cached = None
+        status_code, block, content_length, close = cached or _app_head(status, response.headers)
         request = response.request
         if content_length is None and known_length is not None and body_allowed(status_code):
             content_length = known_length

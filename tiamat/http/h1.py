@@ -360,7 +360,12 @@ class RequestReader:
             raise ProtocolError(400, "invalid method")
         if limits.permit_obs_fold and (b"\n " in head or b"\n\t" in head):
             head = _OBS_FOLD.sub(b" ", head)
-        self._start_head()
+        # per-head state (what _start_head does, inlined: this is the hot path)
+        self._url = b""
+        self._headers = []
+        self._field_count = self._hosts = 0
+        self._content_length = self._conn_tokens = None
+        self._chunked = self._expect = self._upgrade_header = False
         version = self._tokenise(head, method)
         self._finish_head(method, version)
         return end

@@ -99,9 +99,29 @@ def body_allowed(status_code: int) -> bool:
     return status_code >= 200 and status_code not in _NO_BODY_STATUS
 
 
+_framings: dict[tuple[int, bool, bool, str, bool, bool], Framing] = {}
+
+
 def decide_framing(status_code: int, content_length: int | None, method: bytes,
                    http_version: str, request_keep_alive: bool, server_keep_alive: bool) -> Framing:
-    """Choose the framing of a response from what the app gave and what the client asked."""
+    """Choose the framing of a response from what the app gave and what the client asked.
+
+    The answer depends on a handful of small values, so it is kept per combination: a
+    lookup instead of building a named tuple for every response.
+    """
+    key = (status_code, content_length is None, method == b"HEAD", http_version,
+           request_keep_alive, server_keep_alive)
+    framing = _framings.get(key)
+    if framing is None:
+        framing = _decide_framing(status_code, content_length, method, http_version,
+                                  request_keep_alive, server_keep_alive)
+        if len(_framings) < 4096:
+            _framings[key] = framing
+    return framing
+
+
+def _decide_framing(status_code: int, content_length: int | None, method: bytes,
+                    http_version: str, request_keep_alive: bool, server_keep_alive: bool) -> Framing:
     send_body = method != b"HEAD" and body_allowed(status_code)
     keep_alive = request_keep_alive and server_keep_alive
     chunked = False

@@ -595,7 +595,7 @@ class SyncWorker(Worker):
         """Call the app for the complete request on ``conn`` and write its response."""
         head = conn.head
         assert head is not None
-        body = request_body(conn.body)
+        body = io.BytesIO() if conn.body is None else request_body(conn.body)
         conn.head = conn.body = None
         board = self.board
         board.busy(time.monotonic(), head.method, head.path)
