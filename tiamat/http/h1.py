@@ -83,6 +83,7 @@ _TRAILER_LINE = re.compile(
 
 # (bytes.find rather than ``in`` on the hot path: ``b"x" in data`` first tries the operand as
 # an int, and raising and clearing that TypeError costs about 1.8k instructions a test)
+_NO_LIMIT = 1 << 62
 _VERSIONS = {b" HTTP/1.1\r\n": "1.1", b" HTTP/1.0\r\n": "1.0"}
 
 # reader states
@@ -166,10 +167,14 @@ class RequestReader:
         "_expect",
         "_ext_total",
         "_field_count",
+        "_framing_seen",
         "_head_size",
         "_headers",
         "_hosts",
         "_keep_alive",
+        "_max_field",
+        "_max_fields",
+        "_max_line",
         "_parser",
         "_parser_dirty",
         "_remaining",
@@ -187,6 +192,10 @@ class RequestReader:
     def __init__(self, limits: Limits = DEFAULT_LIMITS) -> None:
         self.events: list[object] = []
         self.limits = limits
+        # the limits as _head compares them (0 = no limit becomes a bound never reached)
+        self._max_line = limits.request_line + 1 if limits.request_line > 0 else _NO_LIMIT
+        self._max_fields = limits.fields if limits.fields > 0 else _NO_LIMIT
+        self._max_field = limits.field_size if limits.field_size > 0 else _NO_LIMIT
         self.broken = False
         #: bytes that followed an upgrade request (for the WebSocket code to take)
         self.upgraded: bytes | None = None
@@ -208,6 +217,7 @@ class RequestReader:
 
     def _start_head(self) -> None:
         """The per-head state, before a head is tokenised."""
+        self._framing_seen = False
         self._url = b""
         self._headers: list[tuple[bytes, bytes]] = []
         self._field_count = self._hosts = 0
@@ -347,10 +357,10 @@ class RequestReader:
             self._scanned = 0
         if end - pos > limits.head:
             raise ProtocolError(431, "request head too large")
-        head = work if end == len(work) and not pos and work.__class__ is bytes \
+        head = work if not pos and end == len(work) and work.__class__ is bytes \
             else bytes(work[pos:end])
         line_end = head.find(b"\n")
-        if line_end > limits.request_line + 1 > 1:
+        if line_end > self._max_line:
             raise ProtocolError(414, "request line too long")
         if head.find(b"  ", 0, line_end) >= 0:
             raise ProtocolError(400, "malformed request line")
@@ -362,17 +372,18 @@ class RequestReader:
             raise ProtocolError(400, "invalid method")
         if limits.permit_obs_fold and (head.find(b"\n ") >= 0 or head.find(b"\n\t") >= 0):
             head = _OBS_FOLD.sub(b" ", head)
-        # per-head state (what _start_head does, inlined: this is the hot path)
-        self._url = b""
+        # per-head state (what _start_head does, inlined: this is the hot path; the framing
+        # fields' own state is reset by _finish_head's slow path, the only one to read it)
         self._headers = []
         self._hosts = 0
-        self._content_length = self._conn_tokens = None
-        self._chunked = self._expect = self._upgrade_header = False
+        self._framing_seen = False
         version = self._tokenise(head, method)
-        limits = self.limits
-        if len(self._headers) > limits.fields > 0 or len(head) - line_end > limits.field_size > 0:
+        if len(self._headers) > self._max_fields or len(head) - line_end > self._max_field:
             self._check_fields()
-        self._finish_head(method, version)
+        if self._framing_seen or version != "1.1":
+            self._finish_head(method, version)
+        else:
+            self._finish_plain_head(method)
         return end
 
     def _check_fields(self) -> None:
@@ -449,6 +460,7 @@ class RequestReader:
     on_header = _field
 
     def _framing_field(self, name: bytes, value: bytes) -> None:
+        self._framing_seen = True
         if name == b"content-length":
             self._content_length_header(value)
         elif name == b"transfer-encoding":
@@ -482,22 +494,51 @@ class RequestReader:
             raise ProtocolError(400, "invalid Transfer-Encoding")
         self._chunked = True
 
+    def _finish_plain_head(self, method: bytes) -> None:
+        """:meth:`_finish_head` for the common case: HTTP/1.1 and no framing field but Host
+        (no body, keep-alive, no 100-continue, no upgrade unless CONNECT): the same rules,
+        in a quarter of the steps."""
+        if self._hosts != 1:
+            raise ProtocolError(400, "missing Host header" if not self._hosts
+                                else "more than one Host header")
+        target = self._url
+        if target[:1] == b"/" and target.find(b"?") < 0:
+            path, query = target, b""
+        else:
+            path, query = split_target(target)
+        upgrade = method == b"CONNECT"
+        self._upgrade = upgrade
+        self._keep_alive = True
+        events = self.events
+        events.append(_new_head(RequestHead, (
+            method, target, path, query, "1.1", self._headers, True, None, False, False,
+            upgrade)))
+        events.append(END_OF_MESSAGE)
+        if upgrade:
+            self.upgraded = b""
+        else:
+            self._parser_dirty = False  # llhttp is ready for the next head
+
     def _finish_head(self, method: bytes, version: str) -> None:
+        # the framing fields' state, taken and cleared for the next head (between heads it is
+        # always clear: _head does not reset it, and _finish_plain_head never sets it)
+        length, chunked, tokens = self._content_length, self._chunked, self._conn_tokens
+        expect, upgrade_header = self._expect, self._upgrade_header
+        self._content_length = self._conn_tokens = None
+        self._chunked = self._expect = self._upgrade_header = False
         if version != "1.1" and version != "1.0":
             raise ProtocolError(400, "unsupported HTTP version")
         if self._hosts != 1 and (self._hosts or version == "1.1"):
             raise ProtocolError(400, "missing Host header" if not self._hosts
                                 else "more than one Host header")
-        if self._chunked:
-            if self._content_length is not None:
+        if chunked:
+            if length is not None:
                 raise ProtocolError(400, "both Transfer-Encoding and Content-Length")
             if version == "1.0":
                 raise ProtocolError(400, "Transfer-Encoding in an HTTP/1.0 request")
-        length = self._content_length
         body_limit = self.limits.body
         if length is not None and length > body_limit > 0:
             raise ProtocolError(413, "request body too large")
-        tokens = self._conn_tokens
         if tokens is None:
             keep_alive = version == "1.1"
             upgrade = method == b"CONNECT"
@@ -505,7 +546,7 @@ class RequestReader:
             options = [t.strip(b" \t") for t in tokens.split(b",")] if tokens.find(b",") >= 0 \
                 else (tokens,)
             keep_alive = b"close" not in options if version == "1.1" else b"keep-alive" in options
-            upgrade = method == b"CONNECT" or (self._upgrade_header and b"upgrade" in options)
+            upgrade = method == b"CONNECT" or (upgrade_header and b"upgrade" in options)
         self._upgrade = upgrade
         self._keep_alive = keep_alive
         target = self._url
@@ -516,13 +557,13 @@ class RequestReader:
         # RFC 9110 10.1.1: a 100-continue expectation in an HTTP/1.0 request is ignored
         self.events.append(_new_head(RequestHead, (
             method, target, path, query, version, self._headers, keep_alive, length,
-            self._chunked, self._expect and version == "1.1", upgrade)))
+            chunked, expect and version == "1.1", upgrade)))
         # llhttp is ready for the next head after one without a body that keeps the
         # connection (a body is decoded here, never fed to llhttp, which would wait for it)
-        self._parser_dirty = upgrade or not keep_alive or self._chunked or bool(length)
+        self._parser_dirty = upgrade or not keep_alive or chunked or bool(length)
         self._body_size = 0
         self._ext_total = 0
-        if self._chunked:
+        if chunked:
             self._state = _CHUNK_SIZE
         elif length:
             self._state = _LENGTH
