@@ -78,26 +78,25 @@ class _Response:
 
     Its bound :meth:`start_response` is what the app is given, and its bound :meth:`write`
     what that returns: one object per request instead of two closures, with the framing
-    state (decided when the head goes out) in slots the handler reads afterwards.
+    state (decided when the head goes out) in attributes the handler reads afterwards.
+    The defaults are class attributes, so a new response costs three stores.
     """
 
-    __slots__ = ("chunked", "expected", "handler", "head_sent", "headers", "keep_alive",
-                 "request", "send_body", "status", "status_code", "transport", "written")
+    status: str | None = None
+    headers: list[tuple[str, str]] = []  # (replaced, never mutated)
+    head_sent = False
+    status_code = 500
+    written = 0
+    #: the Content-Length the head declared (None: chunked or ended by the close)
+    expected: int | None = None
+    send_body = True
+    chunked = False
+    keep_alive = False
 
     def __init__(self, handler: WSGIHandler, request: RequestHead, transport: Transport) -> None:
         self.handler = handler
         self.request = request
         self.transport = transport
-        self.status: str | None = None
-        self.headers: list[tuple[str, str]] = []
-        self.head_sent = False
-        self.status_code = 500
-        self.written = 0
-        #: the Content-Length the head declared (None: chunked or ended by the close)
-        self.expected: int | None = None
-        self.send_body = True
-        self.chunked = False
-        self.keep_alive = False
 
     def start_response(self, status: str, headers: list[tuple[str, str]],
                        exc_info: Any = None) -> Callable[[bytes], None]:
@@ -231,6 +230,9 @@ class WSGIHandler:
         self.access = accesslog.for_worker(cfg)
         self.recorder = metrics.recorder(threaded=multithread)
         self.request_hooks = hooks.RequestHooks.for_config(cfg)  # pre_request/post_request
+        #: no access log, metrics or request hooks: a request needs no timing or bookkeeping
+        self.unobserved = (self.access is None and self.recorder is None
+                           and self.request_hooks is None)
         self.base_environ: dict[str, Any] = {
             "wsgi.version": (1, 0),
             "wsgi.multithread": multithread,
@@ -308,9 +310,9 @@ class WSGIHandler:
         """
         environ = self.build_environ(head, body, conn_environ)
         response = _Response(self, head, transport)
-        access, recorder, request_hooks = self.access, self.recorder, self.request_hooks
-        if access is None and recorder is None and request_hooks is None:
+        if self.unobserved:
             return self._respond(environ, head, response)
+        access, recorder, request_hooks = self.access, self.recorder, self.request_hooks
         if request_hooks is not None:
             request_hooks.before(head)
         if recorder is not None:
@@ -341,11 +343,15 @@ class WSGIHandler:
                     data = result[0]
                     if response.status is None:
                         raise AssertionError("the app returned without calling start_response()")
-                    head_bytes = self.head_bytes(response, len(data))
-                    if response.send_body and data:
-                        response.send(data, head_bytes)
-                    else:
+                    size = len(data)
+                    head_bytes = self.head_bytes(response, size)
+                    if not (response.send_body and data):
                         response.transport.write(head_bytes)
+                    elif response.expected == size:  # (not chunked, length as declared)
+                        response.transport.write(head_bytes + data)
+                        response.written = size
+                    else:
+                        response.send(data, head_bytes)
                 elif (isinstance(result, FileWrapper) and self.sendfile_ok and response.send_body
                         and result.fileno() is not None):  # type: ignore[attr-defined]
                     self._send_file(result, head, response)  # type: ignore[arg-type]
