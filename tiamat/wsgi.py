@@ -226,6 +226,7 @@ class WSGIHandler:
         self.sendfile_ok = cfg.sendfile
         self.root_path = cfg.root_path.rstrip("/")
         self.forwarded = ForwardedRules.from_config(cfg)
+        self.forwarded_keys = self.forwarded.environ_keys
         #: None when off: then a request builds no log line and touches no counter
         self.access = accesslog.for_worker(cfg)
         self.recorder = metrics.recorder(threaded=multithread)
@@ -297,7 +298,9 @@ class WSGIHandler:
             size = _stream_size(body)
             if size is not None:
                 environ["CONTENT_LENGTH"] = str(size)
-        if TRUSTED_KEY in conn_environ:  # decided once per connection by the worker
+        # the peer's trust is decided once per connection by the worker; most requests from
+        # a trusted peer carry no forwarding header at all (see proxy.apply_to_environ)
+        if TRUSTED_KEY in conn_environ and not environ.keys().isdisjoint(self.forwarded_keys):
             apply_to_environ(environ, head.headers, self.forwarded)
         return environ
 

@@ -430,11 +430,11 @@ class SyncWorker(Worker):
         reader.feed(data)
         events = reader.events
         if events:
-            if (len(events) == 2 and events[1] is END_OF_MESSAGE and conn.head is None
-                    and events[0].__class__ is RequestHead
-                    and not events[0].expect_continue):  # type: ignore[attr-defined]
-                # the common case, a whole request without a body in one read: straight to
-                # the app (what process() -> start_request() -> dispatch() would do)
+            if len(events) == 2 and events[1] is END_OF_MESSAGE and conn.head is None:
+                # the common case, a whole request without a body in one read (a head and its
+                # end: body bytes would follow a head read earlier, and an error ends the
+                # events): straight to the app, as process() -> start_request() ->
+                # dispatch() would do (a 100-continue is moot: the whole request is here)
                 conn.head = events[0]  # type: ignore[assignment]
                 events.clear()
                 self.dispatch(conn)
