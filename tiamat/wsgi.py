@@ -272,11 +272,12 @@ class WSGIHandler:
         path = head.path
         target = head.target
         raw_uri = target.decode("latin-1")
-        # (find, not ``in``: see tiamat.http.h1._VERSIONS)
-        if path is target and path.find(b"%") < 0:  # a plain "/path": one decode serves both
+        # (partition, not ``in``: see tiamat.http.h1._VERSIONS)
+        escaped = path.partition(b"%")[1]
+        if path is target and not escaped:  # a plain "/path": one decode serves both
             path_info = raw_uri
         else:
-            path_info = (unquote_to_bytes(path) if path.find(b"%") >= 0 else path).decode("latin-1")
+            path_info = (unquote_to_bytes(path) if escaped else path).decode("latin-1")
         root = self.root_path
         if root and (path_info == root or path_info.startswith(root + "/")):
             path_info = path_info[len(root):]

@@ -30,7 +30,7 @@ class H11RequestReader(RequestReader):
 
     __slots__ = ()
 
-    def _tokenise(self, head: bytes, method: bytes) -> str:
+    def _tokenise(self, head: bytes, method: bytes, line_end: int, space: int) -> str:
         crlf = head.count(b"\r\n")
         if head.count(b"\n") != crlf:
             raise ProtocolError(400, "bare LF in the request head")
