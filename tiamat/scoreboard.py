@@ -120,9 +120,8 @@ class SlotWriter:
 
     def busy(self, now: float, method: bytes, path: bytes) -> None:
         base = self._base
-        doubles = self._doubles
-        doubles[(base + _BEAT_AT) >> 3] = now
-        doubles[(base + _START_AT) >> 3] = now
+        # (no beat: while BUSY the master judges the request's start, and idle() beats)
+        self._doubles[(base + _START_AT) >> 3] = now
         label = method + b" " + path
         if label != self._label:  # (a worker serving one URL again and again writes it once)
             self._label = label
