@@ -7,6 +7,7 @@
     python bench/run.py --balance  # CPU share of each of 2 workers under 64 keep-alive connections
     python bench/run.py --startstop  # start-to-first-answer and idle graceful-stop times
     python bench/run.py --profile wsgi-hello  # py-spy profile of the tiamat worker under load
+    python bench/run.py --instructions  # valgrind instructions per request: steady under noise
 
 It installs what it needs itself: the peers, the bench apps' frameworks and tiamat's own
 dependencies from PyPI into bench/.venv (pinned in bench/requirements.txt, so tiamat and every
@@ -660,6 +661,126 @@ def startstop(args: argparse.Namespace, log_dir: str) -> str:
 
 
 # --------------------------------------------------------------------------------------------
+# instructions per request (valgrind): a measure the machine's noise does not move
+
+INSTRUCTION_ROWS = ("wsgi-hello", "flask-hello", "asgi-hello", "fastapi-hello")
+
+
+def ensure_valgrind(skip_install: bool) -> str:
+    found = shutil.which("valgrind")
+    if found is None:
+        if skip_install:
+            sys.exit("valgrind is missing (run without --no-install, or apt-get install valgrind)")
+        print("# installing valgrind from Debian ...", flush=True)
+        subprocess.run(["apt-get", "update", "-qq"], check=True)
+        subprocess.run(["apt-get", "install", "-y", "-qq", "valgrind"], check=True,
+                       env={**os.environ, "DEBIAN_FRONTEND": "noninteractive"})
+        found = shutil.which("valgrind")
+    assert found is not None
+    return found
+
+
+def keepalive_requests(port: int, count: int, connections: int, timeout: float = 120.0) -> None:
+    """``count`` GETs over ``connections`` keep-alive connections: one request on each, then
+    every answer (read by its Content-Length), again and again; a plain client, as wrk's."""
+    request = f"GET / HTTP/1.1\r\nHost: {HOST}:{port}\r\n\r\n".encode()
+    deadline = time.monotonic() + timeout
+    socks = [socket.create_connection((HOST, port), timeout=timeout) for _ in range(connections)]
+    try:
+        done = 0
+        while done < count:
+            batch = socks[:min(connections, count - done)]
+            for sock in batch:
+                sock.sendall(request)
+            for sock in batch:
+                data = b""
+                while b"\r\n\r\n" not in data:
+                    more = sock.recv(65536)
+                    if not more or time.monotonic() > deadline:
+                        raise RuntimeError("the server closed or stalled")
+                    data += more
+                head, _, body = data.partition(b"\r\n\r\n")
+                length = re.search(rb"(?i)\r\ncontent-length:\s*(\d+)", head)
+                if length is None:
+                    raise RuntimeError("an answer without Content-Length")
+                while len(body) < int(length.group(1)):
+                    more = sock.recv(65536)
+                    if not more:
+                        raise RuntimeError("the server closed mid-body")
+                    body += more
+            done += len(batch)
+    finally:
+        for sock in socks:
+            sock.close()
+
+
+def instructions_for(valgrind: str, server: Server, app: str, requests: int,
+                     log_dir: str, tag: str) -> int:
+    """User-space instructions of the server's busiest process after ``requests`` requests
+    (valgrind cachegrind, following the fork into the worker), start-up included."""
+    out_dir = os.path.join(log_dir, f"cg-{tag}")
+    os.makedirs(out_dir, exist_ok=True)
+    port = free_port()
+    argv = [valgrind, "--tool=cachegrind", "--cache-sim=no", "--trace-children=yes",
+            f"--cachegrind-out-file={out_dir}/cg.%p", *server.argv(app, port, 1)]
+    running = Running(argv, os.path.join(log_dir, f"cg-{tag}.log"), pin=None)
+    try:
+        running.wait_ready(port, timeout=180.0)
+        keepalive_requests(port, 20, 1)
+        keepalive_requests(port, requests, 32)
+    finally:
+        running.stop(timeout=60.0)
+    counts = []
+    for name in os.listdir(out_dir):
+        with open(os.path.join(out_dir, name)) as f:
+            for line in f:
+                if line.startswith("summary:"):
+                    counts.append(int(line.split()[1]))
+    if not counts:
+        raise RuntimeError(f"no cachegrind output: {running.tail()}")
+    return max(counts)
+
+
+def instructions(args: argparse.Namespace, log_dir: str) -> str:
+    """Instructions per request of each server's worker on the hello apps: the difference
+    between a run of 1000 and one of 3000 requests, over 2000 (start-up cancels out).
+
+    Req/s on a shared 2-core machine swing by 2-3x between runs; instruction counts repeat
+    within about 1 %, so they show whether a change to the hot path helped.  They leave out
+    the kernel (the same read/write/epoll per request for every server here) and are not
+    time: a C server's instructions run faster than the interpreter's."""
+    valgrind = ensure_valgrind(args.no_install)
+    servers_re = re.compile(args.servers) if args.servers else None
+    # peer/tiamat, as the CPU column of the throughput table: above 1, tiamat does less work
+    lines = ["| app | server | instructions/request | peer/tiamat |", "|---|---|---:|---:|"]
+    for scenario in SCENARIOS:
+        if scenario.name not in INSTRUCTION_ROWS or (args.only and not re.search(args.only, scenario.name)):
+            continue
+        app = scenario.wsgi_app or scenario.asgi_app
+        assert app is not None
+        results: list[tuple[Server, int | None, str]] = []
+        for server in scenario.servers:
+            if not server.is_tiamat and servers_re is not None and not servers_re.search(server.label):
+                continue
+            tag = f"{scenario.name}-{re.sub(r'[^a-z0-9]+', '-', server.label.lower())}"
+            try:
+                low = instructions_for(valgrind, server, app, 1000, log_dir, tag + "-1000")
+                high = instructions_for(valgrind, server, app, 3000, log_dir, tag + "-3000")
+                results.append((server, (high - low) // 2000, ""))
+            except (RuntimeError, OSError) as exc:
+                results.append((server, None, str(exc)[:120]))
+            print(f"# {scenario.name} / {server.label}: {results[-1][1] or results[-1][2]}", flush=True)
+        ours = next((n for sv, n, _ in results if sv.is_tiamat), None)
+        for server, count, error in results:
+            if count is None:
+                lines.append(f"| {scenario.name} | {server.label} | FAILED: {error} | |")
+                continue
+            ratio = "(tiamat)" if server.is_tiamat else (f"{count / ours:.2f}x" if ours else "")
+            lines.append(f"| {scenario.name} | {server.label} | {count:,} | {ratio} |")
+    return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------------------------
 # profile
 
 
@@ -731,6 +852,9 @@ def main() -> int:
     parser.add_argument("--startstop", action="store_true", help="only the start/stop timings")
     parser.add_argument("--all", action="store_true", help="throughput, balance and start/stop")
     parser.add_argument("--profile", metavar="APP", help="py-spy the tiamat worker on one app row")
+    parser.add_argument("--instructions", action="store_true",
+                        help="valgrind instructions per request on the hello apps (steady on a "
+                             "noisy machine; installs valgrind)")
     parser.add_argument("--no-install", action="store_true", help="fail instead of installing")
     parser.add_argument("--src", help="import tiamat from this source tree instead of the working tree")
     parser.add_argument("--head", action="store_true",
@@ -772,6 +896,9 @@ def main() -> int:
     try:
         if args.profile:
             report.append(profile(args, log_dir))
+        elif args.instructions:
+            report += ["## Instructions per request (valgrind, user space, 1 worker)", "",
+                       instructions(args, log_dir), ""]
         else:
             if args.all or not (args.balance or args.startstop):
                 rows = throughput(args, log_dir)
