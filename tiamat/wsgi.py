@@ -27,9 +27,8 @@ from tiamat.http.response import (
     body_allowed,
     chunk,
     decide_framing,
-    end_of_head,
     error_response,
-    server_and_date,
+    head_end,
     status_line,
 )
 
@@ -429,8 +428,8 @@ class WSGIHandler:
         response.send_body = send_body
         response.chunked = chunked
         response.keep_alive = keep_alive
-        return b"".join((block, CHUNKED_HEADER if chunked else b"", server_and_date(),
-                         end_of_head(keep_alive, request.version)))
+        return b"".join((block, CHUNKED_HEADER if chunked else b"",
+                         head_end(keep_alive, request.version)))
 
     def _send_file(self, wrapper: FileWrapper, head: RequestHead, response: _Response) -> None:
         if response.status is None:

@@ -44,24 +44,19 @@ def status_line(status: str | int) -> bytes:
 
 
 class DateHeader:
-    """The ``Date:`` header line, rebuilt at most once a second rather than per response.
+    """The ``Date:`` header line, rebuilt at most once a second rather than per response."""
 
-    With ``server=True`` the ``Server:`` line comes first: the two lines every response
-    carries, in one piece.
-    """
+    __slots__ = ("_line", "_second")
 
-    __slots__ = ("_line", "_prefix", "_second")
-
-    def __init__(self, server: bool = False) -> None:
+    def __init__(self) -> None:
         self._second = -1
         self._line = b""
-        self._prefix = SERVER_HEADER if server else b""
 
     def __call__(self) -> bytes:
         second = int(time.time())
         if second != self._second:
             self._second = second
-            self._line = self._prefix + b"Date: " + http_date(second).encode() + b"\r\n"
+            self._line = b"Date: " + http_date(second).encode() + b"\r\n"
         return self._line
 
 
@@ -78,8 +73,6 @@ def http_date(seconds: float) -> str:
 
 
 date_header = DateHeader()
-#: ``Server:`` and ``Date:`` together
-server_and_date = DateHeader(server=True)
 
 
 class Framing(NamedTuple):
@@ -140,19 +133,32 @@ def connection_header(framing: Framing, http_version: str) -> bytes:
     return KEEP_ALIVE_HEADER if http_version == "1.0" else b""
 
 
-_END_OF_HEAD = {
-    # (keep_alive, http_version) -> the Connection header this framing needs (none for the
-    # HTTP/1.1 keep-alive default) and the empty line that ends the head
-    (True, "1.1"): b"\r\n",
-    (True, "1.0"): KEEP_ALIVE_HEADER + b"\r\n",
-    (False, "1.1"): CLOSE_HEADER + b"\r\n",
-    (False, "1.0"): CLOSE_HEADER + b"\r\n",
-}
+class HeadEnd:
+    """What ends every response head: ``Server:``, ``Date:``, the Connection header the
+    framing needs (none for the HTTP/1.1 keep-alive default, see :func:`connection_header`)
+    and the empty line, in one piece, rebuilt at most once a second."""
+
+    __slots__ = ("_ends", "_second")
+
+    def __init__(self) -> None:
+        self._second = -1
+        self._ends: dict[tuple[bool, str], bytes] = {}
+
+    def __call__(self, keep_alive: bool, http_version: str) -> bytes:
+        second = int(time.time())
+        if second != self._second:
+            self._second = second
+            lines = SERVER_HEADER + b"Date: " + http_date(second).encode() + b"\r\n"
+            self._ends = {
+                (True, "1.1"): lines + b"\r\n",
+                (True, "1.0"): lines + KEEP_ALIVE_HEADER + b"\r\n",
+                (False, "1.1"): lines + CLOSE_HEADER + b"\r\n",
+                (False, "1.0"): lines + CLOSE_HEADER + b"\r\n",
+            }
+        return self._ends[keep_alive, http_version]
 
 
-def end_of_head(keep_alive: bool, http_version: str) -> bytes:
-    """What ends a response head: :func:`connection_header` and the empty line, in one."""
-    return _END_OF_HEAD[keep_alive, http_version]
+head_end = HeadEnd()
 
 
 def chunk(data: bytes) -> bytes:

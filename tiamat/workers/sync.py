@@ -426,7 +426,6 @@ class SyncWorker(Worker):
 
     def feed(self, conn: Connection, data: bytes) -> None:
         reader = conn.reader
-        was_idle = not reader.in_message
         reader.feed(data)
         events = reader.events
         if events:
@@ -440,12 +439,12 @@ class SyncWorker(Worker):
                 self.dispatch(conn)
             else:
                 self.process(conn)
-            if not conn.closed and conn.head is None and reader.in_message and self._watched(conn):
-                # a pipelined request has started: its head must arrive in time (unless the
-                # connection was handed off, as the thread worker does, and is not watched)
-                conn.deadline = conn.idle_since + self.header_timeout
-        elif was_idle and not conn.closed:
-            # the first bytes of a new request: the head must now arrive in time
+        if not conn.closed and conn.head is None and reader.in_message and self._watched(conn):
+            # a head has started (on an idle connection, or pipelined after the request just
+            # answered): it must be complete within --header-timeout of the connection going
+            # idle (unless the connection was handed off, as the thread worker does, and is
+            # not watched).  Setting it again for each piece of a trickled head is harmless:
+            # idle_since does not move until the request is answered.
             conn.deadline = conn.idle_since + self.header_timeout
 
     # --- connection set-up: PROXY header, TLS handshake (never blocking the loop) --------
