@@ -126,3 +126,60 @@ def test_responses_stay_exact_while_caches_churn(tiamat_server):
                 assert lines.count(b"Content-Length: %d" % len(expected)) == 1, (n, head)
                 assert not any(line.lower().startswith((b"connection", b"transfer-encoding"))
                                for line in lines), (n, head)
+
+
+class _Transport(asyncio.Transport):
+    """Records what the protocol writes (in-process: the Date test steers the clock)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.written: list[bytes] = []
+        self.closed = False
+
+    def write(self, data: bytes) -> None:
+        self.written.append(bytes(data))
+
+    def get_extra_info(self, name: str, default: object = None) -> object:
+        return {"peername": ("127.0.0.1", 40000), "sockname": ("127.0.0.1", 8000)}.get(name, default)
+
+    def is_closing(self) -> bool:
+        return self.closed
+
+    def close(self) -> None:
+        self.closed = True
+
+
+async def _hello(scope, receive, send):
+    await send({"type": "http.response.start", "status": 200, "headers": [(b"x", b"y")]})
+    await send({"type": "http.response.body", "body": b"hi"})
+
+
+def test_date_line_follows_the_clock_both_ways(monkeypatch):
+    """The Date line is kept for its second: a later second, or a clock set back, renews it."""
+    clock = [1_000_000.25]
+    monkeypatch.setattr(asgi_http, "_time", lambda: clock[0])
+
+    async def main() -> list[bytes]:
+        state = ServerState(_hello, load_config({}), asyncio.get_running_loop(), None, None,
+                            None)
+        protocol = asgi_http.HttpProtocol(state)
+        transport = _Transport()
+        protocol.connection_made(transport)
+        dates = []
+        for now in (1_000_000.25, 1_000_000.75, 1_000_001.5, 999_990.5):
+            clock[0] = now
+            # (date_header reads the real clock: the line must be renewed, and be its answer)
+            protocol.data_received(b"GET / HTTP/1.1\r\nHost: t\r\n\r\n")
+            for _ in range(100):
+                if len(transport.written) > len(dates):
+                    break
+                await asyncio.sleep(0)
+            response = transport.written[-1]
+            assert response.endswith(b"\r\n\r\nhi") and not transport.closed
+            dates.append(response.split(b"\r\nDate: ")[1].split(b"\r\n")[0])
+            assert state.date_from <= now < state.date_until
+        return dates
+
+    dates = asyncio.run(main())
+    assert len(dates) == 4
+    assert all(d.endswith(b" GMT") for d in dates)

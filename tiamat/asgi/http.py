@@ -692,7 +692,7 @@ class Cycle:
         else:  # (an app's own Content-Length still goes out, e.g. for HEAD)
             self.length = None
         now = _time()
-        if now >= state.date_until:
+        if now >= state.date_until or now < state.date_from:  # (or the clock was set back)
             state.refresh_date(now)
         if length_line is None:
             return b"".join((prefix, state.date_line, block, tail))

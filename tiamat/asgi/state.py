@@ -82,9 +82,9 @@ class ServerState:
         #: decide_framing's answers and the head parts that follow from them, by framing's
         #: arguments (read directly on the hot path; framing fills it)
         self.framings: dict[tuple[Any, ...], tuple[Framing, bytes, bytes]] = {}
-        #: the Date line and when it goes stale (see refresh_date)
+        #: the Date line and the second it is for, [date_from, date_until) (see refresh_date)
         self.date_line = b""
-        self.date_until = 0.0
+        self.date_from = self.date_until = 0.0
 
     def framing(self, status: int, no_length: bool, method: bytes, version: str,
                 keep_alive: bool) -> tuple[Framing, bytes, bytes]:
@@ -112,7 +112,9 @@ class ServerState:
         """The Date line for this second (the core's date_header), kept until the next one
         so a response checks a float instead of calling it."""
         self.date_line = date_header()
-        self.date_until = int(now) + 1
+        # (floats: a float-to-float comparison is the quick one on the hot path)
+        self.date_from = second = float(int(now))
+        self.date_until = second + 1.0
 
     def connection_closed(self, protocol: Any) -> None:
         connections = self.connections
