@@ -190,6 +190,8 @@ def _app_head(status: str, headers: list[tuple[str, str]]) -> tuple[int, bytes, 
 
 
 _HEADER_KEYS: dict[bytes, str | None] = {}
+#: how many request targets a handler keeps decoded (then it starts afresh)
+_TARGETS_KEPT = 1024
 #: REQUEST_METHOD for the methods the core knows, decoded once
 _METHOD_NAMES = {method: method.decode("ascii") for method in KNOWN_METHODS}
 
@@ -226,6 +228,8 @@ class WSGIHandler:
         self.root_path = cfg.root_path.rstrip("/")
         self.forwarded = ForwardedRules.from_config(cfg)
         self.forwarded_keys = self.forwarded.environ_keys
+        #: request target -> (PATH_INFO, QUERY_STRING, RAW_URI): see _target_keys
+        self._targets: dict[bytes, tuple[str, str, str]] = {}
         #: None when off: then a request builds no log line and touches no counter
         self.access = accesslog.for_worker(cfg)
         self.recorder = metrics.recorder(threaded=multithread)
@@ -268,22 +272,8 @@ class WSGIHandler:
         environ = conn_environ.copy()
         method = head.method
         environ["REQUEST_METHOD"] = _METHOD_NAMES.get(method) or method.decode("latin-1")
-        path = head.path
-        target = head.target
-        raw_uri = target.decode("latin-1")
-        # (partition, not ``in``: see tiamat.http.h1._VERSIONS)
-        escaped = path.partition(b"%")[1]
-        if path is target and not escaped:  # a plain "/path": one decode serves both
-            path_info = raw_uri
-        else:
-            path_info = (unquote_to_bytes(path) if escaped else path).decode("latin-1")
-        root = self.root_path
-        if root and (path_info == root or path_info.startswith(root + "/")):
-            path_info = path_info[len(root):]
-        environ["PATH_INFO"] = path_info
-        query = head.query
-        environ["QUERY_STRING"] = query.decode("latin-1") if query else ""
-        environ["RAW_URI"] = raw_uri
+        target = self._targets.get(head.target) or self._target_keys(head)
+        environ["PATH_INFO"], environ["QUERY_STRING"], environ["RAW_URI"] = target
         environ["SERVER_PROTOCOL"] = "HTTP/1.1" if head.version == "1.1" else "HTTP/1.0"
         environ["wsgi.input"] = body
         for name, value in head.headers:
@@ -303,6 +293,27 @@ class WSGIHandler:
         if TRUSTED_KEY in conn_environ and not environ.keys().isdisjoint(self.forwarded_keys):
             apply_to_environ(environ, head.headers, self.forwarded)
         return environ
+
+    def _target_keys(self, head: RequestHead) -> tuple[str, str, str]:
+        """PATH_INFO (percent-decoded, read as latin-1, less the root path), QUERY_STRING and
+        RAW_URI of a request target; kept per target, as most requests ask for a few."""
+        path = head.path
+        target = head.target
+        raw_uri = target.decode("latin-1")
+        # (partition, not ``in``: see tiamat.http.h1._VERSIONS)
+        escaped = path.partition(b"%")[1]
+        if path is target and not escaped:  # a plain "/path": one decode serves both
+            path_info = raw_uri
+        else:
+            path_info = (unquote_to_bytes(path) if escaped else path).decode("latin-1")
+        root = self.root_path
+        if root and (path_info == root or path_info.startswith(root + "/")):
+            path_info = path_info[len(root):]
+        keys = (path_info, head.query.decode("latin-1"), raw_uri)
+        if len(self._targets) >= _TARGETS_KEPT:
+            self._targets.clear()
+        self._targets[target] = keys
+        return keys
 
     def handle(self, head: RequestHead, body: BinaryIO, conn_environ: dict[str, Any],
                transport: Transport) -> tuple[bool, int, int]:
