@@ -357,8 +357,10 @@ class HttpProtocol(asyncio.Protocol):
         self.deadline = monotonic() + state.body_timeout if cycle.more_body else FOREVER
         # the task leaves state.tasks at the end of Cycle.run, not by a done callback: that
         # would cost one more loop callback per request
-        task = cycle.task = state.loop.create_task(cycle.run(state.app))
-        state.tasks.add(task)
+        task = state.loop.create_task(cycle.run(state.app))
+        if not task.done():  # (an eager task factory the app installed may have run it all)
+            cycle.task = task
+            state.tasks.add(task)
 
     def fill_scope(self, scope: dict[str, Any], head: RequestHead,
                    extensions: dict[str, Any]) -> None:
@@ -500,6 +502,7 @@ class Cycle:
         self.complete = False
         self.framing: Any = None
         self.sent = 0
+        self.task: asyncio.Task[None] | None = None
 
     async def run(self, app: Any) -> None:
         conn = self.conn
