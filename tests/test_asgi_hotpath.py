@@ -183,3 +183,32 @@ def test_date_line_follows_the_clock_both_ways(monkeypatch):
     dates = asyncio.run(main())
     assert len(dates) == 4
     assert all(d.endswith(b" GMT") for d in dates)
+
+
+def test_task_tracking_with_an_eager_task_factory():
+    """An app may install an eager task factory (Python 3.12+): a request that runs to its end
+    inside create_task must neither break Cycle.run's bookkeeping nor stay in state.tasks."""
+
+    def eager(loop, coro, **kwargs):  # what asyncio.eager_task_factory does for such a coroutine
+        future = loop.create_future()
+        try:
+            coro.send(None)
+        except StopIteration:
+            future.set_result(None)
+            return future
+        raise AssertionError("the test app does not suspend")
+
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        loop.set_task_factory(eager)
+        state = ServerState(_hello, load_config({}), loop, None, None, None)
+        protocol = asgi_http.HttpProtocol(state)
+        transport = _Transport()
+        protocol.connection_made(transport)
+        for count in (1, 2, 3):
+            protocol.data_received(b"GET / HTTP/1.1\r\nHost: t\r\n\r\n")
+            assert len(transport.written) == count
+            assert transport.written[-1].endswith(b"\r\n\r\nhi")
+        assert not transport.closed and not state.tasks and protocol.cycle is None
+
+    asyncio.run(main())
