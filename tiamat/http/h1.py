@@ -101,8 +101,8 @@ class RequestHead:
     load, and a request reads them some fifteen times.
     """
 
-    __slots__ = ("chunked", "content_length", "expect_continue", "headers", "keep_alive",
-                 "method", "path", "query", "target", "upgrade", "version")
+    __slots__ = ("chunked", "content_length", "expect_continue", "has_body", "headers",
+                 "keep_alive", "method", "path", "query", "target", "upgrade", "version")
 
     method: bytes
     #: the request target as sent
@@ -119,10 +119,9 @@ class RequestHead:
     #: ``Expect: 100-continue`` in an HTTP/1.1 request (ignored in HTTP/1.0, RFC 9110 10.1.1)
     expect_continue: bool
     upgrade: bool
-
-    @property
-    def has_body(self) -> bool:
-        return self.chunked or bool(self.content_length)
+    #: whether body bytes follow (chunked, or a Content-Length above 0): a slot, not a
+    #: property, as every worker reads it per request
+    has_body: bool
 
     def __repr__(self) -> str:
         return f"<RequestHead {self.method.decode()} {self.target!r} HTTP/{self.version}>"
@@ -524,7 +523,7 @@ class RequestReader:
         head.headers = self._headers
         head.keep_alive = True
         head.content_length = None
-        head.chunked = head.expect_continue = False
+        head.chunked = head.expect_continue = head.has_body = False
         head.upgrade = upgrade
         events = self.events
         events.append(head)
@@ -583,6 +582,7 @@ class RequestReader:
         head.chunked = chunked
         head.expect_continue = expect and version == "1.1"
         head.upgrade = upgrade
+        head.has_body = chunked or bool(length)
         self.events.append(head)
         # llhttp is ready for the next head after one without a body that keeps the
         # connection (a body is decoded here, never fed to llhttp, which would wait for it)
