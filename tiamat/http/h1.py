@@ -241,13 +241,25 @@ class RequestReader:
         if self.broken or self.upgraded is not None or not data:
             return
         buf = self._buf
-        if buf:
-            buf += data
-            work: bytes | bytearray = buf
-        else:
-            work = data
+        pos = 0
         try:
-            pos = self._run(work)
+            if buf:
+                buf += data
+                work: bytes | bytearray = buf
+            else:
+                work = data
+                first = data[0]
+                if self._state == _HEAD and first != 13 and first != 10:
+                    # the usual read: nothing pending and a head starting; parse it before
+                    # the general loop (which would do the same in more steps)
+                    pos = self._head(data, 0)
+                    if pos == len(data) and self.upgraded is None:
+                        return  # exactly one head, nothing left over
+                    if pos < 0:  # the head is not complete yet
+                        buf += data
+                        return
+            if self.upgraded is None:
+                pos = self._run(work, pos)
         except ProtocolError as error:
             self._break(error)
             return
@@ -271,9 +283,8 @@ class RequestReader:
         self._buf.clear()
         self.events.append(error)
 
-    def _run(self, work: bytes | bytearray) -> int:
-        """Consume as much of ``work`` as makes events; return how far it got."""
-        pos = 0
+    def _run(self, work: bytes | bytearray, pos: int = 0) -> int:
+        """Consume as much of ``work`` from ``pos`` as makes events; return how far it got."""
         end = len(work)
         events = self.events
         while pos < end:
