@@ -378,10 +378,16 @@ class RequestReader:
         line_end = head.find(b"\n")
         if line_end > self._max_line:
             raise ProtocolError(414, "request line too long")
-        if head.find(b"  ", 0, line_end) >= 0:
+        # the method ends at the first space (partition: one C argument, see _VERSIONS).  A
+        # second space after it, or before the version (see _tokenise), is refused here:
+        # llhttp accepts both, and rejects a space inside the target itself
+        method = head.partition(b" ")[0]
+        space = len(method)
+        if space > line_end:  # no space in the request line at all
+            space = -1
+            method = head[:line_end].rstrip(b"\r")
+        elif head[space + 1] == 32:
             raise ProtocolError(400, "malformed request line")
-        space = head.find(b" ", 0, line_end)
-        method = head[:space] if space > 0 else head[:line_end].rstrip(b"\r")
         if method not in KNOWN_METHODS:
             if _IS_TOKEN(method):
                 raise ProtocolError(501, "method not implemented")
@@ -452,6 +458,8 @@ class RequestReader:
             parts = head[:line_end].rstrip(b"\r").split(b" ")
             self._url = parts[1] if len(parts) == 3 else b""
             return parser.get_http_version()  # type: ignore[no-any-return]
+        if head[line_end - 11] == 32:  # "target  HTTP/1.1": see _head
+            raise ProtocolError(400, "malformed request line")
         self._url = head[space + 1:line_end - 10]
         return version
 
