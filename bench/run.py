@@ -65,19 +65,29 @@ def ensure_tools(skip_install: bool) -> None:
             f.write(wanted)
     if not os.path.exists(VPY):
         sys.exit("bench/.venv is missing (run without --no-install)")
-    if shutil.which("wrk") is None:
-        if skip_install:
-            sys.exit("wrk is missing (run without --no-install, or apt-get install wrk)")
-        print("# installing wrk from Debian ...", flush=True)
-        subprocess.run(["apt-get", "update", "-qq"], check=True)
-        subprocess.run(["apt-get", "install", "-y", "-qq", "wrk"], check=True,
-                       env={**os.environ, "DEBIAN_FRONTEND": "noninteractive"})
+    ensure_debian_tool("wrk", skip_install)
     if shutil.which("taskset") is None:
         sys.exit("taskset (util-linux) is missing")
     sys.path.insert(0, APPS)
     import bench_file  # the 1 MiB file the file apps serve
 
     bench_file.ensure()
+
+
+def ensure_debian_tool(name: str, skip_install: bool) -> str:
+    """The path of a command from the Debian package of the same name, installed if missing."""
+    found = shutil.which(name)
+    if found is None:
+        if skip_install:
+            sys.exit(f"{name} is missing (run without --no-install, or apt-get install {name})")
+        print(f"# installing {name} from Debian ...", flush=True)
+        subprocess.run(["apt-get", "update", "-qq"], check=True)
+        subprocess.run(["apt-get", "install", "-y", "-qq", name], check=True,
+                       env={**os.environ, "DEBIAN_FRONTEND": "noninteractive"})
+        found = shutil.which(name)
+    if found is None:
+        sys.exit(f"{name} is still missing after apt-get install")
+    return found
 
 
 def versions() -> dict[str, str]:
@@ -666,18 +676,6 @@ def startstop(args: argparse.Namespace, log_dir: str) -> str:
 INSTRUCTION_ROWS = ("wsgi-hello", "flask-hello", "asgi-hello", "fastapi-hello")
 
 
-def ensure_valgrind(skip_install: bool) -> str:
-    found = shutil.which("valgrind")
-    if found is None:
-        if skip_install:
-            sys.exit("valgrind is missing (run without --no-install, or apt-get install valgrind)")
-        print("# installing valgrind from Debian ...", flush=True)
-        subprocess.run(["apt-get", "update", "-qq"], check=True)
-        subprocess.run(["apt-get", "install", "-y", "-qq", "valgrind"], check=True,
-                       env={**os.environ, "DEBIAN_FRONTEND": "noninteractive"})
-        found = shutil.which("valgrind")
-    assert found is not None
-    return found
 
 
 def keepalive_requests(port: int, count: int, connections: int, timeout: float = 120.0) -> None:
@@ -749,7 +747,7 @@ def instructions(args: argparse.Namespace, log_dir: str) -> str:
     within about 1 %, so they show whether a change to the hot path helped.  They leave out
     the kernel (the same read/write/epoll per request for every server here) and are not
     time: a C server's instructions run faster than the interpreter's."""
-    valgrind = ensure_valgrind(args.no_install)
+    valgrind = ensure_debian_tool("valgrind", args.no_install)
     servers_re = re.compile(args.servers) if args.servers else None
     # peer/tiamat, as the CPU column of the throughput table: above 1, tiamat does less work
     lines = ["| app | server | instructions/request | peer/tiamat |", "|---|---|---:|---:|"]

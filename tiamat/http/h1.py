@@ -131,10 +131,15 @@ _new_object = object.__new__
 
 
 def split_target(target: bytes) -> tuple[bytes, bytes]:
-    """``b'/a?b=1'`` -> ``(b'/a', b'b=1')``; an absolute-form target keeps only its path."""
-    path, _, query = target.partition(b"?")
-    if path[:1] != b"/" and path.find(b"://") >= 0:
-        path = b"/" + path.split(b"://", 1)[1].partition(b"/")[2]
+    """``b'/a?b=1'`` -> ``(b'/a', b'b=1')``; an absolute-form target keeps only its path, and
+    a target without a query comes back as its own path (the same object: build_environ
+    relies on it)."""
+    path, mark, query = target.partition(b"?")
+    if path[:1] != b"/":
+        if path.find(b"://") >= 0:
+            path = b"/" + path.split(b"://", 1)[1].partition(b"/")[2]
+    elif not mark:
+        path = target
     return path, query
 
 
@@ -525,11 +530,12 @@ class RequestReader:
             raise ProtocolError(400, "missing Host header" if not self._hosts
                                 else "more than one Host header")
         target = self._url
+        # (split_target inlined for the common origin-form target: this is the hot path)
         path, mark, query = target.partition(b"?")
         if path[:1] != b"/":
             path, query = split_target(target)
         elif not mark:
-            path = target  # (the same object: build_environ relies on it)
+            path = target
         upgrade = method == b"CONNECT"
         self._upgrade = upgrade
         self._keep_alive = True
@@ -583,11 +589,7 @@ class RequestReader:
         self._upgrade = upgrade
         self._keep_alive = keep_alive
         target = self._url
-        path, mark, query = target.partition(b"?")
-        if path[:1] != b"/":
-            path, query = split_target(target)
-        elif not mark:
-            path = target  # (the same object: build_environ relies on it)
+        path, query = split_target(target)
         # RFC 9110 10.1.1: a 100-continue expectation in an HTTP/1.0 request is ignored
         head = _new_object(RequestHead)
         head.method = method
