@@ -24,6 +24,7 @@ from tiamat.http.proxy import TRUSTED_KEY, ForwardedRules, apply_to_environ
 from tiamat.http.response import (
     CHUNKED_HEADER,
     LAST_CHUNK,
+    asks_close,
     body_allowed,
     chunk,
     decide_framing,
@@ -171,7 +172,7 @@ def _app_head(status: str, headers: list[tuple[str, str]]) -> tuple[int, bytes, 
                 raise ValueError(f"invalid Content-Length {value!r}")
             continue
         if lname == "connection":
-            close = close or value.lower() == "close"
+            close = close or asks_close(value)
             continue
         if lname == "transfer-encoding":  # the server frames the body itself
             continue

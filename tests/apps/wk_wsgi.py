@@ -17,6 +17,11 @@ def application(environ, start_response):
     elif path == "/info":
         body = (f"pid={os.getpid()} thread={threading.current_thread().name} "
                 f"multithread={environ['wsgi.multithread']}").encode()
+    elif path == "/connection":  # answers with the Connection header in ?v=
+        body = b"told"
+        start_response("200 OK", [("Content-Type", "text/plain"), ("Connection", query["v"][0]),
+                                  ("Content-Length", str(len(body)))])
+        return [body]
     else:
         body = b"hello"
     start_response("200 OK", [("Content-Type", "text/plain"), ("Content-Length", str(len(body)))])

@@ -30,6 +30,7 @@ from tiamat.http.proxy import apply_to_scope
 from tiamat.http.response import (
     CONTINUE_100,
     LAST_CHUNK,
+    asks_close,
     chunk,
     error_response,
 )
@@ -89,7 +90,7 @@ def _header_line(pair: Any) -> Any:
     if lname == b"content-length":
         line: Any = _CONTENT_LENGTH
     elif lname == b"connection":
-        line = _CLOSE if b"close" in value.lower() else _DROP
+        line = _CLOSE if asks_close(value) else _DROP
     elif lname == b"transfer-encoding":
         line = _DROP
     else:

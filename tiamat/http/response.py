@@ -86,6 +86,16 @@ class Framing(NamedTuple):
     send_body: bool
 
 
+def asks_close(value: str | bytes) -> bool:
+    """Whether an app's ``Connection`` header value lists the ``close`` option.
+
+    RFC 9110 7.6.1: the value is a comma-separated list of case-insensitive tokens, so
+    ``keep-alive, Close`` asks for the close and ``closed`` does not.  (Workers keep the
+    answer per header value: this is not on the per-request path.)"""
+    text = value.decode("latin-1") if isinstance(value, bytes) else value
+    return any(token.strip(" \t").lower() == "close" for token in text.split(","))
+
+
 def body_allowed(status_code: int) -> bool:
     """Whether a response with this status may have a body (not 1xx, 204, 304), so whether
     a Content-Length the server adds on its own would be right."""
