@@ -16,8 +16,13 @@ How the work is split, and why:
   :mod:`tiamat.http.h11_reader`.  llhttp already rejects most malformed heads (bare CR/LF,
   obs-fold, bad tokens, NUL/CTL in values, signs in Content-Length ...).
 * Every rule the tokenisers do not share (Transfer-Encoding, Content-Length lists, Host,
-  methods, versions, field limits) is enforced once, in :meth:`RequestReader._field` and
-  :meth:`RequestReader._finish_head`, for both tokenisers.
+  methods, versions, field limits) is enforced once, in :meth:`RequestReader._field`,
+  :meth:`RequestReader._check_fields` and :meth:`RequestReader._finish_head` (or its short
+  form for a plain HTTP/1.1 head, :meth:`RequestReader._finish_plain_head`), for both
+  tokenisers.
+* The hot path is measured in instructions (``python bench/run.py --instructions``): only
+  ``on_header`` calls back from llhttp, the target and version are sliced off the request
+  line, and bytes are searched with ``find``/``partition``, never ``in`` (see _VERSIONS).
 * The body (Content-Length or chunked, trailers included) is decoded here in Python, per
   chunk and never per byte, so chunk-size syntax, the CRLF after chunk data, chunk
   extensions and the body limit are checked identically whichever tokeniser is chosen.

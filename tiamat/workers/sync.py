@@ -1,6 +1,6 @@
 """``-k sync``: WSGI, one request at a time per worker process.
 
-The worker never blocks on a client that is slow to send: one ``selectors`` loop waits on
+The worker never blocks on a client that is slow to send: one epoll loop waits on
 the listening sockets, the master channel, the signal wake-up pipe and every open
 connection together; bytes are fed to the HTTP core as they arrive, and the app is called
 only once a request is complete (head and body buffered, large bodies spooled to a

@@ -1,7 +1,7 @@
 """``-k thread --threads N``: WSGI on a pool of N threads per worker process.
 
 Everything but the app call is the sync worker's: one thread (the main one) runs the
-``selectors`` loop over the listening sockets, the idle keep-alive connections and the
+epoll loop over the listening sockets, the idle keep-alive connections and the
 connections still sending a request; the HTTP core buffers each request until it is
 complete.  Only then is the connection handed to a pool thread, which calls the app and
 writes the response, and hands the connection back through the worker's wake-up pipe.
