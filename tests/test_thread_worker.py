@@ -203,3 +203,30 @@ def test_a_client_gone_while_its_request_runs_costs_no_cpu_and_the_next_one_is_s
     assert _cpu_seconds(worker) - before < 0.5
     status, _, _ = server.get("/")
     assert status == 200
+
+
+def test_next_request_arriving_before_the_loop_takes_the_answer_back(tiamat_server):
+    """A keep-alive client that sends its next request the moment it has read an answer often
+    gets it to the worker before the loop has taken the finished request back from the pool
+    (the wake-up byte still unread).  Such a request must be served, in order, every time:
+    8 clients x 150 immediate requests, the echo of each checked."""
+    server = tiamat_server(APP, "-k", "thread", "--threads", "4", "-w", "1")
+
+    def client(n: int) -> int:
+        served = 0
+        with socket.create_connection((server.host, server.port), timeout=30) as sock:
+            for i in range(150):
+                body = f"{n}-{i}".encode()
+                sock.sendall(b"POST /echo HTTP/1.1\r\nHost: t\r\nContent-Length: %d\r\n\r\n%s"
+                             % (len(body), body))
+                data = b""
+                while not data.endswith(body):
+                    more = sock.recv(4096)
+                    assert more, f"client {n}: closed after {served} answers"
+                    data += more
+                assert data.startswith(b"HTTP/1.1 200") and data.count(b"HTTP/1.1") == 1, data
+                served += 1
+        return served
+
+    with ThreadPoolExecutor(8) as pool:
+        assert list(pool.map(client, range(8))) == [150] * 8

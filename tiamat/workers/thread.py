@@ -35,7 +35,8 @@ _FOREVER = float("inf")
 class _InFlight:
     """A request handed to the pool; the main thread looks at it only once it is done."""
 
-    __slots__ = ("body", "close_after", "conn", "head", "keep_alive", "pending", "start", "unwatched")
+    __slots__ = ("body", "close_after", "conn", "finished", "head", "keep_alive", "pending", "start",
+                 "unwatched")
 
     def __init__(self, conn: Connection, head: RequestHead, body: BinaryIO,
                  pending: list[object], start: float) -> None:
@@ -48,6 +49,8 @@ class _InFlight:
         self.close_after = False
         #: the loop saw the connection readable while in the pool and stopped watching it
         self.unwatched = False
+        #: set by the pool thread once the job is in ``done`` (never before)
+        self.finished = False
 
 
 class ThreadWorker(SyncWorker):
@@ -129,6 +132,7 @@ class ThreadWorker(SyncWorker):
             finally:
                 job.body.close()
             done.append(job)
+            job.finished = True  # (after the append: a finished job is always in done)
             # one wake-up byte per batch, not per request: the loop clears the flag before it
             # takes the finished jobs, so a job appended after that writes a new byte
             if not self.wake_pending:
@@ -145,6 +149,15 @@ class ThreadWorker(SyncWorker):
 
     def on_readable(self, conn: Connection) -> None:
         job = self.in_flight.get(conn)
+        if job is not None and job.finished:
+            # answered, but the loop has not taken it back yet: the client's next request
+            # came before the wake-up byte was read.  Take the finished jobs back now rather
+            # than stop watching the connection and watch it again after the wake-up (two
+            # epoll_ctl calls and a loop pass per request under a keep-alive load)
+            self._collect()
+            if conn.closed:
+                return
+            job = self.in_flight.get(conn)
         if job is not None:  # a pool thread has it: stop watching it until it comes back
             job.unwatched = True
             try:
