@@ -16,6 +16,13 @@ from dataclasses import dataclass
 
 #: environment variable carrying inherited listening fds across a USR2 re-exec
 INHERIT_ENV = "TIAMAT_FD"
+#: accept() failures that concern only the one connection: go on with the next
+ACCEPT_SKIP = frozenset({errno.ECONNABORTED, errno.EPROTO})
+#: accept() failures from running out of descriptors or memory: stop watching the listener
+#: for ACCEPT_RETRY seconds (as asyncio's own servers do), else a level-triggered poller
+#: wakes again at once and the worker spins, logging the error over and over
+ACCEPT_PAUSE = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
+ACCEPT_RETRY = 1.0
 SD_LISTEN_FDS_START = 3
 
 

@@ -28,7 +28,7 @@ from typing import Any
 from tiamat.asgi.http import HttpProtocol
 from tiamat.asgi.state import ServerState
 from tiamat.http import proxy_protocol
-from tiamat.workers.aio import ACCEPT_PAUSE, ACCEPT_RETRY, ACCEPT_SKIP
+from tiamat.sockets import ACCEPT_PAUSE, ACCEPT_RETRY, ACCEPT_SKIP
 from tiamat.workers.base import STOP_GRACE
 
 log = logging.getLogger("tiamat.error")

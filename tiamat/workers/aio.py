@@ -11,7 +11,6 @@ to how an asyncio worker notices a stop is made once.
 from __future__ import annotations
 
 import asyncio
-import errno
 import signal
 from collections.abc import Callable
 from time import monotonic
@@ -21,12 +20,6 @@ from tiamat.workers.base import Worker
 
 #: how often the loop timer beats (and runs the class's periodic work)
 TICK = 0.5
-#: accept() failures that concern only the one connection: go on with the next
-ACCEPT_SKIP = frozenset({errno.ECONNABORTED, errno.EPROTO})
-#: accept() failures from running out of descriptors or memory: stop accepting for
-#: ACCEPT_RETRY seconds (as asyncio's own servers do), else a level-triggered reader spins
-ACCEPT_PAUSE = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
-ACCEPT_RETRY = 1.0
 
 
 class AioWorker(Worker):

@@ -16,7 +16,6 @@ for a short bounded time, then close, so the response is not lost to a reset).
 
 from __future__ import annotations
 
-import errno
 import io
 import logging
 import os
@@ -31,6 +30,7 @@ from tiamat.http.errors import ProtocolError
 from tiamat.http.h1 import END_OF_MESSAGE, RequestHead, RequestReader
 from tiamat.http.proxy import TRUSTED_KEY, ForwardedRules
 from tiamat.http.response import CONTINUE_100, error_response
+from tiamat.sockets import ACCEPT_PAUSE, ACCEPT_RETRY, ACCEPT_SKIP
 from tiamat.workers.base import STOP_GRACE, Worker
 from tiamat.workers.poller import READ, WRITE, Poller
 from tiamat.wsgi import ClientDisconnected, WSGIHandler
@@ -268,6 +268,8 @@ class SyncWorker(Worker):
         self.shutdown()
 
     in_request = False
+    #: after accept() ran out of descriptors or memory: when to watch the listeners again
+    accept_paused_until = 0.0
 
     def _on_graceful(self, signum: int, frame: Any) -> None:
         super()._on_graceful(signum, frame)
@@ -315,6 +317,9 @@ class SyncWorker(Worker):
                 next_sweep = now + SWEEP_INTERVAL
                 self.beat(now)
                 self.sweep(now)
+                if self.accept_paused_until and now >= self.accept_paused_until and self.alive:
+                    self.accept_paused_until = 0.0
+                    self._set_accepting(True)
 
     def accept(self, listener: socket.socket) -> None:
         now = time.monotonic()
@@ -333,12 +338,15 @@ class SyncWorker(Worker):
             except (BlockingIOError, InterruptedError):
                 return
             except OSError as exc:
-                if exc.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
-                    log.error("accept failed: %s", exc)
-                    return
-                if exc.errno in (errno.ECONNABORTED, errno.EPROTO):
+                if exc.errno in ACCEPT_SKIP:
                     continue
-                raise
+                if exc.errno not in ACCEPT_PAUSE:
+                    raise
+                log.error("accept failed: %s; not accepting for %g s", exc, ACCEPT_RETRY)
+                # (a connection closing here resumes it sooner: see _close_now)
+                self._set_accepting(False)
+                self.accept_paused_until = now + ACCEPT_RETRY
+                return
             sock.setblocking(False)
             if sock.family != socket.AF_UNIX:
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)

@@ -20,7 +20,8 @@ from concurrent.futures import ThreadPoolExecutor
 from time import monotonic
 from typing import Any
 
-from tiamat.workers.aio import ACCEPT_PAUSE, ACCEPT_RETRY, ACCEPT_SKIP, AioWorker
+from tiamat.sockets import ACCEPT_PAUSE, ACCEPT_RETRY, ACCEPT_SKIP
+from tiamat.workers.aio import AioWorker
 
 log = logging.getLogger("tiamat.error")
 

@@ -1,0 +1,76 @@
+"""A worker that runs out of file descriptors stops watching its listeners for a while
+instead of spinning on them, and takes the waiting clients once descriptors free up."""
+
+from __future__ import annotations
+
+import socket
+import time
+
+import pytest
+from conftest import wait_for
+
+APP = "tests/apps/wk_wsgi.py"
+
+# the worker may open only a few more descriptors than it holds once booted
+CONFIG = """
+import os
+import resource
+
+
+def post_worker_init(worker):
+    used = len(os.listdir("/proc/self/fd"))
+    hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
+    resource.setrlimit(resource.RLIMIT_NOFILE, (used + 2, hard))
+"""
+
+
+def cpu_seconds(pid: int) -> float:
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / 100
+
+
+def get(sock: socket.socket) -> bytes:
+    sock.sendall(b"GET / HTTP/1.1\r\nHost: t\r\n\r\n")
+    data = b""
+    while not data.endswith(b"hello"):
+        more = sock.recv(4096)
+        assert more, f"closed: {data!r}"
+        data += more
+    return data
+
+
+@pytest.mark.parametrize("kind", ["sync", "thread"])
+def test_out_of_descriptors_pauses_accepting_and_recovers(tiamat_server, tmp_path, kind):
+    conf = tmp_path / "fd_limit.py"
+    conf.write_text(CONFIG)
+    server = tiamat_server(APP, "-c", str(conf), "-b", "127.0.0.1:0", "-k", kind,
+                           "--threads", "2", "-w", "1")
+    worker = server.worker_pids()[0]
+    held = [socket.create_connection((server.host, server.port), timeout=10) for _ in range(2)]
+    for sock in held:
+        assert get(sock).startswith(b"HTTP/1.1 200")
+    # the kernel completes these handshakes, but the worker has no descriptor to accept them
+    waiting = [socket.create_connection((server.host, server.port), timeout=10) for _ in range(3)]
+    for sock in waiting:
+        sock.sendall(b"GET / HTTP/1.1\r\nHost: t\r\n\r\n")
+    wait_for(lambda: "accept failed" in server.log(), timeout=10)
+    before = cpu_seconds(worker)
+    time.sleep(1.5)
+    spent = cpu_seconds(worker) - before
+    failures = server.log().count("accept failed")
+    # a spinning worker burns the whole 1.5 s and logs thousands of lines; a paused one
+    # retries about once a second
+    assert spent < 0.5, f"the worker spun on its listener: {spent:.2f} s of CPU in 1.5 s"
+    assert failures <= 5, f"{failures} accept failures logged in 1.5 s"
+    # descriptors free up: the waiting clients are served, in time, without new connections
+    for sock in held:
+        sock.close()
+    for sock in waiting:
+        data = b""
+        while not data.endswith(b"hello"):
+            more = sock.recv(4096)
+            assert more, f"closed: {data!r}"
+            data += more
+        assert data.startswith(b"HTTP/1.1 200")
+        sock.close()
