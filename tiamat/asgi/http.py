@@ -18,7 +18,6 @@ import asyncio
 import logging
 import os
 from time import monotonic, perf_counter
-from time import time as _time
 from typing import Any
 from urllib.parse import unquote_to_bytes
 
@@ -33,6 +32,7 @@ from tiamat.http.response import (
     asks_close,
     chunk,
     error_response,
+    head_end,
 )
 
 log = logging.getLogger("tiamat.error")
@@ -687,7 +687,7 @@ class Cycle:
             length, length_line = cached or _content_length(given_length)
         key = (status, length is None and body_length is None, head.method, head.version,
                head.keep_alive and not head.upgrade and not conn.closing and not close)
-        framing, prefix, tail = state.framings.get(key) or state.framing(*key)
+        framing, line, chunked = state.framings.get(key) or state.framing(*key)
         self.framing = framing
         if framing.send_body:
             if length is None and body_length is not None:
@@ -695,12 +695,10 @@ class Cycle:
             self.length = length
         else:  # (an app's own Content-Length still goes out, e.g. for HEAD)
             self.length = None
-        now = _time()
-        if now >= state.date_until or now < state.date_from:  # (or the clock was set back)
-            state.refresh_date(now)
+        end = head_end(framing.keep_alive, head.version)  # Server, Date, Connection, CRLF
         if length_line is None:
-            return b"".join((prefix, state.date_line, block, tail))
-        return b"".join((prefix, state.date_line, block, length_line, tail))
+            return b"".join((line, block, chunked, end))
+        return b"".join((line, block, length_line, chunked, end))
 
     def _complete(self) -> None:
         self.complete = True

@@ -11,15 +11,7 @@ from tiamat import accesslog, hooks, metrics, tls
 from tiamat.http import reader_factory
 from tiamat.http.h1 import RequestReader
 from tiamat.http.proxy import ForwardedRules
-from tiamat.http.response import (
-    CHUNKED_HEADER,
-    SERVER_HEADER,
-    Framing,
-    connection_header,
-    date_header,
-    decide_framing,
-    status_line,
-)
+from tiamat.http.response import CHUNKED_HEADER, Framing, decide_framing, status_line
 
 ASGI_VERSION = {"version": "3.0", "spec_version": "2.4"}
 
@@ -82,39 +74,25 @@ class ServerState:
         #: decide_framing's answers and the head parts that follow from them, by framing's
         #: arguments (read directly on the hot path; framing fills it)
         self.framings: dict[tuple[Any, ...], tuple[Framing, bytes, bytes]] = {}
-        #: the Date line and the second it is for, [date_from, date_until) (see refresh_date)
-        self.date_line = b""
-        self.date_from = self.date_until = 0.0
 
     def framing(self, status: int, no_length: bool, method: bytes, version: str,
                 keep_alive: bool) -> tuple[Framing, bytes, bytes]:
-        """``(framing, prefix, tail)`` of a response: decide_framing's answer, the status line
-        and Server header before the Date line, and the Transfer-Encoding and Connection
-        headers and the blank line after the app's headers (and Content-Length).
+        """``(framing, status line, Transfer-Encoding line or b"")`` of a response:
+        decide_framing's answer and the head parts that follow from it (the head ends with
+        the core's ``head_end``, as for WSGI).
 
-        Memoised: decide_framing is a pure function of these few values (of the body length
-        only whether there is one), which repeat nearly every response, and its call, the
-        status line and the Connection header cost more than the lookup."""
+        Memoised: these few values repeat nearly every response, and a lookup costs less
+        than decide_framing's call and building the status line."""
         key = (status, no_length, method, version, keep_alive)
         parts = self.framings.get(key)
         if parts is None:
             framing = decide_framing(status, None if no_length else 0, method, version,
                                      keep_alive, self.server_keep_alive)
-            parts = (framing, status_line(status) + SERVER_HEADER,
-                     (CHUNKED_HEADER if framing.chunked else b"")
-                     + connection_header(framing, version) + b"\r\n")
+            parts = (framing, status_line(status), CHUNKED_HEADER if framing.chunked else b"")
             if len(self.framings) >= 256:  # (statuses an app invents: stay bounded)
                 self.framings.clear()
             self.framings[key] = parts
         return parts
-
-    def refresh_date(self, now: float) -> None:
-        """The Date line for this second (the core's date_header), kept until the next one
-        so a response checks a float instead of calling it."""
-        self.date_line = date_header()
-        # (floats: a float-to-float comparison is the quick one on the hot path)
-        self.date_from = second = float(int(now))
-        self.date_until = second + 1.0
 
     def connection_closed(self, protocol: Any) -> None:
         connections = self.connections
