@@ -377,7 +377,7 @@ class HttpProtocol(asyncio.Protocol):
         if self.trusted:
             # most requests carry no forwarding header at all: a set test per header is
             # much cheaper than resolving them (which would find nothing to apply)
-            names = state.forwarding_names
+            names = state.forwarded.header_names
             for name, _ in head.headers:
                 if name in names:
                     scope["client"], scope["scheme"], scope["server"] = apply_to_scope(

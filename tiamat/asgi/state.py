@@ -38,11 +38,6 @@ class ServerState:
         self.paths: dict[bytes, tuple[str, bytes]] = {}
         #: --forwarded-allow-ips: trusted per connection, applied per request
         self.forwarded = ForwardedRules.from_config(cfg)
-        #: the request headers that can change something for a trusted peer (if none of
-        #: them is there, the forwarding rules have nothing to apply)
-        self.forwarding_names = frozenset((b"x-forwarded-for", b"x-forwarded-proto",
-                                           b"x-forwarded-host", b"forwarded",
-                                           *self.forwarded.secure_headers))
         #: --proxy-protocol: peers allowed to send a PROXY header (None: off)
         self.proxy_mode = cfg.proxy_protocol
         self.proxy_peers = ForwardedRules(cfg.proxy_allow_ips) if self.proxy_mode != "off" else None

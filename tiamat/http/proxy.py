@@ -48,7 +48,8 @@ NOTHING = Forwarded(None, None, None)
 class ForwardedRules:
     """``--forwarded-allow-ips`` and ``secure_scheme_headers``, parsed once per worker."""
 
-    __slots__ = ("_addresses", "_networks", "any", "environ_keys", "secure_headers")
+    __slots__ = ("_addresses", "_networks", "any", "environ_keys", "header_names",
+                 "secure_headers")
 
     def __init__(self, allow: Iterable[str], secure_headers: dict[str, str] | None = None) -> None:
         self.any = False
@@ -67,12 +68,12 @@ class ForwardedRules:
         #: lower-cased header name (bytes) -> the lower-cased value that means https
         self.secure_headers = {name.lower().encode("latin-1"): value.lower().encode("latin-1")
                                for name, value in (secure_headers or {}).items()}
-        #: the WSGI environ keys of every header that can change something: a request
-        #: with none of them is left alone after one C-level set check
-        self.environ_keys = frozenset(
-            "HTTP_" + name.decode("latin-1").upper().replace("-", "_")
-            for name in (b"x-forwarded-for", b"x-forwarded-proto", b"x-forwarded-host",
-                         b"forwarded", *self.secure_headers))
+        #: every request header (lower-cased) that can change something, and the same as
+        #: WSGI environ keys: a request with none of them is left alone after a set check
+        self.header_names = frozenset((b"x-forwarded-for", b"x-forwarded-proto",
+                                       b"x-forwarded-host", b"forwarded", *self.secure_headers))
+        self.environ_keys = frozenset("HTTP_" + name.decode("latin-1").upper().replace("-", "_")
+                                      for name in self.header_names)
 
     @classmethod
     def from_config(cls, cfg: Any) -> ForwardedRules:
