@@ -14,6 +14,11 @@ its target before filling it in: a reader can catch a record with a state of 0 o
 writes (this is on every request); :meth:`Scoreboard.read_stable` re-reads until two reads
 agree and :meth:`SlotState.torn` flags what is left, so the master never acts on a torn
 record: it looks again on its next pass.
+
+Each record also carries the number of connections its worker holds and whether it is
+accepting (written on accept and close only, never per request): with sibling workers, a
+worker reads the others' counts to leave new connections to the least-loaded one (see
+:mod:`tiamat.workers.balance`).
 """
 
 from __future__ import annotations
@@ -25,8 +30,9 @@ from typing import NamedTuple
 EMPTY, BOOTING, IDLE, BUSY, STOPPING = range(5)
 STATE_NAMES = ("empty", "booting", "idle", "busy", "stopping")
 
-# pid, state, (pad), beat, request start, boot time, requests served, request label
-_RECORD = struct.Struct("=iB3xdddQ64s")
+# pid, state, (pad), beat, request start, boot time, requests served, request label,
+# connections held (+ HELD_ACCEPTING while the worker watches its listeners)
+_RECORD = struct.Struct("=iB3xdddQ64sQ")
 RECORD_SIZE = 128
 _STATE_AT = 4  # offset of the state byte
 _BEAT_AT = 8
@@ -37,6 +43,11 @@ _LABEL_AT = 40
 _LABEL_SIZE = 64
 #: ("s" cuts a longer label and pads a shorter one with NULs, in C)
 _LABEL = struct.Struct(f"{_LABEL_SIZE}s")
+_HELD_AT = _LABEL_AT + _LABEL_SIZE  # (104: 8-aligned, in the room left after the label)
+#: the bit of the held word that says "accepting": a record left at zero (a booting worker,
+#: a stopping one, a refork mold, a worker class that does not balance) never counts
+HELD_ACCEPTING = 1 << 32
+_HELD_COUNT = HELD_ACCEPTING - 1
 
 
 class SlotState(NamedTuple):
@@ -47,6 +58,10 @@ class SlotState(NamedTuple):
     boot_time: float
     requests: int
     label: str
+    #: connections the worker holds (kept only by workers that balance: -w > 1)
+    connections: int = 0
+    #: whether it watches its listeners (not at --worker-connections, paused or stopping)
+    accepting: bool = False
 
     @property
     def torn(self) -> bool:
@@ -66,16 +81,17 @@ class Scoreboard:
         self.mem = mmap.mmap(-1, capacity * RECORD_SIZE)
 
     def reset(self, slot: int, pid: int, now: float) -> None:
-        _RECORD.pack_into(self.mem, slot * RECORD_SIZE, pid, BOOTING, now, 0.0, now, 0, b"")
+        _RECORD.pack_into(self.mem, slot * RECORD_SIZE, pid, BOOTING, now, 0.0, now, 0, b"", 0)
 
     def clear(self, slot: int) -> None:
-        _RECORD.pack_into(self.mem, slot * RECORD_SIZE, 0, EMPTY, 0.0, 0.0, 0.0, 0, b"")
+        _RECORD.pack_into(self.mem, slot * RECORD_SIZE, 0, EMPTY, 0.0, 0.0, 0.0, 0, b"", 0)
 
     def read(self, slot: int) -> SlotState:
-        pid, state, beat, start, boot, requests, label = _RECORD.unpack_from(
+        pid, state, beat, start, boot, requests, label, held = _RECORD.unpack_from(
             self.mem, slot * RECORD_SIZE)
         return SlotState(pid, state, beat, start, boot, requests,
-                         label.rstrip(b"\0").decode("latin-1"))
+                         label.rstrip(b"\0").decode("latin-1"), held & _HELD_COUNT,
+                         bool(held & HELD_ACCEPTING))
 
     def read_stable(self, slot: int, tries: int = 3) -> SlotState:
         """Read until two consecutive reads agree (a worker may be writing right now)."""
@@ -136,4 +152,63 @@ class SlotWriter:
         self._bytes[base + _STATE_AT] = IDLE
 
     def stopping(self, now: float) -> None:
+        self._words[(self._base + _HELD_AT) >> 3] = 0  # (siblings stop counting on it)
         _IDLE.pack_into(self._mem, self._base + _STATE_AT, STOPPING, now)
+
+    def held(self, connections: int, accepting: bool) -> None:
+        """Publish how many connections this worker holds and whether it accepts more: one
+        store, made on accept and close (and when accepting is switched), never per request."""
+        self._words[(self._base + _HELD_AT) >> 3] = (
+            connections | HELD_ACCEPTING if accepting else connections)
+
+    def siblings(self) -> Siblings:
+        """A reader of the other workers' records (for balancing accepts)."""
+        return Siblings(self._mem, self._base)
+
+
+class Siblings:
+    """What a worker reads of its siblings' records before it accepts: the fewest
+    connections any live, accepting sibling holds.
+
+    The table has room for far more records than workers (replacement workers take free
+    records from the top), so :meth:`refresh` finds the used ones once per loop tick (one
+    strided read of the state bytes), and :meth:`least` reads only those: three loads per
+    sibling.  A worker that boots between two refreshes is not counted until the next one,
+    which only means no connection is left to it meanwhile.
+    """
+
+    __slots__ = ("_bytes", "_doubles", "_mem", "_own", "_words", "bases")
+
+    def __init__(self, mem: mmap.mmap, own_base: int) -> None:
+        self._mem = mem
+        self._own = own_base
+        view = memoryview(mem)
+        self._bytes = view
+        self._doubles = view.cast("d")
+        self._words = view.cast("Q")
+        #: the byte offsets of the other records in use
+        self.bases: list[int] = []
+        self.refresh()
+
+    def refresh(self) -> None:
+        states = self._mem[_STATE_AT::RECORD_SIZE]  # (mmap slicing with a step: one C loop)
+        own = self._own
+        self.bases = [i * RECORD_SIZE for i, state in enumerate(states)
+                      if state and i * RECORD_SIZE != own]
+
+    def least(self, now: float, fresh: float) -> int | None:
+        """The fewest connections held by a sibling that is idle or busy, accepting, and beat
+        within ``fresh`` seconds (a hung or stopped one stops beating); None if there is none."""
+        states, doubles, words = self._bytes, self._doubles, self._words
+        least: int | None = None
+        for base in self.bases:
+            held = words[(base + _HELD_AT) >> 3]
+            if (held & HELD_ACCEPTING and (states[base + _STATE_AT] in _SERVING)
+                    and now - doubles[(base + _BEAT_AT) >> 3] < fresh):
+                held &= _HELD_COUNT
+                if least is None or held < least:
+                    least = held
+        return least
+
+
+_SERVING = (IDLE, BUSY)

@@ -31,6 +31,7 @@ from tiamat.http.h1 import END_OF_MESSAGE, RequestHead, RequestReader
 from tiamat.http.proxy import TRUSTED_KEY, ForwardedRules
 from tiamat.http.response import CONTINUE_100, error_response
 from tiamat.sockets import ACCEPT_PAUSE, ACCEPT_RETRY, ACCEPT_SKIP
+from tiamat.workers.balance import DEFER_CHECK, AcceptBalance
 from tiamat.workers.base import STOP_GRACE, Worker
 from tiamat.workers.poller import READ, WRITE, Poller
 from tiamat.wsgi import ClientDisconnected, WSGIHandler
@@ -39,10 +40,6 @@ log = logging.getLogger("tiamat.error")
 
 _LISTENER, _WAKE, _CHANNEL = object(), object(), object()
 ACCEPT_BATCH = 32
-#: with sibling workers, one that holds this many connections steps aside in a burst ...
-SPREAD_AFTER = 16
-#: ... for this long (seconds) after each accept while more connections are waiting
-SPREAD_PAUSE = 0.0001
 RECV_SIZE = 65536
 #: while a request body arrives: fewer, larger reads (a 1 MiB upload: about 25 % less CPU);
 #: not for heads, where every read would allocate the larger buffer for a few hundred bytes
@@ -245,8 +242,8 @@ class SyncWorker(Worker):
         # 0 means no limit, as for the other timeouts (it failed every write that had to wait);
         # 1e6 s, not 1e9: poll() takes the timeout in ms as a C int
         self.send_timeout = cfg.send_timeout or 1e6
-        #: with sibling workers, accept() takes one connection per wake-up (see there)
-        self.spread = cfg.workers > 1
+        #: with sibling workers: the accept-balancing rule (see accept())
+        self.balance = AcceptBalance(self.board.siblings()) if cfg.workers > 1 else None
         if not hasattr(self, "ssl_context"):
             self.ssl_context = _tls_context(cfg)
         self.scheme = "https" if self.ssl_context is not None else "http"
@@ -270,6 +267,13 @@ class SyncWorker(Worker):
     in_request = False
     #: after accept() ran out of descriptors or memory: when to watch the listeners again
     accept_paused_until = 0.0
+    balance: AcceptBalance | None = None
+    #: leaving new connections to a less-loaded sibling for now (see accept())
+    deferred = False
+    #: the listeners are in the poller (accepting and not deferred)
+    watching = False
+    #: the loop's poll timeout: short while deferred, to look at the siblings again soon
+    poll_timeout = SWEEP_INTERVAL
 
     def _on_graceful(self, signum: int, frame: Any) -> None:
         super()._on_graceful(signum, frame)
@@ -288,19 +292,27 @@ class SyncWorker(Worker):
     def _set_accepting(self, on: bool) -> None:
         if on == self.accepting:
             return
+        self.accepting = on
+        self._watch_listeners(on and not self.deferred)
+        if self.balance is not None:  # (siblings leave connections only to accepting workers)
+            self.board.held(len(self.connections), on)
+
+    def _watch_listeners(self, on: bool) -> None:
+        if on == self.watching:
+            return
         for sock in self.listeners:
             if on:
                 self.selector.register(sock, READ, _LISTENER)
             else:
                 self.selector.unregister(sock)
-        self.accepting = on
+        self.watching = on
 
     def loop(self) -> None:
         poll = self.selector.poll
         data_of = self.selector.data.get
         next_sweep = 0.0
         while self.alive:
-            for fd, _ in poll(SWEEP_INTERVAL):
+            for fd, _ in poll(self.poll_timeout):
                 data = data_of(fd)  # (None: closed by an event before it in this batch)
                 if data.__class__ is Connection:
                     self.on_readable(data)
@@ -313,10 +325,14 @@ class SyncWorker(Worker):
                 if not self.alive:
                     break
             now = time.monotonic()
+            if self.deferred:
+                self._review_deferral(now)
             if now >= next_sweep:
                 next_sweep = now + SWEEP_INTERVAL
                 self.beat(now)
                 self.sweep(now)
+                if self.balance is not None:
+                    self.balance.siblings.refresh()
                 if self.accept_paused_until and now >= self.accept_paused_until and self.alive:
                     self.accept_paused_until = 0.0
                     self._set_accepting(True)
@@ -324,14 +340,19 @@ class SyncWorker(Worker):
     def accept(self, listener: socket.socket) -> None:
         now = time.monotonic()
         # Several workers share the listening socket and every idle one is woken for a new
-        # connection; the first to get the CPU would take a whole burst, ACCEPT_BATCH at a
-        # time (wrk's 64 keep-alive connections split 55/9 between two workers).  So with
-        # siblings, take one connection per wake-up and yield the CPU to a sibling woken
-        # for the same burst (then 33/30; see docs/benchmarks.md, "Even load").
-        spread = self.spread
-        for _ in range(1 if spread else ACCEPT_BATCH):
+        # connection; the first to get the CPU would take a whole burst (wrk's 64 keep-alive
+        # connections split 55/9, and later 52/12 with a yield after each accept).  So with
+        # siblings, a worker holding more connections than the least-loaded live sibling
+        # + SLACK leaves the next one to it: it stops watching the listeners for a few ms at
+        # most (tiamat.workers.balance has the rule and its bounds; docs/benchmarks.md,
+        # "Even load").
+        balance = self.balance
+        for _ in range(ACCEPT_BATCH):
             if len(self.connections) >= self.worker_connections:
                 self._set_accepting(False)
+                return
+            if balance is not None and balance.over(len(self.connections), now):
+                self._defer(now)
                 return
             try:
                 sock, peer = listener.accept()
@@ -363,22 +384,26 @@ class SyncWorker(Worker):
             if self.ssl_context is not None and not conn.proxy_pending:
                 self._start_tls(conn)
             self.selector.register(conn.sock, READ, conn)
-            if spread:
-                self._step_aside(listener)
+            if balance is not None:
+                self.board.held(len(self.connections), True)
 
-    def _step_aside(self, listener: socket.socket) -> None:
-        """Let a sibling worker take the next connection of a burst.
+    # --- leaving connections to a less-loaded sibling (-w > 1) ---------------------------
+    def _defer(self, now: float) -> None:
+        assert self.balance is not None
+        self.balance.begin(now)
+        self.deferred = True
+        self.poll_timeout = DEFER_CHECK
+        self._watch_listeners(False)
 
-        Yielding the CPU is enough when the siblings share it; when one runs on the other CPU
-        next to the load generator it may not get to run before this worker drained the
-        backlog (55/9 of 64 in one round in four).  So a worker that already holds
-        SPREAD_AFTER connections, with more still waiting, sleeps SPREAD_PAUSE instead: only
-        in a burst, never for a lone connection or a connection-per-request load.
-        """
-        if len(self.connections) >= SPREAD_AFTER and pending(listener):
-            time.sleep(SPREAD_PAUSE)
-        else:
-            os.sched_yield()
+    def _review_deferral(self, now: float) -> None:
+        assert self.balance is not None
+        if self.balance.review(len(self.connections), now, lambda: pending(*self.listeners)):
+            self._undefer()
+
+    def _undefer(self) -> None:
+        self.deferred = False
+        self.poll_timeout = SWEEP_INTERVAL
+        self._watch_listeners(self.accepting)
 
     def _trust(self, conn: Connection, client_addr: str | None) -> None:
         """Decide once per connection whether its forwarding headers count."""
@@ -712,6 +737,11 @@ class SyncWorker(Worker):
             conn.body.close()
         if not self.accepting and self.alive and len(self.connections) < self.worker_connections:
             self._set_accepting(True)
+        if self.balance is not None:
+            self.board.held(len(self.connections), self.accepting)
+            if self.deferred:  # one fewer: look at the siblings again when the next comes
+                self.balance.end()
+                self._undefer()
 
     def _serve_stopping(self, timeout: float) -> None:
         """One pass of the loop while stopping: connections, wake-ups and the channel, no

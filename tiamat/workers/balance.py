@@ -1,0 +1,94 @@
+"""The accept-balancing rule shared by the sync/thread and asgi workers (``-w`` > 1).
+
+Every worker waits on the one shared listening socket, and every idle one is woken for a
+new connection: whichever gets the CPU first would take a whole burst (wrk's 64 keep-alive
+connections landed 52/12 in one round, and keep-alive connections stay where they land).
+So each worker publishes how many connections it holds in its scoreboard record
+(:meth:`tiamat.scoreboard.SlotWriter.held`, on accept and close only), and:
+
+- a worker that holds more than the least-loaded live sibling + :data:`SLACK` does not
+  accept: it stops watching the listeners (the sibling, woken for the same connection,
+  takes it) and looks again every :data:`DEFER_CHECK` seconds, or at once when one of its
+  own connections closes;
+- bounded, so a sibling that cannot take connections never stalls accepting: only siblings
+  that are idle or busy, accepting (not at ``--worker-connections``, not paused, not
+  stopping) and beat within :data:`FRESH` seconds count; a worker with no connection
+  always accepts; and a deferral lasts at most :data:`DEFER_MAX`: if connections still wait
+  in the backlog then, the worker takes one anyway, and after :data:`STALL_STREAK` such
+  timeouts in a row (the siblings are not taking any) it stops balancing for
+  :data:`BACKOFF` seconds.
+
+The cost: reading a few scoreboard records per accept and a store per accept and close;
+nothing per request.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from tiamat.scoreboard import Siblings
+
+#: a worker may hold this many connections more than its least-loaded sibling
+SLACK = 1
+#: while deferring, look at the siblings again this often (seconds; epoll's resolution)
+DEFER_CHECK = 0.001
+#: the longest a worker leaves waiting connections to its siblings in one go
+DEFER_MAX = 0.005
+#: deferrals that timed out in a row before balancing is suspended ...
+STALL_STREAK = 4
+#: ... for this long (seconds)
+BACKOFF = 0.5
+#: a sibling whose last beat is older than this is not counted (hung, stopped, or deep in a
+#: long request: the sync loop beats at least every second while it runs)
+FRESH = 2.0
+
+
+class AcceptBalance:
+    """One worker's side of the rule: when to defer, and when a deferral ends."""
+
+    __slots__ = ("defer_since", "force", "off_until", "siblings", "streak")
+
+    def __init__(self, siblings: Siblings) -> None:
+        self.siblings = siblings
+        #: when the current deferral began (0.0: not deferring)
+        self.defer_since = 0.0
+        #: a deferral timed out with connections waiting: the next accept is not deferred
+        self.force = False
+        self.streak = 0
+        self.off_until = 0.0
+
+    def over(self, held: int, now: float) -> bool:
+        """Whether a worker holding ``held`` connections should leave the next one."""
+        if self.force:
+            self.force = False
+            return False
+        if held == 0 or now < self.off_until:
+            return False
+        least = self.siblings.least(now, FRESH)
+        return least is not None and held > least + SLACK
+
+    def begin(self, now: float) -> None:
+        self.defer_since = now
+
+    def review(self, held: int, now: float, pending: Callable[[], bool]) -> bool:
+        """While deferring, every DEFER_CHECK: True when the worker should watch its
+        listeners again (balanced now, nothing left waiting, or DEFER_MAX passed)."""
+        least = self.siblings.least(now, FRESH)
+        if least is None or held <= least + SLACK:
+            self.streak = 0
+        elif now - self.defer_since < DEFER_MAX:
+            return False
+        elif pending():  # the siblings left them waiting: take one, and count the stall
+            self.force = True
+            self.streak += 1
+            if self.streak >= STALL_STREAK:
+                self.streak = 0
+                self.off_until = now + BACKOFF
+        else:
+            self.streak = 0
+        self.defer_since = 0.0
+        return True
+
+    def end(self) -> None:
+        """The deferral ends early (one of the worker's connections closed)."""
+        self.defer_since = 0.0
