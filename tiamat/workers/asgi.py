@@ -19,9 +19,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
 import select
-from time import monotonic, sleep
+import socket
+from time import monotonic
 from typing import Any
 
 from tiamat.asgi import proxy_tls
@@ -29,7 +29,9 @@ from tiamat.asgi.adapt import as_asgi3
 from tiamat.asgi.http import HttpProtocol
 from tiamat.asgi.lifespan import Lifespan
 from tiamat.asgi.state import ServerState
+from tiamat.sockets import ACCEPT_PAUSE, ACCEPT_RETRY, ACCEPT_SKIP
 from tiamat.workers.aio import AioWorker
+from tiamat.workers.balance import DEFER_CHECK, AcceptBalance
 from tiamat.workers.base import STOP_GRACE
 
 log = logging.getLogger("tiamat.error")
@@ -57,9 +59,8 @@ def websocket_factory(choice: str) -> Any:
     return WsprotoProtocol
 
 
-#: see tiamat.workers.sync: connections held before stepping aside in a burst, and for how long
-SPREAD_AFTER = 16
-SPREAD_PAUSE = 0.0001
+#: connections accepted per wake-up (balanced accepting) before the loop runs other work
+ACCEPT_BATCH = 32
 
 
 def _pending(socks: list[Any]) -> bool:
@@ -99,28 +100,32 @@ class AsgiWorker(AioWorker):
         self.proxy_tls = proxy_tls.supports(state)
         tls = {"ssl": state.ssl, "ssl_handshake_timeout": self.cfg.header_timeout or None} \
             if state.ssl is not None else {}
-        # Several workers share the listening socket and the loop accepts every pending
-        # connection at once, so the first worker to run would take a whole burst (wrk's 64
-        # keep-alive connections split 46/18).  The factory runs once per accepted
-        # connection, inside that accept loop: yielding the CPU there lets a sibling woken
-        # for the same burst take its share (33/31; docs/benchmarks.md, "Even load").
-        spread = self.cfg.workers > 1
-        listeners = self.listeners
+        # Several workers share the listening socket, and the loop's own server accepts
+        # every pending connection at once: the first worker to run would take a whole
+        # burst (wrk's 64 keep-alive connections split 46/18), and nothing can stop that
+        # accept loop half-way.  So with siblings the worker accepts itself, one connection
+        # at a time, under the balancing rule (tiamat.workers.balance: a worker holding more
+        # than its least-loaded live sibling + 1 leaves the next connection to it), and
+        # hands each socket to the loop (connect_accepted_socket).  PROXY+TLS listeners
+        # accept in proxy_tls.Listener and are not balanced.
+        self.balance = AcceptBalance(self.board.siblings()) \
+            if self.cfg.workers > 1 and not self.proxy_tls else None
 
         def factory() -> HttpProtocol:
-            if spread:
-                # as SyncWorker._step_aside: yield; in a burst, once this worker holds
-                # SPREAD_AFTER connections and more wait, pause a moment instead
-                if len(state.connections) >= SPREAD_AFTER and _pending(listeners):
-                    sleep(SPREAD_PAUSE)
-                else:
-                    os.sched_yield()
             return HttpProtocol(state)
 
         self.factory, self.tls = factory, tls
         self.servers: list[asyncio.AbstractServer] = []
         self.accept_paused = False
-        state.on_full, state.on_room = self.pause_accepting, self.resume_accepting
+        #: balanced accepting: after an accept error, until ACCEPT_RETRY passed
+        self.accept_error = False
+        #: balanced accepting: the listeners are watched / the timer of a deferral
+        self.watching = False
+        self.defer_timer: asyncio.TimerHandle | None = None
+        #: balanced accepting: sockets accepted and not yet handed to the loop (and their tasks)
+        self.arriving = 0
+        self.handoffs: set[asyncio.Task[Any]] = set()
+        state.on_full, state.on_room = self.pause_accepting, self.on_room
         await self.listen()
         await self.serve_until_stopped()
         await self.shutdown()
@@ -130,6 +135,9 @@ class AsgiWorker(AioWorker):
         """Accept on every listener (through duplicates: pausing closes them, not the originals)."""
         if self.state.stopping:
             return  # (resumed just before the stop: the listeners may be closed already)
+        if self.balance is not None:
+            self.update_watching()
+            return
         if self.proxy_tls:
             servers: list[Any] = [proxy_tls.Listener(sock.dup(), self.state, self.factory)
                                   for sock in self.listeners]
@@ -150,17 +158,116 @@ class AsgiWorker(AioWorker):
             for server in self.servers:
                 server.close()
             self.servers = []
+            if self.balance is not None:
+                self.update_watching()
+
+    def on_room(self) -> None:
+        """A connection closed (ServerState.connection_closed)."""
+        if self.balance is not None:
+            self.publish_held()
+            if self.defer_timer is not None:  # one fewer: look again when the next comes
+                self.defer_timer.cancel()
+                self.defer_timer = None
+                self.balance.end()
+                self.update_watching()
+        self.resume_accepting()
 
     def resume_accepting(self) -> None:
         if self.accept_paused and not self.state.stopping:
             self.accept_paused = False
             self.loop.create_task(self.listen())
 
+    # --- balanced accepting (-w > 1) ---------------------------------------------------------
+    def held(self) -> int:
+        return len(self.state.connections) + self.arriving
+
+    def publish_held(self) -> None:
+        """This worker's count and whether it accepts, for its siblings (on accept/close)."""
+        self.board.held(self.held(), not (self.accept_paused or self.accept_error
+                                          or self.state.stopping))
+
+    def update_watching(self) -> None:
+        """Watch the listeners unless paused, deferring or stopping; publish the change."""
+        want = not (self.accept_paused or self.accept_error or self.state.stopping
+                    or self.defer_timer is not None)
+        if want != self.watching:
+            self.watching = want
+            for sock in self.listeners:
+                if want:
+                    self.loop.add_reader(sock.fileno(), self.accept, sock)
+                else:
+                    self.loop.remove_reader(sock.fileno())
+        self.publish_held()
+
+    def accept(self, sock: socket.socket) -> None:
+        balance = self.balance
+        assert balance is not None
+        state = self.state
+        now = monotonic()
+        for _ in range(ACCEPT_BATCH):
+            held = len(state.connections) + self.arriving
+            if held >= state.max_connections:
+                self.pause_accepting()
+                return
+            if balance.over(held, now):
+                balance.begin(now)
+                self.defer_timer = self.loop.call_later(DEFER_CHECK, self.review_deferral)
+                self.update_watching()
+                return
+            try:
+                conn, _ = sock.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as exc:
+                if exc.errno in ACCEPT_SKIP:
+                    continue
+                log.error("accept failed: %s; not accepting for %g s", exc, ACCEPT_RETRY)
+                if exc.errno in ACCEPT_PAUSE:
+                    self.accept_error = True
+                    self.update_watching()
+                    self.loop.call_later(ACCEPT_RETRY, self.retry_accept)
+                return
+            self.hand_off(conn)
+
+    def hand_off(self, conn: socket.socket) -> None:
+        """Give an accepted socket to the loop, as its own server would have."""
+        conn.setblocking(False)
+        if conn.family != socket.AF_UNIX:
+            conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self.arriving += 1
+        task = self.loop.create_task(
+            self.loop.connect_accepted_socket(self.factory, conn, **self.tls))
+        self.handoffs.add(task)
+        task.add_done_callback(self.handed_off)
+        self.publish_held()
+
+    def handed_off(self, task: asyncio.Task[Any]) -> None:
+        self.handoffs.discard(task)
+        self.arriving -= 1
+        if not task.cancelled() and task.exception() is not None:
+            log.debug("connection set-up failed: %s", task.exception())
+        self.publish_held()
+
+    def review_deferral(self) -> None:
+        balance = self.balance
+        assert balance is not None
+        if balance.review(self.held(), monotonic(), lambda: _pending(self.listeners)):
+            self.defer_timer = None
+            self.update_watching()
+        else:
+            self.defer_timer = self.loop.call_later(DEFER_CHECK, self.review_deferral)
+
+    def retry_accept(self) -> None:
+        self.accept_error = False
+        self.update_watching()
+
     # --- the loop's housekeeping ------------------------------------------------------------
     def on_tick(self) -> None:
         """Twice a second: prove liveness, expire idle/slow connections, ping WebSockets."""
         now = monotonic()
         self.beat(now)
+        if self.balance is not None:
+            self.balance.siblings.refresh()
         for conn in list(self.state.connections):
             if conn.deadline <= now:
                 conn.expire(now)
@@ -183,6 +290,10 @@ class AsgiWorker(AioWorker):
         self.board.stopping(monotonic())
         for server in self.servers:
             server.close()  # no more accepting: other workers (or the next master) take over
+        if self.balance is not None:
+            if self.defer_timer is not None:
+                self.defer_timer.cancel()
+            self.update_watching()  # (stopping: unwatched before the sockets close)
         for sock in self.listeners:
             sock.close()
         if not self.quick:
@@ -195,6 +306,6 @@ class AsgiWorker(AioWorker):
                 await self.lifespan.shutdown(max(1.0, deadline - monotonic()))
         for conn in list(state.connections):
             conn.transport.abort()
-        for task in list(state.tasks):
+        for task in [*state.tasks, *self.handoffs]:
             task.cancel()
         self.unwatch_signals_and_channel()
