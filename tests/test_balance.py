@@ -1,0 +1,207 @@
+"""Connections are spread evenly over sibling workers, and balancing never stalls accepting.
+
+Every worker waits on the one shared listening socket; a worker that already holds more
+connections than its least-loaded sibling (+1) leaves the next one to that sibling (the
+scoreboard carries each worker's count).  Here 64 keep-alive connections are opened in a
+burst while CPU-burning processes compete for both cores, and each worker must end up with
+40-60 % of them; a stopped sibling or a lone worker must not delay new clients.
+"""
+
+from __future__ import annotations
+
+import collections
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from conftest import wait_for
+
+WSGI_APP = '''
+import os
+
+PID = str(os.getpid()).encode()
+
+
+def app(environ, start_response):
+    body = str(os.getpid()).encode()
+    start_response("200 OK", [("Content-Type", "text/plain"), ("Content-Length", str(len(body)))])
+    return [body]
+'''
+
+ASGI_APP = '''
+import os
+
+
+async def app(scope, receive, send):
+    if scope["type"] != "http":
+        return
+    body = str(os.getpid()).encode()
+    await send({"type": "http.response.start", "status": 200,
+                "headers": [(b"content-type", b"text/plain"),
+                            (b"content-length", str(len(body)).encode())]})
+    await send({"type": "http.response.body", "body": body})
+'''
+
+CONNECTIONS = 64
+REQUEST = b"GET / HTTP/1.1\r\nHost: t\r\n\r\n"
+#: how long the CPU burners may run at most (they are stopped by pid well before)
+BURN_SECONDS = 20
+
+
+def app_file(tmp_path: Path, kind: str) -> str:
+    path = tmp_path / ("pid_asgi.py" if kind == "asgi" else "pid_wsgi.py")
+    path.write_text(ASGI_APP if kind == "asgi" else WSGI_APP)
+    return f"{path}:app"
+
+
+def ask_pid(sock: socket.socket) -> int:
+    """One request on a keep-alive connection; the pid in the answer."""
+    sock.sendall(REQUEST)
+    data = b""
+    while b"\r\n\r\n" not in data or not data.split(b"\r\n\r\n", 1)[1]:
+        more = sock.recv(4096)
+        assert more, f"closed after {data!r}"
+        data += more
+    head, body = data.split(b"\r\n\r\n", 1)
+    assert head.startswith(b"HTTP/1.1 200"), head
+    return int(body)
+
+
+def connect(server, timeout: float = 10.0) -> socket.socket:
+    return socket.create_connection((server.host, server.port), timeout=timeout)
+
+
+def wait_both_workers(server) -> list[int]:
+    """Both workers have booted and answer (held probe connections until both pids showed)."""
+    wait_for(lambda: len(server.worker_pids()) == 2, timeout=15)
+    probes: list[socket.socket] = []
+    seen: set[int] = set()
+    try:
+        def both() -> bool:
+            sock = connect(server)
+            probes.append(sock)
+            seen.add(ask_pid(sock))
+            return len(seen) == 2 or (len(probes) >= 40 and _restart(probes))
+        wait_for(both, timeout=20, interval=0.05, message="both workers answering")
+    finally:
+        for sock in probes:
+            sock.close()
+    return sorted(seen)
+
+
+def _restart(probes: list[socket.socket]) -> bool:
+    """(keeps the probe loop bounded in descriptors: start over with fresh probes)"""
+    for sock in probes:
+        sock.close()
+    probes.clear()
+    return False
+
+
+@pytest.fixture
+def cpu_burners() -> Iterator[list[subprocess.Popen[bytes]]]:
+    """Busy processes to start on demand; stopped by pid at teardown."""
+    started: list[subprocess.Popen[bytes]] = []
+    yield started
+    for proc in started:
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait(timeout=10)
+
+
+def burn(started: list[subprocess.Popen[bytes]], count: int = 2) -> None:
+    code = f"import time\nend = time.monotonic() + {BURN_SECONDS}\nwhile time.monotonic() < end: pass\n"
+    for _ in range(count):
+        started.append(subprocess.Popen([sys.executable, "-c", code]))
+
+
+def burst(server, count: int = CONNECTIONS) -> list[socket.socket]:
+    """Open ``count`` connections as fast as possible (non-blocking connects), then wait
+    until all are established."""
+    socks = []
+    for _ in range(count):
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        sock.setblocking(False)
+        try:
+            sock.connect((server.host, server.port))
+        except BlockingIOError:
+            pass
+        socks.append(sock)
+    for sock in socks:
+        sock.settimeout(15)
+        # (a blocking getpeername check: loopback handshakes complete at connect time)
+        err = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+        assert err == 0, os.strerror(err)
+    return socks
+
+
+@pytest.mark.parametrize("kind", ["sync", "thread", "asgi"])
+def test_keepalive_connections_split_evenly(tiamat_server, tmp_path, cpu_burners, kind):
+    server = tiamat_server(app_file(tmp_path, kind), "-k", kind, "-w", "2", "--threads", "4")
+    workers = wait_both_workers(server)
+    burn(cpu_burners)
+    socks = burst(server)
+    try:
+        pids = collections.Counter(ask_pid(sock) for sock in socks)
+    finally:
+        for sock in socks:
+            sock.close()
+    print(kind, "connections per worker:", dict(pids))
+    assert set(pids) <= set(workers)
+    shares = {pid: pids[pid] / CONNECTIONS for pid in workers}
+    assert all(0.4 <= share <= 0.6 for share in shares.values()), \
+        f"connections per worker: {dict(pids)} of {CONNECTIONS}"
+
+
+@pytest.mark.parametrize("kind", ["sync", "asgi"])
+def test_stopped_sibling_does_not_stall_accepting(tiamat_server, tmp_path, kind):
+    server = tiamat_server(app_file(tmp_path, kind), "-k", kind, "-w", "2")
+    wait_both_workers(server)
+    # load one worker with keep-alive connections and leave the other with none: the loaded
+    # one is then "over" its sibling and would leave new connections to it
+    held = [connect(server) for _ in range(12)]
+    owners = [ask_pid(sock) for sock in held]
+    loaded = collections.Counter(owners).most_common(1)[0][0]
+    idle = next(pid for pid in server.worker_pids() if pid != loaded)
+    for sock, pid in zip(held, owners, strict=True):
+        if pid == idle:
+            sock.close()
+    os.kill(idle, signal.SIGSTOP)
+    try:
+        # one at a time: each must be answered promptly by the loaded worker
+        start = time.monotonic()
+        for _ in range(10):
+            with connect(server, timeout=5) as sock:
+                assert ask_pid(sock) == loaded
+        assert time.monotonic() - start < 5
+        # and a burst of new clients too
+        socks = burst(server, 32)
+        try:
+            assert all(ask_pid(sock) == loaded for sock in socks)
+        finally:
+            for sock in socks:
+                sock.close()
+        assert time.monotonic() - start < 10
+    finally:
+        os.kill(idle, signal.SIGCONT)
+        for sock in held:
+            sock.close()
+
+
+@pytest.mark.parametrize("kind", ["sync", "asgi"])
+def test_single_worker_accepts_a_burst(tiamat_server, tmp_path, kind):
+    server = tiamat_server(app_file(tmp_path, kind), "-k", kind, "-w", "1")
+    start = time.monotonic()
+    socks = burst(server)
+    try:
+        pids = {ask_pid(sock) for sock in socks}
+    finally:
+        for sock in socks:
+            sock.close()
+    assert len(pids) == 1
+    assert time.monotonic() - start < 10
