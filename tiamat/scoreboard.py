@@ -210,5 +210,13 @@ class Siblings:
                     least = held
         return least
 
+    def progress(self) -> float:
+        """A value that changes whenever a sibling beats, finishes a request or accepts or
+        closes a connection: unchanged over a while, the siblings are stuck (stopped, hung,
+        or deep in long requests), not merely slow to get the CPU."""
+        doubles, words = self._doubles, self._words
+        return sum(doubles[(base + _BEAT_AT) >> 3] + words[(base + _REQUESTS_AT) >> 3]
+                   + words[(base + _HELD_AT) >> 3] for base in self.bases)
+
 
 _SERVING = (IDLE, BUSY)

@@ -14,9 +14,11 @@ So each worker publishes how many connections it holds in its scoreboard record
   that are idle or busy, accepting (not at ``--worker-connections``, not paused, not
   stopping) and beat within :data:`FRESH` seconds count; a worker with no connection
   always accepts; and a deferral lasts at most :data:`DEFER_MAX`: if connections still wait
-  in the backlog then, the worker takes one anyway, and after :data:`STALL_STREAK` such
-  timeouts in a row (the siblings are not taking any) it stops balancing for
-  :data:`BACKOFF` seconds.
+  in the backlog then, the worker takes one anyway.  After :data:`STALL_STREAK` such
+  timeouts in a row it stops balancing for :data:`BACKOFF` seconds if the siblings showed
+  no sign of life meanwhile (no beat, request, accept or close: stopped or hung, say); a
+  sibling that is only slow to get the CPU (a busy machine) does show some, and keeps
+  getting its share, at the price of a few ms of waiting for the new connections.
 
 The cost: reading a few scoreboard records per accept and a store per accept and close;
 nothing per request.
@@ -46,7 +48,7 @@ FRESH = 2.0
 class AcceptBalance:
     """One worker's side of the rule: when to defer, and when a deferral ends."""
 
-    __slots__ = ("defer_since", "force", "off_until", "siblings", "streak")
+    __slots__ = ("defer_since", "force", "off_until", "siblings", "streak", "token")
 
     def __init__(self, siblings: Siblings) -> None:
         self.siblings = siblings
@@ -55,6 +57,8 @@ class AcceptBalance:
         #: a deferral timed out with connections waiting: the next accept is not deferred
         self.force = False
         self.streak = 0
+        #: the siblings' progress() when the current streak of timeouts began
+        self.token = 0.0
         self.off_until = 0.0
 
     def over(self, held: int, now: float) -> bool:
@@ -80,10 +84,13 @@ class AcceptBalance:
             return False
         elif pending():  # the siblings left them waiting: take one, and count the stall
             self.force = True
+            if self.streak == 0:
+                self.token = self.siblings.progress()
             self.streak += 1
             if self.streak >= STALL_STREAK:
                 self.streak = 0
-                self.off_until = now + BACKOFF
+                if self.siblings.progress() == self.token:
+                    self.off_until = now + BACKOFF
         else:
             self.streak = 0
         self.defer_since = 0.0
