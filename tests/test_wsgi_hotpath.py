@@ -8,12 +8,19 @@ server hands a real app.
 
 from __future__ import annotations
 
+import io
+import itertools
+import re
+from typing import Any
+
 import pytest
 
 from tests.test_reader_unit import CORPUS
+from tiamat.config import load_config
 from tiamat.http import h1
-from tiamat.http.h1 import RequestReader
+from tiamat.http.h1 import RequestHead, RequestReader
 from tiamat.http.h11_reader import H11RequestReader
+from tiamat.wsgi import WSGIHandler
 
 READERS = [RequestReader, H11RequestReader]
 
@@ -72,3 +79,84 @@ def test_in_message_after_a_rejected_request() -> None:
     reader.feed(b"GET / HTTP/1.1\r\nHost: a\r\nContent-Length: x\r\n\r\n")
     assert reader.broken
     assert not reader.in_message  # nothing buffered: the worker answers and closes
+
+
+# --- response heads: the per-handler plans give what the long way gives ------------------
+
+
+class _Sink:
+    def __init__(self) -> None:
+        self.data = b""
+
+    def write(self, data: bytes) -> None:
+        self.data += data
+
+    def sendfile(self, file: Any, offset: int, count: int | None) -> int:
+        raise AssertionError("not used here")
+
+
+def _app(environ: dict[str, Any], start_response: Any) -> Any:
+    """One app, many kinds of response, chosen by the path; bodies vary with the query."""
+    path, size = environ["PATH_INFO"], int(environ["QUERY_STRING"] or "1")
+    body = b"x" * size
+    if path == "/length":
+        start_response("200 OK", [("Content-Type", "text/plain"), ("Content-Length", str(size))])
+        return [body]
+    if path == "/nolength":  # a list of one: the server adds the length of this very body
+        start_response("200 OK", [("Content-Type", "text/plain")])
+        return [body]
+    if path == "/stream":  # unknown length: chunked in HTTP/1.1, closed in HTTP/1.0
+        start_response("200 OK", [("Content-Type", "text/plain")])
+        return iter([body, b"end"])
+    if path == "/nocontent":
+        start_response("204 No Content", [("X-A", "1")])
+        return [b""]
+    if path == "/notmodified":
+        start_response("304 Not Modified", [("Content-Length", "99")])
+        return [b""]
+    if path == "/close":
+        start_response("200 OK", [("Content-Length", str(size)), ("Connection", "close")])
+        return [body]
+    if path == "/lists":  # headers as lists, not tuples: unhashable, never kept
+        start_response("200 OK", [["Content-Length", str(size)]])  # type: ignore[list-item]
+        return [body]
+    start_response("404 Not Found", [("Content-Length", "0")])
+    return []
+
+
+def _head(request: bytes) -> RequestHead:
+    reader = RequestReader()
+    reader.feed(request)
+    head = reader.events[0]
+    assert isinstance(head, RequestHead), head
+    return head
+
+
+_DATE = re.compile(rb"\r\nDate: [^\r]*")
+
+
+def _answer(handler: WSGIHandler, request: bytes) -> tuple[bool, bytes]:
+    sink = _Sink()
+    environ = handler.connection_environ(("127.0.0.1", 1), ("127.0.0.1", 2), "http")
+    keep_alive = handler.handle(_head(request), io.BytesIO(), environ, sink)[0]
+    return keep_alive, _DATE.sub(b"", sink.data)
+
+
+def test_response_heads_from_plans_equal_the_long_way() -> None:
+    cfg = load_config({}, environ={})
+    warm = WSGIHandler(_app, cfg, multithread=False)
+    paths = ["/length", "/nolength", "/stream", "/nocontent", "/notmodified", "/close", "/lists",
+             "/missing"]
+    requests = []
+    for path, size, method, version, connection in itertools.product(
+            paths, (1, 7), ("GET", "HEAD"), ("1.1", "1.0"), ("", "close", "keep-alive")):
+        requests.append(f"{method} {path}?{size} HTTP/{version}\r\nHost: a\r\n"
+                        f"{'Connection: ' + connection + chr(13) + chr(10) if connection else ''}"
+                        f"\r\n".encode())
+    for _ in range(2):  # the second time round, every plan the warm handler keeps is used
+        for request in requests:
+            cold = WSGIHandler(_app, cfg, multithread=False)
+            assert _answer(warm, request) == _answer(cold, request), request
+    # the length the server added is each body's own, never a kept one
+    assert b"Content-Length: 7\r\n" in _answer(warm, b"GET /nolength?7 HTTP/1.1\r\nHost: a\r\n\r\n")[1]
+    assert b"Content-Length: 1\r\n" in _answer(warm, b"GET /nolength?1 HTTP/1.1\r\nHost: a\r\n\r\n")[1]
