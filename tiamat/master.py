@@ -912,10 +912,12 @@ def spawn(state: MasterState, slot: int) -> WorkerProc | None:
     # (they would only queue it in the child's copy of the state, and the worker would
     # never stop): block them across the fork; the child resets them before unblocking.
     signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
+    memory.freeze_startup_objects()  # (only while the start-up pause lasts)
     try:
         pid = refork.fork(state, info, child_end)  # os.fork(), or through the mold
     except OSError as exc:
         signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
+        memory.resume_collector()
         log.error("fork failed: %s", exc)
         parent_end.close()
         child_end.close()
@@ -927,6 +929,7 @@ def spawn(state: MasterState, slot: int) -> WorkerProc | None:
         signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
         _become_worker(state, info, parent_end, child_end)
     signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
+    memory.resume_collector()  # (the master's start-up pause ends with its first fork)
     child_end.close()
     info.pid = pid
     state.workers[pid] = info
@@ -943,6 +946,8 @@ def _exit_before_boot(signum: int, frame: Any) -> None:
 def _become_worker(state: MasterState, info: WorkerProc, parent_end: Channel,
                    child_end: Channel) -> None:
     """In the forked child: drop the master's ends, load the app if not preloaded, serve."""
+    if state.cfg.gc_freeze:
+        memory.pause_collector()  # until the app is loaded (tiamat.memory)
     run_child(info.slot, lambda: _build_worker(state, info, parent_end, child_end),
               f"worker {info.slot}")
 

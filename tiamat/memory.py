@@ -17,6 +17,7 @@ worker, so workers that grow together do not all restart together.
 
 from __future__ import annotations
 
+import gc
 import logging
 import os
 import random
@@ -119,6 +120,43 @@ def descendants(pid: int) -> list[int]:
 
 
 # --- sharing with the workers -----------------------------------------------------------
+#: The cyclic collector's start-up pause, as the gc module's docs advise for a pre-fork
+#: server (``gc.disable()`` early in the parent, ``gc.freeze()`` right before ``fork()``):
+#: the ``tiamat`` command (:func:`tiamat.__main__.main`) pauses it before importing
+#: anything, and the master resumes it once it has forked its first worker; each worker
+#: pauses it again from its fork until its app is loaded, then freezes what the load built.
+#: Start-up builds little garbage (about 640 objects for the Flask example), yet the
+#: collector ran dozens of times over the growing heap: about 35 M of the 670 M instructions
+#: from the command's start to a Flask worker's first answer (valgrind).  Frozen, the
+#: master's and the app's objects are never visited by a worker's collections, so those
+#: pages are not written (the master's stay shared) and cost no collection time.
+#: ``--no-gc-freeze`` turns all of this off.
+collector_paused = False
+
+
+def pause_collector() -> None:
+    """Start the pause (the command's first line; a worker right after its fork)."""
+    global collector_paused
+    collector_paused = True
+    gc.disable()
+
+
+def freeze_startup_objects() -> None:
+    """While the pause lasts: move every object so far to the permanent generation.  The
+    master calls it right before forking its first worker, a worker once its app is loaded
+    (before its first request)."""
+    if collector_paused:
+        gc.freeze()
+
+
+def resume_collector() -> None:
+    """End the pause (a no-op when there is none)."""
+    global collector_paused
+    if collector_paused:
+        collector_paused = False
+        gc.enable()
+
+
 def preimport_worker_modules() -> None:
     """Import the sync worker's modules (httptools, the HTTP core ...) in the master.
 
@@ -178,6 +216,8 @@ def setup(state: MasterState) -> None:
     """Called once by the master before the first fork: shared imports, the memory policy."""
     if state.worker_class is None:
         preimport_worker_modules()
+    if not state.cfg.gc_freeze:
+        resume_collector()
     limit = int(state.cfg.max_worker_memory or 0)
     state.memory = MemoryPolicy(limit=limit * MB) if limit > 0 else None
     if limit > 0:

@@ -32,7 +32,6 @@ as usual and the log says so.  A HUP reload drops the mold (it holds the old cod
 
 from __future__ import annotations
 
-import ctypes
 import gc
 import logging
 import os
@@ -86,6 +85,8 @@ def set_subreaper() -> str | None:
     """Make this process the subreaper of its descendants; None on success, else why not."""
     if not sys.platform.startswith("linux"):
         return f"PR_SET_CHILD_SUBREAPER is Linux-only (this is {sys.platform})"
+    import ctypes  # here, not at the top: only --refork-after needs it (~7 M instructions)
+
     try:
         prctl = ctypes.CDLL(None, use_errno=True).prctl
     except (OSError, AttributeError) as exc:

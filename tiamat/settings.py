@@ -225,8 +225,10 @@ _add("ciphers", "SSL", "str", None, "OpenSSL cipher list.", flags=("--ciphers",)
 _add("preload_app", "Server Mechanics", "bool", False,
      "Load the app in the master before forking workers.", flags=("--preload",), aliases=("preload",))
 _add("gc_freeze", "Server Mechanics", "bool", True,
-     "With --preload, gc.collect() then gc.freeze() in the master before forking, to keep "
-     "copy-on-write pages shared.", flags=("--gc-freeze",), off_flags=("--no-gc-freeze",))
+     "Keep start-up objects out of the cyclic collector: it is paused while the master starts "
+     "and while each worker loads the app, and what they built is then gc.freeze()d (with "
+     "--preload, after a gc.collect()), so copy-on-write pages stay shared and start-up is "
+     "quicker.", flags=("--gc-freeze",), off_flags=("--no-gc-freeze",))
 _add("refork_after", "Server Mechanics", "str", None,
      "Refork workers from a warm one after N[,M,...] requests.", flags=("--refork-after",))
 _add("max_worker_memory", "Server Mechanics", "int", 0,

@@ -26,7 +26,7 @@ import traceback
 from collections.abc import Callable
 from typing import Any, NoReturn
 
-from tiamat import apploader, daemon, hooks, logs
+from tiamat import apploader, daemon, hooks, logs, memory
 from tiamat.channel import Channel
 from tiamat.scoreboard import SlotWriter
 
@@ -322,6 +322,8 @@ def worker_main(worker: Worker) -> None:
             worker.channel.send("boot_error", EXIT_BOOT_ERROR, text)
             code = EXIT_BOOT_ERROR
             return
+        memory.freeze_startup_objects()  # the app's objects (see tiamat.memory)
+        memory.resume_collector()
         try:
             worker.run()
             if worker.mold_request is not None:

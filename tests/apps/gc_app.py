@@ -1,0 +1,35 @@
+"""Reports the cyclic collector's state as the worker sees it (tests/test_startup_gc.py).
+
+``LOADED_WITH`` is whether the collector was on while this module was imported; each app
+answers ``loaded-with enabled frozen pid`` for the state at request time.
+"""
+
+import gc
+import os
+
+LOADED_WITH = gc.isenabled()
+#: a few import-time cycles, as frameworks build (registries pointing back at their owner)
+_CYCLES = []
+for _ in range(50):
+    node: dict = {}
+    node["self"] = node
+    _CYCLES.append(node)
+
+
+def _report() -> bytes:
+    return f"{int(LOADED_WITH)} {int(gc.isenabled())} {gc.get_freeze_count()} {os.getpid()}".encode()
+
+
+def application(environ, start_response):
+    body = _report()
+    start_response("200 OK", [("Content-Type", "text/plain"), ("Content-Length", str(len(body)))])
+    return [body]
+
+
+async def asgi_app(scope, receive, send):
+    if scope["type"] != "http":
+        return
+    body = _report()
+    await send({"type": "http.response.start", "status": 200,
+                "headers": [(b"content-type", b"text/plain")]})
+    await send({"type": "http.response.body", "body": body})
