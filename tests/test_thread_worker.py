@@ -230,3 +230,30 @@ def test_next_request_arriving_before_the_loop_takes_the_answer_back(tiamat_serv
 
     with ThreadPoolExecutor(8) as pool:
         assert list(pool.map(client, range(8))) == [150] * 8
+
+
+def _policies(pid: int) -> dict[int, int]:
+    """Each thread of ``pid`` -> its scheduling policy (field 41 of /proc/PID/task/TID/stat)."""
+    policies = {}
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        try:
+            stat = Path(f"/proc/{pid}/task/{tid}/stat").read_text()
+        except OSError:  # the thread ended meanwhile
+            continue
+        policies[int(tid)] = int(stat.rsplit(")", 1)[1].split()[38])
+    return policies
+
+
+def test_pool_threads_run_under_sched_batch_and_the_loop_thread_does_not(tiamat_server):
+    """A woken pool thread must not preempt the thread holding the GIL (see the module
+    docstring of tiamat.workers.thread); the loop thread keeps the normal policy."""
+    server = tiamat_server(APP, "-k", "thread", "--threads", "3", "-w", "1")
+    [worker] = wait_for(lambda: server.worker_pids() or None, 10)
+    def batch() -> list[int]:
+        return [tid for tid, policy in _policies(worker).items() if policy == os.SCHED_BATCH]
+
+    wait_for(lambda: len(batch()) >= 3, 10, message="3 SCHED_BATCH threads")
+    assert len(batch()) == 3  # the pool, not the watchdog
+    assert _policies(worker)[worker] == os.SCHED_OTHER  # the main thread: the loop
+    status, _, body = server.get("/sleep?s=0.01")  # and they serve
+    assert status == 200 and body.startswith(b"slept")

@@ -10,6 +10,15 @@ While a connection is in a pool thread the loop does not watch it (its pipelined
 events wait), and while every thread is busy the worker stops accepting: new connections
 stay in the kernel's backlog where another, less busy, worker takes them, rather than
 queueing here behind slow requests.
+
+The pool threads run under ``SCHED_BATCH`` (Linux; the loop thread keeps the normal
+policy): a thread woken up (by a job put in the queue, its app's sleep ending, or the GIL
+being released) then does not preempt the thread that is running, which holds the GIL
+and would have to be switched back to at once.  Under the 10 ms sleep benchmark (128
+threads, the server on one CPU) that cut the context switches per request from about 2.5
+to 1.8 and the CPU time per request by about 15 %; the loop, the one thread every request
+goes through, still preempts the pool threads when a connection turns readable.  On a
+machine with idle CPUs the policy changes nothing: a woken thread runs on an idle CPU.
 """
 
 from __future__ import annotations
@@ -30,6 +39,15 @@ from tiamat.workers.sync import STOP_GRACE, Connection, SyncWorker, request_body
 log = logging.getLogger("tiamat.error")
 
 _FOREVER = float("inf")
+
+
+def _batch_policy() -> None:
+    """Put the calling thread under SCHED_BATCH: woken, it waits for the running thread to
+    block or use up its time slice instead of preempting it (see the module docstring)."""
+    try:
+        os.sched_setscheduler(0, os.SCHED_BATCH, os.sched_param(0))  # (0: this thread)
+    except (AttributeError, OSError):  # not Linux, or refused (a sandbox): the normal policy
+        pass
 
 
 class _InFlight:
@@ -117,6 +135,7 @@ class ThreadWorker(SyncWorker):
         self.jobs.put(job)
 
     def _pool_thread(self) -> None:
+        _batch_policy()
         jobs, done, handler = self.jobs, self.done, None
         while True:
             job = jobs.get()
