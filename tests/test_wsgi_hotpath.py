@@ -108,6 +108,12 @@ def _app(environ: dict[str, Any], start_response: Any) -> Any:
     if path == "/stream":  # unknown length: chunked in HTTP/1.1, closed in HTTP/1.0
         start_response("200 OK", [("Content-Type", "text/plain")])
         return iter([body, b"end"])
+    if path == "/iterlength":  # an iterable with a declared length, as a framework answers
+        start_response("200 OK", [("Content-Length", str(size + 3))])
+        return iter([body, b"end"])
+    if path == "/iterover":  # a first block beyond the declared length: cut, then closed
+        start_response("200 OK", [("Content-Length", str(size))])
+        return iter([body + b"over", b"more"])
     if path == "/nocontent":
         start_response("204 No Content", [("X-A", "1")])
         return [b""]
@@ -145,8 +151,8 @@ def _answer(handler: WSGIHandler, request: bytes) -> tuple[bool, bytes]:
 def test_response_heads_from_plans_equal_the_long_way() -> None:
     cfg = load_config({}, environ={})
     warm = WSGIHandler(_app, cfg, multithread=False)
-    paths = ["/length", "/nolength", "/stream", "/nocontent", "/notmodified", "/close", "/lists",
-             "/missing"]
+    paths = ["/length", "/nolength", "/stream", "/iterlength", "/iterover", "/nocontent",
+             "/notmodified", "/close", "/lists", "/missing"]
     requests = []
     for path, size, method, version, connection in itertools.product(
             paths, (1, 7), ("GET", "HEAD"), ("1.1", "1.0"), ("", "close", "keep-alive")):
@@ -160,3 +166,8 @@ def test_response_heads_from_plans_equal_the_long_way() -> None:
     # the length the server added is each body's own, never a kept one
     assert b"Content-Length: 7\r\n" in _answer(warm, b"GET /nolength?7 HTTP/1.1\r\nHost: a\r\n\r\n")[1]
     assert b"Content-Length: 1\r\n" in _answer(warm, b"GET /nolength?1 HTTP/1.1\r\nHost: a\r\n\r\n")[1]
+    # a first block within the declared length goes out whole, one beyond it is cut
+    assert _answer(warm, b"GET /iterlength?2 HTTP/1.1\r\nHost: a\r\n\r\n")[1].endswith(
+        b"\r\n\r\nxxend")
+    keep_alive, data = _answer(warm, b"GET /iterover?2 HTTP/1.1\r\nHost: a\r\n\r\n")
+    assert data.endswith(b"\r\n\r\nxx") and not keep_alive
