@@ -26,7 +26,6 @@ import sys
 import time
 from collections import deque
 from collections.abc import Mapping
-from dataclasses import dataclass, field
 from typing import Any
 
 from tiamat import apploader, daemon, hooks, logs, memory, ops, pidfile, refork, sockets, systemd
@@ -73,15 +72,13 @@ RESTART_ONLY = ("bind", "port", "host", "tcp", "backlog", "reuse_port", "pidfile
                 "metrics_bind")
 
 
-@dataclass
 class WorkerProc:
-    """What the master knows about one live worker process."""
+    """What the master knows about one live worker process.
 
-    slot: int
-    pid: int
-    channel: Channel
-    started: float
-    generation: int = 0
+    (Plain classes, with their defaults as class attributes, not dataclasses: see
+    tiamat.settings.Setting.)
+    """
+
     booted: bool = False
     #: set once the worker was told to stop (graceful), with the time it must be gone by
     stop_deadline: float | None = None
@@ -92,43 +89,40 @@ class WorkerProc:
     reason: str | None = None
     #: "worker", or "mold": the process that forks the next generation (tiamat.refork)
     role: str = "worker"
-    #: this process's record in the scoreboard (a slot may briefly hold two processes)
-    board_index: int = 0
     #: max-requests: None, "requested" (by the worker) or "granted" (replacement under way)
     recycle: str | None = None
     #: after a timeout: when SIGKILL follows the stack dump and worker_abort
     kill_at: float | None = None
 
+    def __init__(self, slot: int, pid: int, channel: Channel, started: float,
+                 generation: int = 0, board_index: int = 0) -> None:
+        self.slot = slot
+        self.pid = pid
+        self.channel = channel
+        self.started = started
+        self.generation = generation
+        #: this process's record in the scoreboard (a slot may briefly hold two processes)
+        self.board_index = board_index
 
-@dataclass
+    def __repr__(self) -> str:
+        return f"<WorkerProc slot={self.slot} pid={self.pid} role={self.role}>"
+
+
 class MasterState:
     """Everything the master loop reads and changes."""
 
-    cfg: Any
-    listeners: list[Any]
-    board: Scoreboard
-    worker_class: type[Worker] | None
     app: Any = None
-    pid: int = field(default_factory=os.getpid)
-    target: int = 1
-    workers: dict[int, WorkerProc] = field(default_factory=dict)
-    signals: deque[int] = field(default_factory=deque)
     wake_r: int = -1
     wake_w: int = -1
-    selector: selectors.BaseSelector = field(default_factory=selectors.DefaultSelector)
     #: None while serving; "graceful" or "quick" once stopping
     stopping: str | None = None
     stop_deadline: float = 0.0
     ever_booted: bool = False
     ready_announced: bool = False
-    #: per-slot earliest time a replacement may be forked (back-off after boot failures)
-    not_before: dict[int, float] = field(default_factory=dict)
     backoff: float = 0.0
     generation: int = 0
     exit_code: int = 0
     fatal: str | None = None
-    #: unix socket paths this master bound, removed on exit
-    unix_paths: list[str] = field(default_factory=list)
     #: a HUP is being applied: outdated workers remain
     reloading: bool = False
     #: a USR2 child master: its pid, the read end of its ready pipe, and whether this
@@ -138,10 +132,27 @@ class MasterState:
     reexec_handover: bool = False
     #: in a master started by USR2: the pipe on which to tell the old master "ready"
     upgrade_fd: int = -1
-    #: the command-line settings, re-applied over the config file on HUP
-    cli: dict[str, Any] = field(default_factory=dict)
     #: metrics, control socket, StatsD and --reload (a ``tiamat.ops.Ops``, set by ops.start)
     ops: Any = None
+
+    def __init__(self, cfg: Any, listeners: list[Any], board: Scoreboard,
+                 worker_class: type[Worker] | None, target: int = 1,
+                 cli: dict[str, Any] | None = None) -> None:
+        self.cfg = cfg
+        self.listeners = listeners
+        self.board = board
+        self.worker_class = worker_class
+        self.target = target
+        #: the command-line settings, re-applied over the config file on HUP
+        self.cli: dict[str, Any] = {} if cli is None else cli
+        self.pid = os.getpid()
+        self.workers: dict[int, WorkerProc] = {}
+        self.signals: deque[int] = deque()
+        self.selector: selectors.BaseSelector = selectors.DefaultSelector()
+        #: per-slot earliest time a replacement may be forked (back-off after boot failures)
+        self.not_before: dict[int, float] = {}
+        #: unix socket paths this master bound, removed on exit
+        self.unix_paths: list[str] = []
 
     # --- for hooks (``server`` in every master hook is this object) ---------------------
     def send(self, worker: WorkerProc, message: Any) -> bool:

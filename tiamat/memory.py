@@ -22,8 +22,7 @@ import logging
 import os
 import random
 import time
-from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 if TYPE_CHECKING:
     from tiamat.master import MasterState, WorkerProc
@@ -73,8 +72,7 @@ def rollup(pid: int) -> dict[str, int] | None:
     return None
 
 
-@dataclass
-class Usage:
+class Usage(NamedTuple):
     """One process's memory, in bytes."""
 
     pid: int
@@ -204,12 +202,15 @@ def _find_malloc_trim() -> Any:
 
 
 # --- the master's policy -----------------------------------------------------------------
-@dataclass
 class MemoryPolicy:
-    limit: int
+    """The --max-worker-memory state (a plain class: see tiamat.settings.Setting)."""
+
     next_check: float = 0.0
-    #: pid -> the time at which a worker found over the limit gets retired
-    due: dict[int, float] = field(default_factory=dict)
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        #: pid -> the time at which a worker found over the limit gets retired
+        self.due: dict[int, float] = {}
 
 
 def setup(state: MasterState) -> None:

@@ -30,8 +30,7 @@ import os
 import socket
 import threading
 import time
-from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 from tiamat.scoreboard import BOOTING, BUSY, IDLE, STOPPING
 
@@ -124,8 +123,7 @@ class LockedRecorder(Recorder):
             Recorder.refused(self, status)
 
 
-@dataclass
-class Snapshot:
+class Snapshot(NamedTuple):
     """Every figure at one moment, summed over all workers (alive and gone)."""
 
     status: list[int]
@@ -139,16 +137,18 @@ class Snapshot:
     backlog: dict[str, tuple[int, int]]  # listener -> (queued, limit)
 
 
-@dataclass
 class MasterMetrics:
-    """The master's side: totals of exited workers, restarts by reason, snapshots."""
+    """The master's side: totals of exited workers, restarts by reason, snapshots.
 
-    recording: bool
-    table: Table | None = None
-    retired: list[int] = field(default_factory=lambda: [0] * ROW_WORDS)
-    restarts: dict[str, int] = field(default_factory=lambda: dict.fromkeys(RESTART_REASONS, 0))
-    restarts_by_slot: dict[int, int] = field(default_factory=dict)
-    started: float = field(default_factory=time.time)
+    (A plain class, not a dataclass: see tiamat.settings.Setting.)"""
+
+    def __init__(self, recording: bool, table: Table | None = None) -> None:
+        self.recording = recording
+        self.table = table
+        self.retired: list[int] = [0] * ROW_WORDS
+        self.restarts: dict[str, int] = dict.fromkeys(RESTART_REASONS, 0)
+        self.restarts_by_slot: dict[int, int] = {}
+        self.started = time.time()
 
     def _fold(self, row: int) -> None:
         """Add a row to the totals of exited workers and zero it for its next process."""

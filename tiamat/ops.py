@@ -15,7 +15,6 @@ import selectors
 import socket
 import sys
 import time
-from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from tiamat import metrics, sockets
@@ -29,14 +28,17 @@ if TYPE_CHECKING:
 log = logging.getLogger("tiamat.error")
 
 
-@dataclass
 class Ops:
-    metrics: metrics.MasterMetrics
+    """The master's optional services (a plain class: see tiamat.settings.Setting)."""
+
     exporter: control.SocketService | None = None
     control: control.ControlServer | None = None
     statsd: metrics.StatsD | None = None
     reloader: reloader.Reloader | None = None
     next_push: float = 0.0
+
+    def __init__(self, metrics: metrics.MasterMetrics) -> None:
+        self.metrics = metrics
 
 
 _current: Ops | None = None

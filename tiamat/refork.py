@@ -40,7 +40,6 @@ import select
 import socket
 import sys
 import time
-from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from tiamat import logs, memory
@@ -99,11 +98,9 @@ def set_subreaper() -> str | None:
 
 
 # --- master side -------------------------------------------------------------------------
-@dataclass
 class ReforkState:
-    """The master's view of reforking."""
+    """The master's view of reforking (a plain class: see tiamat.settings.Setting)."""
 
-    thresholds: list[int]
     #: the generation workers are forked into now (0: forked from the master)
     generation: int = 0
     #: index in ``thresholds`` of the next promotion
@@ -111,13 +108,16 @@ class ReforkState:
     mold: WorkerProc | None = None
     promoting: WorkerProc | None = None
     promote_deadline: float = 0.0
-    #: refork generation of every worker pid the master forked
-    gen_of: dict[int, int] = field(default_factory=dict)
     token: int = 0
-    #: the master's reload generation (HUP) the mold belongs to
-    reload_generation: int = 0
     #: True while old-generation workers are still being replaced
     replacing: bool = False
+
+    def __init__(self, thresholds: list[int], reload_generation: int = 0) -> None:
+        self.thresholds = thresholds
+        #: the master's reload generation (HUP) the mold belongs to
+        self.reload_generation = reload_generation
+        #: refork generation of every worker pid the master forked
+        self.gen_of: dict[int, int] = {}
 
 
 def setup(state: MasterState) -> None:

@@ -12,16 +12,19 @@ line or config file works unchanged; ``aliases`` carries the original tiamat's c
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 #: Kinds of value a setting can hold; ``tiamat.config`` knows how to coerce each of them.
 KINDS = ("int", "float", "bool", "str", "list", "choice", "callable", "dict", "size")
 
 
-@dataclass(frozen=True)
-class Setting:
-    """One configurable knob: its name, how it is spelled everywhere, and what it accepts."""
+class Setting(NamedTuple):
+    """One configurable knob: its name, how it is spelled everywhere, and what it accepts.
+
+    (Immutable records here and elsewhere on the start path are NamedTuples or plain
+    classes, not dataclasses: generating a dataclass's methods execs new source at import,
+    3-5 M instructions a class, which every ``tiamat`` start paid ten times over.)
+    """
 
     name: str
     section: str

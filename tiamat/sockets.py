@@ -12,7 +12,7 @@ import os
 import socket
 import stat
 from collections.abc import Mapping
-from dataclasses import dataclass
+from typing import NamedTuple
 
 #: environment variable carrying inherited listening fds across a USR2 re-exec
 INHERIT_ENV = "TIAMAT_FD"
@@ -26,9 +26,8 @@ ACCEPT_RETRY = 1.0
 SD_LISTEN_FDS_START = 3
 
 
-@dataclass(frozen=True)
-class Address:
-    """A parsed bind address."""
+class Address(NamedTuple):
+    """A parsed bind address (a NamedTuple, not a dataclass: see tiamat.settings.Setting)."""
 
     family: int
     #: (host, port) for TCP, the path for unix sockets, the fd number for ``fd://``
