@@ -154,7 +154,7 @@ class HeadEnd:
         self._second = -1
         self._ends: dict[tuple[bool, str], bytes] = {}
 
-    def __call__(self, keep_alive: bool, http_version: str) -> bytes:
+    def get(self, keep_alive: bool, http_version: str) -> bytes:
         second = int(time.time())
         if second != self._second:
             self._second = second
@@ -167,8 +167,13 @@ class HeadEnd:
             }
         return self._ends[keep_alive, http_version]
 
+    __call__ = get
 
-head_end = HeadEnd()
+
+#: a bound method, not the instance: the interpreter calls a bound method as a plain function
+#: (a specialised call), while calling an instance goes through ``__call__``'s lookup in C
+#: (~0.4k instructions more per response)
+head_end = HeadEnd().get
 
 
 def chunk(data: bytes) -> bytes:
