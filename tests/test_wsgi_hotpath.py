@@ -171,3 +171,49 @@ def test_response_heads_from_plans_equal_the_long_way() -> None:
         b"\r\n\r\nxxend")
     keep_alive, data = _answer(warm, b"GET /iterover?2 HTTP/1.1\r\nHost: a\r\n\r\n")
     assert data.endswith(b"\r\n\r\nxx") and not keep_alive
+
+
+# --- the app called through its class's __call__, bound ----------------------------------
+
+
+class _ClassApp:
+    """A WSGI app as an instance (as Flask's is), with an instance attribute that calling the
+    instance must ignore."""
+
+    def __init__(self) -> None:
+        self.calls = 0
+        self.__call__ = lambda environ, start_response: [b"instance attribute"]
+
+    def __call__(self, environ: dict[str, Any], start_response: Any) -> list[bytes]:
+        self.calls += 1
+        start_response("200 OK", [("Content-Type", "text/plain")])
+        return [b"class method"]
+
+
+class _SubApp(_ClassApp):
+    pass
+
+
+def _function_app(environ: dict[str, Any], start_response: Any) -> list[bytes]:
+    start_response("200 OK", [])
+    return [b"function"]
+
+
+@pytest.mark.parametrize("app_class", [_ClassApp, _SubApp])
+def test_an_instance_app_is_called_as_calling_it_would(app_class: type[_ClassApp]) -> None:
+    app = app_class()
+    handler = WSGIHandler(app, load_config({}, environ={}), multithread=False)
+    assert handler.app is app
+    for count in (1, 2):
+        _, data = _answer(handler, b"GET / HTTP/1.1\r\nHost: a\r\n\r\n")
+        assert data.endswith(b"\r\n\r\nclass method")
+        assert app.calls == count
+
+
+def test_other_callables_are_called_as_they_are() -> None:
+    import functools
+
+    for app in (_function_app, functools.partial(_function_app)):
+        handler = WSGIHandler(app, load_config({}, environ={}), multithread=False)
+        _, data = _answer(handler, b"GET / HTTP/1.1\r\nHost: a\r\n\r\n")
+        assert data.endswith(b"\r\n\r\nfunction")
