@@ -257,3 +257,49 @@ def test_pool_threads_run_under_sched_batch_and_the_loop_thread_does_not(tiamat_
     assert _policies(worker)[worker] == os.SCHED_OTHER  # the main thread: the loop
     status, _, body = server.get("/sleep?s=0.01")  # and they serve
     assert status == 200 and body.startswith(b"slept")
+
+
+def test_a_quiet_keep_alive_connection_after_its_answer_still_times_out(tiamat_server):
+    """An answered keep-alive connection is taken back from the pool lazily (when its next
+    request comes, or by the sweep): one that stays quiet must still get --keep-alive."""
+    server = tiamat_server(APP, "-k", "thread", "--threads", "2", "-w", "1", "--keep-alive", "1")
+    with socket.create_connection((server.host, server.port), timeout=15) as sock:
+        sock.sendall(b"GET / HTTP/1.1\r\nHost: t\r\n\r\n")
+        assert sock.recv(1000).startswith(b"HTTP/1.1 200")
+        start = time.monotonic()
+        assert sock.recv(1000) == b""  # closed by the server, not by the 15 s socket timeout
+    assert time.monotonic() - start < 8
+
+
+def test_requests_answered_but_not_taken_back_are_counted_for_max_requests(tiamat_server):
+    """The request count moves when the loop takes an answered request back; a client that
+    stays connected and quiet after its last answer must not hold off the recycle."""
+    # (wait=False: no probe request, so these three are the worker's only ones)
+    server = tiamat_server(APP, "-k", "thread", "--threads", "2", "-w", "1",
+                           "--max-requests", "3", "--keep-alive", "30", wait=False)
+    server.wait_listening()
+    first = wait_for(lambda: server.worker_pids())[0]
+    with socket.create_connection((server.host, server.port), timeout=15) as sock:
+        for _ in range(3):
+            sock.sendall(b"GET / HTTP/1.1\r\nHost: t\r\n\r\n")
+            assert sock.recv(1000).startswith(b"HTTP/1.1 200")
+        # quiet now: the third answer is taken back by the sweep, then counted
+        wait_for(lambda: server.worker_pids() and first not in server.worker_pids(), 15,
+                 message="the worker replaced after 3 requests")
+
+
+def test_answers_that_close_wake_the_loop_at_once(tiamat_server):
+    """Keep-alive answers are taken back lazily, but an answer that ends its connection
+    (Connection: close) needs the loop to close it, now: 20 such requests one after the
+    other take well under a second (taken back by the 0.5 s sweep, they took ~5 s)."""
+    server = tiamat_server(APP, "-k", "thread", "--threads", "4", "-w", "1")
+    server.get("/")  # (warm)
+    start = time.monotonic()
+    for _ in range(20):
+        with socket.create_connection((server.host, server.port), timeout=15) as sock:
+            sock.sendall(b"GET / HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n")
+            data = b""
+            while chunk := sock.recv(1000):
+                data += chunk
+            assert data.startswith(b"HTTP/1.1 200") and data.endswith(b"hello")
+    assert time.monotonic() - start < 3
