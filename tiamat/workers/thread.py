@@ -3,13 +3,18 @@
 Everything but the app call is the sync worker's: one thread (the main one) runs the
 epoll loop over the listening sockets, the idle keep-alive connections and the
 connections still sending a request; the HTTP core buffers each request until it is
-complete.  Only then is the connection handed to a pool thread, which calls the app and
-writes the response, and hands the connection back through the worker's wake-up pipe.
+complete.  Only then is the connection handed to a pool thread (a queue), which calls
+the app and writes the response, and hands the connection back in ``done``.
 
-While a connection is in a pool thread the loop does not watch it (its pipelined bytes and
-events wait), and while every thread is busy the worker stops accepting: new connections
-stay in the kernel's backlog where another, less busy, worker takes them, rather than
-queueing here behind slow requests.
+The connection stays registered meanwhile: a client waiting for its answer sends nothing,
+so that costs no epoll_ctl; if it does turn readable (a pipelined request, a close), the
+loop stops watching it until it is back.  An answered keep-alive connection is taken back
+lazily, with no wake-up of the loop: when the client's next request makes it readable,
+at the next sweep, or when accept() needs its thread.  Only what needs the loop now (a
+close, pipelined events already read, a connection it stopped watching, a stop, listeners
+to watch again) writes to the worker's wake-up pipe.  While every thread is busy the
+worker stops accepting: new connections stay in the kernel's backlog where another, less
+busy, worker takes them, rather than queueing here behind slow requests.
 
 The pool threads run under ``SCHED_BATCH`` (Linux; the loop thread keeps the normal
 policy): a thread woken up (by a job put in the queue, its app's sleep ending, or the GIL
