@@ -220,11 +220,13 @@ class Running:
 
     instances: dict[int, Running] = {}
 
-    def __init__(self, argv: list[str], log_path: str, pin: str | None = SERVER_CPU) -> None:
+    def __init__(self, argv: list[str], log_path: str, pin: str | None = SERVER_CPU,
+                 env: dict[str, str] | None = None) -> None:
         self.argv = argv
         self.log_path = log_path
         self.log = open(log_path, "wb")  # noqa: SIM115 - closed in stop()
-        env = {**os.environ, "PYTHONPATH": os.pathsep.join([APPS, SRC]), "PYTHONUNBUFFERED": "1"}
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join([APPS, SRC]), "PYTHONUNBUFFERED": "1",
+               **(env or {})}
         env.pop("WEB_CONCURRENCY", None)
         command = ["taskset", "-c", pin, *argv] if pin else argv
         self.started = time.perf_counter()
@@ -739,6 +741,55 @@ def instructions_for(valgrind: str, server: Server, app: str, requests: int,
     return max(counts)
 
 
+#: start-up, counted as the requests are: the servers whose config files take gunicorn's hooks
+STARTUP_SERVERS = [("tiamat -w 1", tiamat("sync")), ("gunicorn -w 1", gunicorn("sync"))]
+STARTUP_APP = "flask_hello:app"
+#: a config file whose post_worker_init hook ends the start being counted: the worker notes
+#: its pid, kills its master (no count of the master's own is wanted) and exits
+STARTUP_HOOK = """import os, signal
+def post_worker_init(worker):
+    with open(os.environ["BENCH_READY_PID"], "w") as f:
+        f.write(str(os.getpid()))
+    os.kill(os.getppid(), signal.SIGKILL)
+    os._exit(0)
+"""
+
+
+def startup_instructions(valgrind: str, label: str, argv_of: Callable[[str, int, int], list[str]],
+                         log_dir: str) -> int:
+    """User-space instructions from the command's start until its first worker has loaded
+    the app: that worker's count, which includes its master's up to the fork (cachegrind's
+    counters are copied by fork()) -- the path a first answer waits for, less the few
+    instructions of that answer.  PYTHONHASHSEED=0 makes it repeat exactly."""
+    tag = re.sub(r"[^a-z0-9]+", "-", label.lower())
+    out_dir = os.path.join(log_dir, f"cg-start-{tag}")
+    os.makedirs(out_dir, exist_ok=True)
+    hook = os.path.join(log_dir, "startup_hook.py")
+    with open(hook, "w") as f:
+        f.write(STARTUP_HOOK)
+    ready = os.path.join(out_dir, "ready.pid")
+    argv = [valgrind, "--tool=cachegrind", "--cache-sim=no", "--trace-children=yes",
+            f"--cachegrind-out-file={out_dir}/cg.%p", *argv_of(STARTUP_APP, free_port(), 1), "-c", hook]
+    running = Running(argv, os.path.join(log_dir, f"cg-start-{tag}.log"), pin=None,
+                      env={"PYTHONHASHSEED": "0", "BENCH_READY_PID": ready})
+    deadline = time.monotonic() + 180.0
+    try:
+        while time.monotonic() < deadline:
+            try:
+                with open(ready) as f:
+                    pid = f.read().strip()
+                with open(os.path.join(out_dir, f"cg.{pid}")) as f:
+                    for line in f:
+                        if line.startswith("summary:"):
+                            return int(line.split()[1])
+            except (OSError, ValueError):
+                pass
+            time.sleep(0.2)
+    finally:
+        running.stop(timeout=10.0)
+    raise RuntimeError(f"no worker became ready: {running.tail()}")
+
+
 def instructions(args: argparse.Namespace, log_dir: str) -> str:
     """Instructions per request of each server's worker on the hello apps: the difference
     between a run of 1000 and one of 3000 requests, over 2000 (start-up cancels out).
@@ -775,6 +826,23 @@ def instructions(args: argparse.Namespace, log_dir: str) -> str:
                 continue
             ratio = "(tiamat)" if server.is_tiamat else (f"{count / ours:.2f}x" if ours else "")
             lines.append(f"| {scenario.name} | {server.label} | {count:,} | {ratio} |")
+    if not args.only or re.search(args.only, "start"):
+        lines += ["", "Start: from the command to its first worker having loaded "
+                  f"{STARTUP_APP} (`-w 1`), in instructions:", "",
+                  "| server | instructions | peer/tiamat |", "|---|---:|---:|"]
+        counts = []
+        for label, argv_of in STARTUP_SERVERS:
+            try:
+                counts.append((label, startup_instructions(valgrind, label, argv_of, log_dir)))
+            except (RuntimeError, OSError) as exc:
+                counts.append((label, None))
+                print(f"# start / {label}: {str(exc)[:120]}", flush=True)
+            print(f"# start / {label}: {counts[-1][1]}", flush=True)
+        ours = counts[0][1]
+        for label, count in counts:
+            ratio = ("(tiamat)" if label.startswith("tiamat")
+                     else f"{count / ours:.2f}x" if ours and count else "")
+            lines.append(f"| {label} | {f'{count:,}' if count else 'FAILED'} | {ratio} |")
     return "\n".join(lines)
 
 
