@@ -189,7 +189,9 @@ class RequestReader:
         "_keep_alive",
         "_max_field",
         "_max_fields",
+        "_max_head",
         "_max_line",
+        "_obs_fold",
         "_parser",
         "_parser_dirty",
         "_remaining",
@@ -212,6 +214,10 @@ class RequestReader:
         self._max_line = limits.request_line + 1 if limits.request_line > 0 else _NO_LIMIT
         self._max_fields = limits.fields if limits.fields > 0 else _NO_LIMIT
         self._max_field = limits.field_size if limits.field_size > 0 else _NO_LIMIT
+        # (and the two other limits every head reads, as plain slots: a named tuple's field is
+        # not read by a specialised attribute load)
+        self._max_head = limits.head
+        self._obs_fold = limits.permit_obs_fold
         self.broken = False
         #: True while a request has started arriving but is not complete.  A slot that
         #: feed() keeps up to date (see _update_in_message), not a property: the workers
@@ -394,7 +400,7 @@ class RequestReader:
             return -1
         if scanned:
             self._scanned = 0
-        if end - pos > limits.head:
+        if end - pos > self._max_head:
             raise ProtocolError(431, "request head too large")
         head = work if not pos and end == len(work) and work.__class__ is bytes \
             else bytes(work[pos:end])
@@ -415,7 +421,7 @@ class RequestReader:
             if _IS_TOKEN(method):
                 raise ProtocolError(501, "method not implemented")
             raise ProtocolError(400, "invalid method")
-        if limits.permit_obs_fold and (head.find(b"\n ") >= 0 or head.find(b"\n\t") >= 0):
+        if self._obs_fold and (head.find(b"\n ") >= 0 or head.find(b"\n\t") >= 0):
             head = _OBS_FOLD.sub(b" ", head)
         # per-head state (what _start_head does, inlined: this is the hot path; the framing
         # fields' own state is reset by _finish_head's slow path, the only one to read it)
