@@ -44,6 +44,13 @@ def test_preloaded_app_is_loaded_paused_and_frozen_too(tiamat_server):
     assert frozen > 10_000, frozen
 
 
+def test_an_app_that_turns_the_collector_off_keeps_it_off(tiamat_server):
+    server = tiamat_server(f"{APP}:application", env={"GC_APP_DISABLE": "1"})
+    loaded_with, collecting, frozen, _ = _report(server)
+    assert (loaded_with, collecting) == (0, 0)  # the pause's end did not turn it back on
+    assert frozen > 10_000, frozen
+
+
 def test_no_gc_freeze_leaves_the_collector_alone(tiamat_server):
     server = tiamat_server(f"{APP}:application", "--no-gc-freeze")
     loaded_with, enabled, frozen, _ = _report(server)

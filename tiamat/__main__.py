@@ -5,10 +5,12 @@ import sys
 
 
 def main() -> None:
-    gc.disable()  # before anything is imported: see tiamat.memory.collector_paused
+    # before anything is imported, the collector's start-up pause (see tiamat.memory)
+    threshold = gc.get_threshold()[0]
+    gc.set_threshold(0)
     from tiamat import argv, memory
 
-    memory.pause_collector()
+    memory.pause_collector(threshold)
     args = sys.argv[1:]
     parsed = argv.parse(args)  # a plain command line, read without click (see there)
     if parsed is None:

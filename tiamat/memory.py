@@ -119,40 +119,50 @@ def descendants(pid: int) -> list[int]:
 
 # --- sharing with the workers -----------------------------------------------------------
 #: The cyclic collector's start-up pause, as the gc module's docs advise for a pre-fork
-#: server (``gc.disable()`` early in the parent, ``gc.freeze()`` right before ``fork()``):
-#: the ``tiamat`` command (:func:`tiamat.__main__.main`) pauses it before importing
-#: anything, and the master resumes it once it has forked its first worker; each worker
-#: pauses it again from its fork until its app is loaded, then freezes what the load built.
+#: server (collector off early in the parent, ``gc.freeze()`` right before ``fork()``): the
+#: ``tiamat`` command (:func:`tiamat.__main__.main`) pauses it before importing anything,
+#: and the master resumes it once it has forked its first worker; each worker pauses it
+#: again from its fork until its app is loaded, then freezes what the load built.
 #: Start-up builds little garbage (about 640 objects for the Flask example), yet the
 #: collector ran dozens of times over the growing heap: about 35 M of the 670 M instructions
 #: from the command's start to a Flask worker's first answer (valgrind).  Frozen, the
 #: master's and the app's objects are never visited by a worker's collections, so those
 #: pages are not written (the master's stay shared) and cost no collection time.
-#: ``--no-gc-freeze`` turns all of this off.
-collector_paused = False
+#: The pause sets the first generation's threshold to 0 (no automatic collection) rather
+#: than calling ``gc.disable()``, so an app that disables the collector, or sets its own
+#: thresholds, while it is imported keeps its choice.  ``--no-gc-freeze`` turns it all off.
+#: (The threshold to restore; 0 when there is no pause.)
+_resume_threshold = 0
 
 
-def pause_collector() -> None:
-    """Start the pause (the command's first line; a worker right after its fork)."""
-    global collector_paused
-    collector_paused = True
-    gc.disable()
+def pause_collector(threshold: int | None = None) -> None:
+    """Start the pause; ``threshold`` is the one to restore, if it was already set to 0."""
+    global _resume_threshold
+    current = gc.get_threshold()[0] if threshold is None else threshold
+    if current and not _resume_threshold:
+        _resume_threshold = current
+        gc.set_threshold(0)
+
+
+def collector_paused() -> bool:
+    return bool(_resume_threshold)
 
 
 def freeze_startup_objects() -> None:
     """While the pause lasts: move every object so far to the permanent generation.  The
     master calls it right before forking its first worker, a worker once its app is loaded
     (before its first request)."""
-    if collector_paused:
+    if _resume_threshold:
         gc.freeze()
 
 
 def resume_collector() -> None:
     """End the pause (a no-op when there is none)."""
-    global collector_paused
-    if collector_paused:
-        collector_paused = False
-        gc.enable()
+    global _resume_threshold
+    if _resume_threshold:
+        if gc.get_threshold()[0] == 0:  # (thresholds the app set itself stay)
+            gc.set_threshold(_resume_threshold)
+        _resume_threshold = 0
 
 
 def preimport_worker_modules() -> None:

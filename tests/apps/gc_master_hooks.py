@@ -10,4 +10,4 @@ workers = 1
 
 def child_exit(server, worker):
     with open(os.environ["GC_REPORT"], "a") as report:
-        report.write(f"{int(gc.isenabled())}\n")
+        report.write(f"{int(gc.isenabled() and gc.get_threshold()[0] > 0)}\n")
