@@ -212,17 +212,20 @@ class ThreadWorker(SyncWorker):
     def _collect(self) -> None:
         done = self.done
         self.wake_pending = False
+        if not done:
+            return
+        in_flight, board, now = self.in_flight, self.board, time.monotonic()
         while done:
             job = done.popleft()
             conn = job.conn
-            self.in_flight.pop(conn, None)
-            self.board.idle(time.monotonic())
-            self.count_request()
+            in_flight.pop(conn, None)
+            board.idle(now)
+            if self.max_requests:
+                self.count_request()
             if (not job.keep_alive or not self.alive or job.head.upgrade or job.close_after
                     or conn.closed):
                 self.close(conn)
             else:
-                now = time.monotonic()
                 conn.idle_since = now
                 # (both cached by SyncWorker.run) a pipelined request read in part while a
                 # pool thread had the connection has its head timed as in SyncWorker.feed
@@ -234,7 +237,7 @@ class ThreadWorker(SyncWorker):
                     conn.reader.events[:0] = job.pending
                     self.process(conn)
         self._update_board()
-        if self.alive:
+        if self.alive and not self.accepting:
             self._set_accepting(True)
 
     def sweep(self, now: float) -> None:
