@@ -36,8 +36,10 @@ SLACK = 1
 DEFER_CHECK = 0.001
 #: the longest a worker leaves waiting connections to its siblings in one go
 DEFER_MAX = 0.005
-#: deferrals that timed out in a row before balancing is suspended ...
-STALL_STREAK = 4
+#: deferrals that timed out in a row (about 0.1 s) before balancing may be suspended: long
+#: enough for a sibling that shares its CPU with a busier process to be scheduled again
+#: (with 4, a sibling next to a nice -10 CPU hog lost a burst 48/16 once in 25 runs) ...
+STALL_STREAK = 20
 #: ... for this long (seconds)
 BACKOFF = 0.5
 #: a sibling whose last beat is older than this is not counted (hung, stopped, or deep in a
