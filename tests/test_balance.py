@@ -235,3 +235,36 @@ def test_single_worker_accepts_a_burst(tiamat_server, tmp_path, kind):
             sock.close()
     assert len(pids) == 1
     assert time.monotonic() - start < 10
+
+
+def test_siblings_count_only_live_accepting_workers():
+    """The scoreboard side of the rule: who counts as a sibling to leave connections to."""
+    from tiamat.scoreboard import IDLE, Scoreboard
+
+    board = Scoreboard(8)
+    now = 100.0
+    for slot, pid in ((0, 10), (1, 11), (2, 12), (3, 13), (5, 15)):
+        board.reset(slot, pid, now)
+    me = board.writer(0)
+    me.ready(now)
+    me.held(7, True)
+    siblings = me.siblings()
+    assert board.read(0).connections == 7 and board.read(0).accepting
+    assert siblings.least(now, 2.0) is None  # all booting: nobody to leave connections to
+    board.writer(1).ready(now)
+    board.writer(1).held(5, True)
+    board.writer(2).ready(now)
+    board.writer(2).held(1, False)  # at its limit or paused: not counted
+    board.writer(3).ready(now - 5)  # stopped beating: not counted
+    board.writer(3).held(0, True)
+    board.writer(5).ready(now)  # a refork mold or a class that does not balance: never wrote
+    assert siblings.least(now, 2.0) == 5
+    board.writer(1).stopping(now)  # stopping clears the count: not counted any more
+    assert board.read(1).connections == 0 and not board.read(1).accepting
+    assert siblings.least(now, 2.0) is None
+    board.reset(4, 14, now)  # a record taken after the last refresh is seen after the next
+    board.writer(4).ready(now)
+    board.writer(4).held(2, True)
+    assert siblings.least(now, 2.0) is None
+    siblings.refresh()
+    assert board.read(4).state == IDLE and siblings.least(now, 2.0) == 2
