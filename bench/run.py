@@ -966,6 +966,7 @@ def main() -> int:
             report += ["## Instructions per request (valgrind, user space, 1 worker)", "",
                        instructions(args, log_dir), ""]
         else:
+            args.balance = args.balance or args.balance_pinned
             if args.all or not (args.balance or args.startstop):
                 rows = throughput(args, log_dir)
                 report += ["## Throughput", "", table(rows), ""]
@@ -973,7 +974,6 @@ def main() -> int:
                          and any(r.scenario is sc for r in rows)]
                 commands = [f"- {r.scenario.name} / {r.server.label}: `{r.command}`" for r in rows]
                 report += [*notes, "", "Command lines:", "", *commands, ""]
-            args.balance = args.balance or args.balance_pinned
             if args.balance or args.all:
                 where = "workers on CPU 0, wrk on CPU 1" if args.balance_pinned else "unpinned"
                 report += [f"## Even load across 2 workers (64 keep-alive connections, {where})", "",
