@@ -20,6 +20,7 @@ from tiamat.config import load_config
 from tiamat.http import h1
 from tiamat.http.h1 import RequestHead, RequestReader
 from tiamat.http.h11_reader import H11RequestReader
+from tiamat.http.proxy import TRUSTED_KEY
 from tiamat.wsgi import WSGIHandler
 
 READERS = [RequestReader, H11RequestReader]
@@ -217,3 +218,35 @@ def test_other_callables_are_called_as_they_are() -> None:
         handler = WSGIHandler(app, load_config({}, environ={}), multithread=False)
         _, data = _answer(handler, b"GET / HTTP/1.1\r\nHost: a\r\n\r\n")
         assert data.endswith(b"\r\n\r\nfunction")
+
+
+# --- forwarding headers noticed as the environ is built ----------------------------------
+
+
+def _environ(request: bytes, trusted: bool, cfg_values: dict[str, Any] | None = None) -> dict:
+    cfg = load_config(cfg_values or {}, environ={})
+    handler = WSGIHandler(_function_app, cfg, multithread=False)
+    conn_environ = handler.connection_environ(("10.0.0.9", 5000), ("127.0.0.1", 80), "http")
+    if trusted:
+        conn_environ[TRUSTED_KEY] = True
+    return handler.build_environ(_head(request), io.BytesIO(), conn_environ)
+
+
+@pytest.mark.parametrize("fields", [
+    b"X-Forwarded-For: 203.0.113.7\r\n",
+    b"X-Forwarded-For: 198.51.100.1\r\nX-Forwarded-For: 203.0.113.7\r\n",  # a repeated one
+    b"User-Agent: u\r\nx-forwarded-for: 203.0.113.7\r\nAccept: */*\r\n",
+])
+def test_forwarding_headers_apply_only_from_a_trusted_peer(fields: bytes) -> None:
+    request = b"GET / HTTP/1.1\r\nHost: a\r\n" + fields + b"\r\n"
+    assert _environ(request, trusted=True)["REMOTE_ADDR"] == "203.0.113.7"
+    assert _environ(request, trusted=False)["REMOTE_ADDR"] == "10.0.0.9"
+
+
+def test_a_configured_secure_scheme_header_counts_as_forwarding() -> None:
+    values = {"secure_scheme_headers": {"X-Forwarded-Ssl": "on"}}
+    request = b"GET / HTTP/1.1\r\nHost: a\r\nX-Forwarded-Ssl: on\r\n\r\n"
+    assert _environ(request, trusted=True, cfg_values=values)["wsgi.url_scheme"] == "https"
+    assert _environ(request, trusted=False, cfg_values=values)["wsgi.url_scheme"] == "http"
+    plain = b"GET / HTTP/1.1\r\nHost: a\r\n\r\n"
+    assert _environ(plain, trusted=True, cfg_values=values)["wsgi.url_scheme"] == "http"

@@ -193,6 +193,7 @@ def _app_head(status: str, headers: list[tuple[str, str]]) -> tuple[int, bytes, 
 
 
 _new_object = object.__new__
+_NO_KEYS: frozenset[str] = frozenset()
 
 _HEADER_KEYS: dict[bytes, str | None] = {}
 #: how many request targets a handler keeps decoded (then it starts afresh)
@@ -300,6 +301,14 @@ class WSGIHandler:
         environ["PATH_INFO"], environ["QUERY_STRING"], environ["RAW_URI"] = target
         environ["SERVER_PROTOCOL"] = "HTTP/1.1" if head.version == "1.1" else "HTTP/1.0"
         environ["wsgi.input"] = body
+        # from a trusted peer (the worker decides per connection: loopback by default, or the
+        # proxy in front), whether a forwarding header came is noted as the keys go in (a
+        # set lookup per new key), not found afterwards by testing the environ for every
+        # forwarding key (a key view and its walk): ~1.7k instructions less per request from
+        # a trusted peer, ~0.2k more per request from an untrusted one (an empty set's lookup
+        # per field)
+        forwarded_keys = self.forwarded_keys if TRUSTED_KEY in conn_environ else _NO_KEYS
+        forwarding = False
         for name, value in head.headers:
             key = _HEADER_KEYS.get(name) or environ_key(name)
             if key is None:
@@ -307,14 +316,14 @@ class WSGIHandler:
             text = value.decode("latin-1")
             if key in environ and key.startswith("HTTP_"):
                 text = environ[key] + ("; " if key == "HTTP_COOKIE" else ",") + text
+            elif key in forwarded_keys:
+                forwarding = True
             environ[key] = text
         if head.chunked and "CONTENT_LENGTH" not in environ:
             size = _stream_size(body)
             if size is not None:
                 environ["CONTENT_LENGTH"] = str(size)
-        # the peer's trust is decided once per connection by the worker; most requests from
-        # a trusted peer carry no forwarding header at all (see proxy.apply_to_environ)
-        if TRUSTED_KEY in conn_environ and not environ.keys().isdisjoint(self.forwarded_keys):
+        if forwarding:  # (most requests, even from a trusted proxy, carry none)
             apply_to_environ(environ, head.headers, self.forwarded)
         return environ
 
