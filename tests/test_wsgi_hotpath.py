@@ -250,3 +250,23 @@ def test_a_configured_secure_scheme_header_counts_as_forwarding() -> None:
     assert _environ(request, trusted=False, cfg_values=values)["wsgi.url_scheme"] == "http"
     plain = b"GET / HTTP/1.1\r\nHost: a\r\n\r\n"
     assert _environ(plain, trusted=True, cfg_values=values)["wsgi.url_scheme"] == "http"
+
+
+# --- the connection's environ, shaped to leave room for each request's keys ---------------
+
+
+def test_an_environ_shows_no_placeholder_and_no_padding() -> None:
+    handler = WSGIHandler(_function_app, load_config({}, environ={}), multithread=False)
+    conn_environ = handler.connection_environ(("10.0.0.9", 5000), ("127.0.0.1", 80), "http")
+    assert not [key for key in conn_environ if key.startswith("tiamat.pad")]
+    body = io.BytesIO()
+    environ = handler.build_environ(_head(b"POST /p?q=1 HTTP/1.0\r\nHost: a\r\nX-A: 1\r\n"
+                                          b"Content-Length: 0\r\n\r\n"), body, conn_environ)
+    assert (environ["REQUEST_METHOD"], environ["PATH_INFO"], environ["QUERY_STRING"],
+            environ["RAW_URI"], environ["SERVER_PROTOCOL"]) == ("POST", "/p", "q=1", "/p?q=1",
+                                                                "HTTP/1.0")
+    assert environ["wsgi.input"] is body
+    assert None not in environ.values()
+    assert not [key for key in environ if key.startswith("tiamat.pad")]
+    assert {key for key in environ if key.startswith(("HTTP_", "CONTENT_"))} == {
+        "HTTP_HOST", "HTTP_X_A", "CONTENT_LENGTH"}
