@@ -67,5 +67,6 @@ def test_a_replacement_worker_pauses_too_and_the_master_collects(tiamat_server, 
     assert report.read_text().split() == ["1"]  # the master's pause ended with its first fork
     loaded_with, enabled, frozen, pid = wait_for(
         lambda: (r := _report(server))[3] != first and r, message="a replacement worker")
+    assert pid in server.worker_pids()
     assert (loaded_with, enabled) == (0, 1)
     assert frozen > 10_000, frozen
