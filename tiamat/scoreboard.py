@@ -107,6 +107,13 @@ class Scoreboard:
         return SlotWriter(self.mem, slot * RECORD_SIZE)
 
 
+def _views(mem: mmap.mmap) -> tuple[memoryview, memoryview, memoryview]:
+    """The table as bytes, as doubles and as 8-byte words: a field is read or stored with one
+    index into the view of its type (offsets divided by the item size)."""
+    view = memoryview(mem)
+    return view, view.cast("d"), view.cast("Q")
+
+
 class SlotWriter:
     """The calls a worker makes on its own record.
 
@@ -121,10 +128,7 @@ class SlotWriter:
     def __init__(self, mem: mmap.mmap, base: int) -> None:
         self._mem = mem
         self._base = base
-        view = memoryview(mem)
-        self._bytes = view
-        self._doubles = view.cast("d")
-        self._words = view.cast("Q")
+        self._bytes, self._doubles, self._words = _views(mem)
         self._label = b""
         self.requests = 0
 
@@ -182,10 +186,7 @@ class Siblings:
     def __init__(self, mem: mmap.mmap, own_base: int) -> None:
         self._mem = mem
         self._own = own_base
-        view = memoryview(mem)
-        self._bytes = view
-        self._doubles = view.cast("d")
-        self._words = view.cast("Q")
+        self._bytes, self._doubles, self._words = _views(mem)
         #: the byte offsets of the other records in use
         self.bases: list[int] = []
         self.refresh()
