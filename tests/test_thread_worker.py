@@ -303,3 +303,29 @@ def test_answers_that_close_wake_the_loop_at_once(tiamat_server):
                 data += chunk
             assert data.startswith(b"HTTP/1.1 200") and data.endswith(b"hello")
     assert time.monotonic() - start < 4.5
+
+
+def test_a_long_request_is_off_the_scoreboard_as_soon_as_it_is_answered(tiamat_server, tmp_path):
+    """An answered keep-alive connection is taken back lazily, but not after a long request:
+    until it is taken back the scoreboard shows the request as the worker's current one, and
+    a request that ran close to --timeout would be killed as stuck after its answer."""
+    import json
+    import subprocess
+    import sys
+
+    control = str(tmp_path / "ctl.sock")
+    server = tiamat_server(APP, "-k", "thread", "--threads", "2", "--control-socket", control)
+    with socket.create_connection((server.host, server.port), timeout=15) as sock:
+        for _ in range(3):
+            sock.sendall(b"GET /sleep?s=0.2 HTTP/1.1\r\nHost: t\r\n\r\n")
+            data = b""
+            while b"slept" not in data:
+                more = sock.recv(4096)
+                assert more, server.log()
+                data += more
+            # the connection stays open and quiet; the worker's next sweep is up to 0.5 s away
+            status = subprocess.run([sys.executable, "-m", "tiamat", "status", "--json",
+                                     "--control-socket", control], capture_output=True,
+                                    text=True, timeout=15)
+            workers = json.loads(status.stdout)["workers"]
+            assert [w["state"] for w in workers] == ["idle"], workers

@@ -44,6 +44,11 @@ from tiamat.workers.sync import STOP_GRACE, Connection, SyncWorker, request_body
 log = logging.getLogger("tiamat.error")
 
 _FOREVER = float("inf")
+#: an answered request is taken back lazily only if it ran less than this (seconds); a longer
+#: one wakes the loop, which then shows the worker idle at once: until it is taken back the
+#: scoreboard shows it as the worker's current request, and a request that ran close to
+#: --timeout must not be killed as stuck after its answer (a wake-up is nothing next to it)
+LAZY_FOR = 0.05
 
 
 def _batch_policy() -> None:
@@ -166,7 +171,8 @@ class ThreadWorker(SyncWorker):
             # in the 10 ms sleep row.  Checked after ``finished`` is set: on_readable and
             # close() set their flag first and look at ``finished`` after.
             if (job.keep_alive and not (job.pending or job.unwatched or job.close_after)
-                    and not job.head.upgrade and self.alive and self.accepting):
+                    and not job.head.upgrade and self.alive and self.accepting
+                    and time.monotonic() - job.start < LAZY_FOR):
                 continue
             # one wake-up byte per batch, not per request: the loop clears the flag before it
             # takes the finished jobs, so a job appended after that writes a new byte
