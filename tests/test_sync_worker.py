@@ -355,3 +355,16 @@ def test_no_validator_complaints_in_the_log(server):
     assert "WSGIWarning" not in log
     assert "AssertionError" not in log
     assert "Exception ignored" not in log
+
+
+def test_a_read_that_fills_the_buffer_is_read_on_without_a_new_report(server):
+    """Connections are watched edge-triggered: bytes left in the socket after a read that
+    filled its 64 KiB buffer are reported by no new event, so the worker reads on by itself.
+    2,500 pipelined requests (~80 KB) sent at once must all be answered."""
+    count = 2500
+    sock, reader = connect(server, timeout=10)
+    with sock:
+        sock.sendall(b"".join(GET % f"/?{i:05d}".encode() for i in range(count)))
+        assert len(GET % b"/?00000") * count > 65536
+        for _ in range(count):
+            assert reader.read().status == 200

@@ -329,3 +329,21 @@ def test_a_long_request_is_off_the_scoreboard_as_soon_as_it_is_answered(tiamat_s
                                     text=True, timeout=15)
             workers = json.loads(status.stdout)["workers"]
             assert [w["state"] for w in workers] == ["idle"], workers
+
+
+def test_pipelined_requests_beyond_one_read_are_all_answered(tiamat_server):
+    """Edge-triggered connections (see SyncWorker.conn_read): what one 64 KiB read leaves in
+    the socket is reported by no new event, also while a pool thread has the connection."""
+    server = tiamat_server(APP, "-k", "thread", "--threads", "4")
+    count = 2500
+    request = b"GET /?%05d HTTP/1.1\r\nHost: t\r\n\r\n"
+    assert len(request % 0) * count > 65536
+    with socket.create_connection((server.host, server.port), timeout=15) as sock:
+        sock.sendall(b"".join(request % i for i in range(count)))
+        data, answered = b"", 0
+        while answered < count:
+            more = sock.recv(65536)
+            assert more, f"closed after {answered} answers"
+            data += more
+            answered += data.count(b"HTTP/1.1 200")
+            data = data[data.rfind(b"HTTP/1.1 200") + 1:] if b"HTTP/1.1 200" in data else data

@@ -18,6 +18,9 @@ from typing import Any, Protocol
 
 READ = selectors.EVENT_READ
 WRITE = selectors.EVENT_WRITE
+#: with READ: edge-triggered (EPOLLET): reported when bytes arrive, not while any are waiting,
+#: so the reader must read until a short read (see SyncWorker.conn_read)
+EDGE = 4
 
 
 class _HasFileno(Protocol):
@@ -29,7 +32,8 @@ def _fd(fileobj: int | _HasFileno) -> int:
 
 
 def _mask(events: int) -> int:
-    return (select.EPOLLIN if events & READ else 0) | (select.EPOLLOUT if events & WRITE else 0)
+    return ((select.EPOLLIN if events & READ else 0) | (select.EPOLLOUT if events & WRITE else 0)
+            | (select.EPOLLET if events & EDGE else 0))
 
 
 class Poller:

@@ -33,7 +33,7 @@ from tiamat.http.response import CONTINUE_100, error_response
 from tiamat.sockets import ACCEPT_PAUSE, ACCEPT_RETRY, ACCEPT_SKIP
 from tiamat.workers.balance import DEFER_CHECK, AcceptBalance
 from tiamat.workers.base import STOP_GRACE, Worker
-from tiamat.workers.poller import READ, WRITE, Poller
+from tiamat.workers.poller import EDGE, READ, WRITE, Poller
 from tiamat.wsgi import ClientDisconnected, WSGIHandler
 
 log = logging.getLogger("tiamat.error")
@@ -247,6 +247,18 @@ class SyncWorker(Worker):
         if not hasattr(self, "ssl_context"):
             self.ssl_context = _tls_context(cfg)
         self.scheme = "https" if self.ssl_context is not None else "http"
+        # Plain connections are watched edge-triggered.  Level-triggered, epoll puts every
+        # connection it reports straight back on its ready list (it is still readable: the
+        # loop has not read it yet), so a request arriving just after a loop pass began
+        # queued behind all of them and was served last in the next pass, after waiting
+        # through two: under a keep-alive load of 64 connections, a p99 of two passes (1.6
+        # against granian's 1.2 ms; edge-triggered 1.0-1.3 ms, at the same req/s).  The
+        # price: a read that fills its buffer may leave bytes no event will report, so such
+        # a connection is read again in the next pass (readable_again).  TLS connections
+        # stay level-triggered: OpenSSL may hold decrypted bytes the socket no longer shows.
+        self.conn_read = READ if self.ssl_context is not None else READ | EDGE
+        #: plain connections whose last read filled its buffer: read again next pass
+        self.readable_again: list[Connection] = []
         self.forwarded = self.handler.forwarded  # the handler's: parsed once per worker
         self.proxy_mode = cfg.proxy_protocol
         self.proxy_peers = ForwardedRules(cfg.proxy_allow_ips) if self.proxy_mode != "off" else None
@@ -312,7 +324,7 @@ class SyncWorker(Worker):
         data_of = self.selector.data.get
         next_sweep = 0.0
         while self.alive:
-            for fd, _ in poll(self.poll_timeout):
+            for fd, _ in poll(0.0 if self.readable_again else self.poll_timeout):
                 data = data_of(fd)  # (None: closed by an event before it in this batch)
                 if data.__class__ is Connection:
                     self.on_readable(data)
@@ -324,6 +336,11 @@ class SyncWorker(Worker):
                     self.handle_channel()
                 if not self.alive:
                     break
+            if self.readable_again:
+                again, self.readable_again = self.readable_again, []
+                for conn in again:
+                    if not conn.closed and self.alive:
+                        self.on_readable(conn)
             now = time.monotonic()
             if self.deferred:
                 self._review_deferral(now)
@@ -383,7 +400,7 @@ class SyncWorker(Worker):
             self.connections[sock.fileno()] = conn
             if self.ssl_context is not None and not conn.proxy_pending:
                 self._start_tls(conn)
-            self.selector.register(conn.sock, READ, conn)
+            self.selector.register(conn.sock, self.conn_read, conn)
             if balance is not None:
                 self.board.held(len(self.connections), True)
 
@@ -443,6 +460,8 @@ class SyncWorker(Worker):
             self.close(conn)
             return
         self.feed(conn, data)
+        if len(data) == size and not conn.tls:  # more may wait, unreported (see conn_read)
+            self.readable_again.append(conn)
 
     def _recv_pending(self, conn: Connection, data: bytes) -> bytes:
         """Add the bytes OpenSSL already decrypted and buffered: the selector cannot see them."""
@@ -700,7 +719,7 @@ class SyncWorker(Worker):
             conn.body.close()
             conn.body = None
         try:
-            self.selector.modify(conn.sock, READ, conn)
+            self.selector.modify(conn.sock, READ if conn.tls else self.conn_read, conn)
         except (KeyError, ValueError):
             self._close_now(conn)
 
@@ -719,6 +738,8 @@ class SyncWorker(Worker):
             if conn.linger_budget <= 0:
                 break
         else:
+            if not conn.tls:  # edge-triggered: nothing may report what is left
+                self.readable_again.append(conn)
             return
         self._close_now(conn)
 
@@ -743,9 +764,26 @@ class SyncWorker(Worker):
                 self.balance.end()
                 self._undefer()
 
+    def read_unreported(self) -> None:
+        """As a stop begins: read every plain connection once.  Edge-triggered (see
+        conn_read), bytes whose report the loop's last pass left unhandled when it stopped,
+        or that a full read left behind, would never be reported again: the request would
+        look unsent and its connection be closed as idle (a reset for a client that did
+        nothing wrong).  An empty socket costs one EAGAIN."""
+        self.readable_again.clear()
+        for conn in list(self.connections.values()):
+            if not conn.closed and not conn.tls:
+                self.on_readable(conn)
+
     def _serve_stopping(self, timeout: float) -> None:
         """One pass of the loop while stopping: connections, wake-ups and the channel, no
         listeners (shared by this class's and the thread worker's shutdown)."""
+        if self.readable_again:
+            again, self.readable_again = self.readable_again, []
+            for conn in again:
+                if not conn.closed:
+                    self.on_readable(conn)
+            timeout = 0.0
         data_of = self.selector.data.get
         for fd, _ in self.selector.poll(timeout):
             data = data_of(fd)
@@ -766,6 +804,9 @@ class SyncWorker(Worker):
         now = time.monotonic()
         self.board.stopping(now)
         self._release_listeners()
+        if not self.quick:
+            self.read_unreported()
+        now = time.monotonic()
         deadline = now + STOP_GRACE
         while not self.quick and self.connections and now < deadline:
             for conn in list(self.connections.values()):

@@ -38,7 +38,6 @@ from collections import deque
 from typing import BinaryIO
 
 from tiamat.http.h1 import RequestHead
-from tiamat.workers.poller import READ
 from tiamat.workers.sync import STOP_GRACE, Connection, SyncWorker, request_body
 
 log = logging.getLogger("tiamat.error")
@@ -237,8 +236,8 @@ class ThreadWorker(SyncWorker):
                 # pool thread had the connection has its head timed as in SyncWorker.feed
                 conn.deadline = now + (self.header_timeout if conn.reader.in_message
                                        else self.keepalive_timeout)
-                if job.unwatched:
-                    self.selector.register(conn.sock, READ, conn)
+                if job.unwatched:  # (registering reports bytes already waiting, edge or not)
+                    self.selector.register(conn.sock, self.conn_read, conn)
                 if job.pending:
                     conn.reader.events[:0] = job.pending
                     self.process(conn)
@@ -278,6 +277,8 @@ class ThreadWorker(SyncWorker):
         """
         self.board.stopping(time.monotonic())
         self._release_listeners()  # refuse new clients now rather than leave them in the backlog
+        if not self.quick:
+            self.read_unreported()
         deadline = time.monotonic() + self.cfg.graceful_timeout
         while self.in_flight and not self.quick and time.monotonic() < deadline:
             now = time.monotonic()
