@@ -1,4 +1,4 @@
-"""The cyclic collector's start-up pause (issue 6, item 4; tiamat.memory.collector_paused).
+"""The cyclic collector's start-up pause (issue 6, item 4; tiamat.memory, the start-up pause).
 
 The command pauses the collector before importing anything, the master resumes it with its
 first fork, and each worker pauses it from its fork until its app is loaded, then freezes

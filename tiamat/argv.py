@@ -18,7 +18,7 @@ from __future__ import annotations
 import os
 from typing import Any
 
-from tiamat.settings import SETTINGS
+from tiamat.settings import SETTINGS, Setting
 
 #: the control subcommands (:data:`tiamat.control.SUBCOMMANDS`), repeated so that starting a
 #: server does not import tiamat.control (tests/test_docs.py checks that both agree)
@@ -28,20 +28,25 @@ _VALUE, _ON, _OFF = 0, 1, 2
 _flags: dict[str, tuple[str, int, bool]] | None = None
 
 
+def switches(setting: Setting) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """The spellings that switch a ``bool`` setting on and off on the command line, for
+    both readers (tiamat.cli builds its click options from them): all of them, except that
+    a setting with both kinds is click's ``--on/--off`` pair, one spelling each."""
+    if setting.flags and setting.off_flags:
+        return setting.flags[-1:], setting.off_flags[:1]
+    return setting.flags, setting.off_flags
+
+
 def _table() -> dict[str, tuple[str, int, bool]]:
-    """flag -> (setting name, what it does, repeatable), registered as tiamat.cli._option
-    registers them with click."""
+    """flag -> (setting name, what it does, repeatable)."""
     global _flags
     if _flags is None:
         _flags = {}
         for s in SETTINGS:
             if s.kind == "bool":
-                if s.flags and s.off_flags:  # click's "--on/--off" pair: one spelling each
-                    _flags[s.flags[-1]] = (s.name, _ON, False)
-                    _flags[s.off_flags[0]] = (s.name, _OFF, False)
-                else:
-                    _flags.update((f, (s.name, _ON, False)) for f in s.flags)
-                    _flags.update((f, (s.name, _OFF, False)) for f in s.off_flags)
+                on, off = switches(s)
+                _flags.update((f, (s.name, _ON, False)) for f in on)
+                _flags.update((f, (s.name, _OFF, False)) for f in off)
             else:
                 _flags.update((f, (s.name, _VALUE, s.kind == "list")) for f in s.flags)
     return _flags

@@ -16,7 +16,7 @@ from typing import Any, NoReturn
 import click
 
 from tiamat import __version__, launch
-from tiamat.argv import SUBCOMMANDS
+from tiamat.argv import SUBCOMMANDS, switches
 from tiamat.settings import SETTINGS, Setting
 
 
@@ -24,14 +24,11 @@ def _option(setting: Setting) -> click.Option | None:
     name = setting.name
     metavar = setting.metavar or setting.kind.upper()
     if setting.kind == "bool":
-        if setting.flags and setting.off_flags:
-            decls = [f"{setting.flags[-1]}/{setting.off_flags[0]}", name]
-            return click.Option(decls, default=None, help=setting.help)
-        if setting.flags:
-            return click.Option([*setting.flags, name], is_flag=True, flag_value=True,
-                                default=None, help=setting.help)
-        if setting.off_flags:
-            return click.Option([*setting.off_flags, name], is_flag=True, flag_value=False,
+        on, off = switches(setting)
+        if on and off:
+            return click.Option([f"{on[0]}/{off[0]}", name], default=None, help=setting.help)
+        if on or off:
+            return click.Option([*(on or off), name], is_flag=True, flag_value=bool(on),
                                 default=None, help=setting.help)
         return None
     if not setting.flags:

@@ -144,10 +144,6 @@ def pause_collector(threshold: int | None = None) -> None:
         gc.set_threshold(0)
 
 
-def collector_paused() -> bool:
-    return bool(_resume_threshold)
-
-
 def freeze_startup_objects() -> None:
     """While the pause lasts: move every object so far to the permanent generation.  The
     master calls it right before forking its first worker, a worker once its app is loaded
