@@ -66,3 +66,15 @@ def test_keep_alive_answer_leaves_the_connection_usable(tiamat_server, kind):
                 answer += data
         sock.sendall(b"GET /connection?v=close HTTP/1.1\r\nHost: t\r\n\r\n")
         assert read_until_closed(sock).endswith(b"told")
+
+
+@pytest.mark.parametrize("kind", sorted(APPS))
+def test_an_app_content_length_is_digits_only(tiamat_server, kind):
+    """One rule (tiamat.http.response.app_content_length) for both paths: a Content-Length
+    the app gives is ASCII digits, else the app's error (a 500), never sent on as given."""
+    server = tiamat_server("-k", kind, APPS[kind])
+    status, _, body = server.get("/length?v=4")
+    assert (status, body) == (200, b"told")
+    for bad in ("-1", "1_0", "+4", " 4"):
+        status, headers, _ = server.get(f"/length?v={quote(bad)}")
+        assert status == 500, (bad, status, headers)

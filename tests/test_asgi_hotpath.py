@@ -73,9 +73,9 @@ def test_caches_stay_bounded(state):
         asgi_http.header_block([(b"x-id", b"%d" % n), (b"content-length", b"%d" % n)])
         asgi_http._content_length(n)
         asgi_http._scope_path(state.paths, state, b"/item/%d" % n)
-    assert len(asgi_http._LINES) <= asgi_http._LINES_MAX
-    assert len(asgi_http._LENGTHS) <= 512
-    assert len(state.paths) <= 512
+    assert len(asgi_http._LINES) <= asgi_http.MEMO_ENTRIES
+    assert len(asgi_http._LENGTHS) <= asgi_http.MEMO_ENTRIES
+    assert len(state.paths) <= asgi_http.MEMO_ENTRIES
     long_path = b"/" + b"a" * 1000
     assert asgi_http._scope_path(state.paths, state, long_path) == (long_path.decode(), long_path)
     assert long_path not in state.paths

@@ -18,7 +18,7 @@ import pytest
 from tests.test_reader_unit import CORPUS
 from tiamat.config import load_config
 from tiamat.http import h1
-from tiamat.http.h1 import RequestHead, RequestReader
+from tiamat.http.h1 import MEMO_ENTRIES, MEMO_KEY_BYTES, RequestHead, RequestReader
 from tiamat.http.h11_reader import H11RequestReader
 from tiamat.http.proxy import TRUSTED_KEY
 from tiamat.wsgi import WSGIHandler
@@ -270,3 +270,18 @@ def test_an_environ_shows_no_placeholder_and_no_padding() -> None:
     assert not [key for key in environ if key.startswith("tiamat.pad")]
     assert {key for key in environ if key.startswith(("HTTP_", "CONTENT_"))} == {
         "HTTP_HOST", "HTTP_X_A", "CONTENT_LENGTH"}
+
+
+def test_decoded_targets_stay_bounded_and_long_ones_are_not_kept() -> None:
+    handler = WSGIHandler(_function_app, load_config({}, environ={}), multithread=False)
+    conn_environ = handler.connection_environ(("127.0.0.1", 1), ("127.0.0.1", 2), "http")
+    for n in range(MEMO_ENTRIES * 3):
+        environ = handler.build_environ(_head(b"GET /item/%d?x=1 HTTP/1.1\r\nHost: a\r\n\r\n" % n),
+                                        io.BytesIO(), conn_environ)
+        assert environ["PATH_INFO"] == f"/item/{n}"
+    assert 0 < len(handler._targets) <= MEMO_ENTRIES
+    handler._targets.clear()
+    long_target = b"/" + b"a" * (MEMO_KEY_BYTES + 1)
+    environ = handler.build_environ(_head(b"GET %s HTTP/1.1\r\nHost: a\r\n\r\n" % long_target),
+                                    io.BytesIO(), conn_environ)
+    assert environ["RAW_URI"] == long_target.decode() and not handler._targets

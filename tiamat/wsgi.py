@@ -20,11 +20,12 @@ from typing import Any, BinaryIO, Protocol
 from urllib.parse import unquote_to_bytes
 
 from tiamat import __version__, accesslog, hooks, logs, metrics
-from tiamat.http.h1 import KNOWN_METHODS, RequestHead
+from tiamat.http.h1 import KNOWN_METHODS, MEMO_ENTRIES, MEMO_KEY_BYTES, RequestHead
 from tiamat.http.proxy import TRUSTED_KEY, ForwardedRules, apply_to_environ
 from tiamat.http.response import (
     CHUNKED_HEADER,
     LAST_CHUNK,
+    app_content_length,
     asks_close,
     body_allowed,
     chunk,
@@ -147,7 +148,6 @@ class _Response:
 #: answers with a handful of distinct header sets, so a response head costs one dict lookup
 #: instead of a scan that lower-cases, checks and encodes every header (cleared when full).
 _HEAD_CACHE: dict[tuple[str, tuple[tuple[str, str], ...]], tuple[int, bytes, int | None, bool]] = {}
-_HEAD_CACHE_SIZE = 512
 
 
 def _app_head(status: str, headers: list[tuple[str, str]]) -> tuple[int, bytes, int | None, bool]:
@@ -169,9 +169,7 @@ def _app_head(status: str, headers: list[tuple[str, str]]) -> tuple[int, bytes, 
     for name, value in headers:
         lname = name.lower()
         if lname == "content-length":
-            content_length = int(value)
-            if content_length < 0:
-                raise ValueError(f"invalid Content-Length {value!r}")
+            content_length = app_content_length(value)
             continue
         if lname == "connection":
             close = close or asks_close(value)
@@ -186,7 +184,7 @@ def _app_head(status: str, headers: list[tuple[str, str]]) -> tuple[int, bytes, 
         block += b"Content-Length: %d\r\n" % content_length
     result = (status_code, block, content_length, close)
     if key is not None:
-        if len(_HEAD_CACHE) >= _HEAD_CACHE_SIZE:
+        if len(_HEAD_CACHE) >= MEMO_ENTRIES:
             _HEAD_CACHE.clear()
         _HEAD_CACHE[key] = result
     return result
@@ -196,8 +194,6 @@ _new_object = object.__new__
 _NO_KEYS: frozenset[str] = frozenset()
 
 _HEADER_KEYS: dict[bytes, str | None] = {}
-#: how many request targets a handler keeps decoded (then it starts afresh)
-_TARGETS_KEPT = 1024
 #: REQUEST_METHOD for the methods the core knows, decoded once
 _METHOD_NAMES = {method: method.decode("ascii") for method in KNOWN_METHODS}
 
@@ -371,9 +367,10 @@ class WSGIHandler:
         if root and (path_info == root or path_info.startswith(root + "/")):
             path_info = path_info[len(root):]
         keys = (path_info, head.query.decode("latin-1"), raw_uri)
-        if len(self._targets) >= _TARGETS_KEPT:
-            self._targets.clear()
-        self._targets[target] = keys
+        if len(target) <= MEMO_KEY_BYTES:  # (see tiamat.http.h1.MEMO_ENTRIES)
+            if len(self._targets) >= MEMO_ENTRIES:
+                self._targets.clear()
+            self._targets[target] = keys
         return keys
 
     def handle(self, head: RequestHead, body: BinaryIO, conn_environ: dict[str, Any],
@@ -533,7 +530,7 @@ class WSGIHandler:
         plan = (status_code, block + CHUNKED_HEADER if chunked else block, content_length,
                 chunked, keep_alive, send_body)
         if keep:
-            if len(self._plans) >= _HEAD_CACHE_SIZE:
+            if len(self._plans) >= MEMO_ENTRIES:
                 self._plans.clear()
             self._plans[key] = plan
         return plan

@@ -79,6 +79,8 @@ async def _http(scope, receive, send):
         await _respond(send, 200, body)
     elif path == "/connection":  # answers with the Connection header in ?v=
         await _respond(send, 200, b"told", [(b"connection", query["v"][0].encode())])
+    elif path == "/length":  # answers "told" with the Content-Length header in ?v=
+        await _respond(send, 200, b"told", [(b"content-length", query["v"][0].encode())])
     elif path == "/stream":
         count = int(query.get("n", ["5"])[0])
         await send({"type": "http.response.start", "status": 200, "headers": []})

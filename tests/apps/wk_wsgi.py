@@ -17,6 +17,9 @@ def application(environ, start_response):
     elif path == "/info":
         body = (f"pid={os.getpid()} thread={threading.current_thread().name} "
                 f"multithread={environ['wsgi.multithread']}").encode()
+    elif path == "/length":  # answers "told" with the Content-Length header in ?v=
+        start_response("200 OK", [("Content-Type", "text/plain"), ("Content-Length", query["v"][0])])
+        return [b"told"]
     elif path == "/connection":  # answers with the Connection header in ?v=
         body = b"told"
         start_response("200 OK", [("Content-Type", "text/plain"), ("Connection", query["v"][0]),

@@ -24,11 +24,12 @@ from urllib.parse import unquote_to_bytes
 from tiamat.asgi.state import ASGI_VERSION, ServerState
 from tiamat.http import proxy_protocol
 from tiamat.http.errors import ProtocolError
-from tiamat.http.h1 import END_OF_MESSAGE, RequestHead
+from tiamat.http.h1 import END_OF_MESSAGE, MEMO_ENTRIES, MEMO_KEY_BYTES, RequestHead
 from tiamat.http.proxy import apply_to_scope
 from tiamat.http.response import (
     CONTINUE_100,
     LAST_CHUNK,
+    app_content_length,
     asks_close,
     chunk,
     error_response,
@@ -64,9 +65,9 @@ def _scope_path(paths: dict[bytes, tuple[str, bytes]], state: ServerState,
         parts = (state.root_path + _decode_path(path), state.root_path_bytes + path)
     else:
         parts = (_decode_path(path), path)
-    if len(paths) >= 512 or len(path) > 256:
-        if len(path) > 256:
-            return parts
+    if len(path) > MEMO_KEY_BYTES:  # (see tiamat.http.h1.MEMO_ENTRIES)
+        return parts
+    if len(paths) >= MEMO_ENTRIES:
         paths.clear()
     paths[path] = parts
     return parts
@@ -79,8 +80,6 @@ _CONTENT_LENGTH, _CLOSE, _DROP = object(), object(), object()
 #: classifying and serialising the pair again.  Bounded: emptied when full, so pairs that
 #: never repeat (request ids, cookies) cost a refill now and then, and memory stays small.
 _LINES: dict[Any, Any] = {}
-_LINES_MAX = 512
-_LINE_CACHED_SIZE = 256
 
 
 def _header_line(pair: Any) -> Any:
@@ -99,9 +98,9 @@ def _header_line(pair: Any) -> Any:
         # line break (header injection)
         if line.count(b"\n") != 1 or line.count(b"\r") != 1:
             raise RuntimeError("a response header contains a line break")
-        if len(line) > _LINE_CACHED_SIZE:
+        if len(line) > MEMO_KEY_BYTES:
             return line
-    if len(_LINES) >= _LINES_MAX:
+    if len(_LINES) >= MEMO_ENTRIES:
         _LINES.clear()
     try:
         _LINES[pair] = line
@@ -143,10 +142,11 @@ _LENGTHS: dict[bytes | int, tuple[int, bytes]] = {}
 
 
 def _content_length(value: bytes | int) -> tuple[int, bytes]:
-    length = int(value)
+    """(an app's raw value, checked by the core's rule, or a body's length as counted)"""
+    length = value if value.__class__ is int else app_content_length(value)  # type: ignore[arg-type]
     parts = (length, b"Content-Length: %d\r\n" % length)
     if value.__class__ is bytes or value.__class__ is int:
-        if len(_LENGTHS) >= 512:
+        if len(_LENGTHS) >= MEMO_ENTRIES:
             _LENGTHS.clear()
         _LENGTHS[value] = parts
     return parts

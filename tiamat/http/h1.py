@@ -97,6 +97,14 @@ _VERSIONS = {b" HTTP/1.1\r\n": "1.1", b" HTTP/1.0\r\n": "1.0"}
 _HEAD, _LENGTH, _CHUNK_SIZE, _CHUNK_DATA, _CHUNK_CRLF, _TRAILER, _DONE = range(7)
 
 
+#: Bounds of the workers' hot-path memos (request targets and paths, the app's header lines,
+#: heads and lengths): at most MEMO_ENTRIES entries each (emptied when full: keys with ids
+#: in them do not repeat), and no key or line longer than MEMO_KEY_BYTES (a client sending
+#: distinct 8 KB targets would otherwise make a worker keep megabytes of them)
+MEMO_ENTRIES = 512
+MEMO_KEY_BYTES = 256
+
+
 class RequestHead:
     """A complete request head, with the body framing already decided by the core.
 

@@ -96,6 +96,15 @@ def asks_close(value: str | bytes) -> bool:
     return any(token.strip(" \t").lower() == "close" for token in text.split(","))
 
 
+def app_content_length(value: str | bytes) -> int:
+    """An app's Content-Length header value as a length, for the WSGI and the ASGI path
+    alike: ASCII digits only (RFC 9110 8.6), so no sign, spaces or ``1_0``; ValueError for
+    anything else, which the worker answers as the app's error (a 500)."""
+    if not (value.isdigit() and value.isascii()):  # (bytes.isdigit is ASCII-only anyway)
+        raise ValueError(f"invalid Content-Length {value!r}")
+    return int(value)
+
+
 def body_allowed(status_code: int) -> bool:
     """Whether a response with this status may have a body (not 1xx, 204, 304), so whether
     a Content-Length the server adds on its own would be right."""
