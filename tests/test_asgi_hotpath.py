@@ -47,7 +47,7 @@ def test_framing_memo_matches_decide_framing(state):
             assert line == status_line(status)
             assert chunked == (b"Transfer-Encoding: chunked\r\n" if expected.chunked else b"")
             end = head_end(framing.keep_alive, version)
-            assert end.endswith(connection_header(expected, version) + b"\r\n")
+            assert end.endswith(connection_header(expected.keep_alive, version) + b"\r\n")
 
 
 def test_header_block_cached_equals_fresh():

@@ -143,8 +143,6 @@ def test_apply_to_environ_and_scope_agree() -> None:
                (b"x-forwarded-host", b"h.example")]
     environ = {"wsgi.url_scheme": "http", "REMOTE_ADDR": "127.0.0.1", "REMOTE_PORT": "5",
                "HTTP_HOST": "x", "SERVER_NAME": "x", "SERVER_PORT": "80"}
-    apply_to_environ(environ, headers, RULES)
-    assert environ["REMOTE_ADDR"] == "127.0.0.1"  # the environ has no forwarding header: untouched
     environ.update({"HTTP_X_FORWARDED_FOR": "1.2.3.4", "HTTP_X_FORWARDED_PROTO": "https",
                     "HTTP_X_FORWARDED_HOST": "h.example"})  # as build_environ puts them
     apply_to_environ(environ, headers, RULES)

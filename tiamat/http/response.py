@@ -145,9 +145,9 @@ def _decide_framing(status_code: int, content_length: int | None, method: bytes,
     return Framing(chunked, keep_alive, send_body)
 
 
-def connection_header(framing: Framing, http_version: str) -> bytes:
-    """The Connection header this framing needs (none for the HTTP/1.1 keep-alive default)."""
-    if not framing.keep_alive:
+def connection_header(keep_alive: bool, http_version: str) -> bytes:
+    """The Connection header a response needs (none for the HTTP/1.1 keep-alive default)."""
+    if not keep_alive:
         return CLOSE_HEADER
     return KEEP_ALIVE_HEADER if http_version == "1.0" else b""
 
@@ -166,14 +166,11 @@ class HeadEnd:
     def get(self, keep_alive: bool, http_version: str) -> bytes:
         second = int(time.time())
         if second != self._second:
-            self._second = second
             lines = SERVER_HEADER + b"Date: " + http_date(second).encode() + b"\r\n"
-            self._ends = {
-                (True, "1.1"): lines + b"\r\n",
-                (True, "1.0"): lines + KEEP_ALIVE_HEADER + b"\r\n",
-                (False, "1.1"): lines + CLOSE_HEADER + b"\r\n",
-                (False, "1.0"): lines + CLOSE_HEADER + b"\r\n",
-            }
+            # (the ends before the second: a thread that sees the new second finds its ends)
+            self._ends = {(alive, version): lines + connection_header(alive, version) + b"\r\n"
+                          for alive in (True, False) for version in ("1.1", "1.0")}
+            self._second = second
         return self._ends[keep_alive, http_version]
 
     __call__ = get
