@@ -268,3 +268,39 @@ def test_siblings_count_only_live_accepting_workers():
     assert siblings.least(now, 2.0) is None
     siblings.refresh()
     assert board.read(4).state == IDLE and siblings.least(now, 2.0) == 2
+
+
+class _LoadedSiblings:
+    """A sibling that always holds no connection and never makes progress."""
+
+    def least(self, now: float, fresh: float) -> int:
+        return 0
+
+    def progress(self) -> float:
+        return 1.0
+
+
+def test_closes_while_deferring_do_not_put_the_bound_off():
+    """DEFER_MAX counts from a deferral's start: a worker whose own connections keep closing
+    (each close makes it look again, and defer again) must still take a waiting client once
+    DEFER_MAX has passed, not only when no close came for DEFER_MAX."""
+    from tiamat.workers.balance import DEFER_MAX, AcceptBalance
+
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(8)
+        balance = AcceptBalance(_LoadedSiblings(), [listener])  # type: ignore[arg-type]
+        now = 100.0
+        assert balance.over(5, now)
+        balance.begin(now)
+        balance.pause()  # a close, nobody waiting: the next deferral starts afresh
+        assert balance.defer_since == 0.0
+        balance.begin(now)
+        with socket.create_connection(listener.getsockname()):  # a client now waits
+            step = DEFER_MAX * 0.6
+            for i in range(1, 3):  # closes every 0.6 x DEFER_MAX, the client still waiting
+                balance.pause()
+                assert balance.over(5, now + i * step)
+                balance.begin(now + i * step)
+            assert balance.review(5, now + 2 * step)  # 1.2 x DEFER_MAX since the start
+            assert not balance.over(5, now + 2 * step)  # ... so the waiting client is taken

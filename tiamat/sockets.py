@@ -8,11 +8,13 @@ systemd socket activation they arrive as ``LISTEN_FDS``.
 from __future__ import annotations
 
 import errno
+import logging
 import os
+import select
 import socket
 import stat
 from collections.abc import Mapping
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 #: environment variable carrying inherited listening fds across a USR2 re-exec
 INHERIT_ENV = "TIAMAT_FD"
@@ -23,6 +25,46 @@ ACCEPT_SKIP = frozenset({errno.ECONNABORTED, errno.EPROTO})
 #: wakes again at once and the worker spins, logging the error over and over
 ACCEPT_PAUSE = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
 ACCEPT_RETRY = 1.0
+#: connections a worker accepts per wake-up before it turns to its other work
+ACCEPT_BATCH = 32
+
+_log = logging.getLogger("tiamat.error")
+
+
+class AcceptPaused(Exception):
+    """accept() ran out of descriptors or memory (logged already): the caller stops watching
+    its listener for ACCEPT_RETRY seconds, each worker class in its own way."""
+
+
+def accept_next(listener: socket.socket) -> tuple[socket.socket, Any] | None:
+    """The next connection waiting on a non-blocking listening socket, or None if none waits.
+
+    The one rule for accept()'s failures, for every worker class: a connection aborted before
+    it was taken (ACCEPT_SKIP) is passed over; running out of descriptors or memory
+    (ACCEPT_PAUSE) is logged and raises AcceptPaused; any other error is raised as it is.
+    """
+    while True:
+        try:
+            return listener.accept()
+        except (BlockingIOError, InterruptedError):
+            return None
+        except OSError as exc:
+            if exc.errno in ACCEPT_SKIP:
+                continue
+            if exc.errno in ACCEPT_PAUSE:
+                _log.error("accept failed: %s; not accepting for %g s", exc, ACCEPT_RETRY)
+                raise AcceptPaused from exc
+            raise
+
+
+def backlog_waiting(listeners: list[socket.socket]) -> bool:
+    """Whether a connection waits in the backlog of one of these listening sockets (a
+    zero-timeout poll: one syscall)."""
+    poller = select.poll()
+    for sock in listeners:
+        if sock.fileno() >= 0:  # (closed as the worker stops)
+            poller.register(sock, select.POLLIN)
+    return bool(poller.poll(0))
 SD_LISTEN_FDS_START = 3
 
 

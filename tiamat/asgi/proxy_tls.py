@@ -28,7 +28,7 @@ from typing import Any
 from tiamat.asgi.http import HttpProtocol
 from tiamat.asgi.state import ServerState
 from tiamat.http import proxy_protocol
-from tiamat.sockets import ACCEPT_PAUSE, ACCEPT_RETRY, ACCEPT_SKIP
+from tiamat.sockets import ACCEPT_RETRY, AcceptPaused, accept_next
 from tiamat.workers.base import STOP_GRACE
 
 log = logging.getLogger("tiamat.error")
@@ -61,18 +61,14 @@ class Listener:
             if sock is None:
                 return
             try:
-                conn, peer = sock.accept()
-            except (BlockingIOError, InterruptedError):
+                got = accept_next(sock)
+            except AcceptPaused:
+                state.loop.remove_reader(sock.fileno())
+                state.loop.call_later(ACCEPT_RETRY, self.retry)
                 return
-            except OSError as exc:
-                if exc.errno in ACCEPT_SKIP:
-                    continue
-                log.error("accept failed: %s", exc)
-                if exc.errno in ACCEPT_PAUSE:
-                    state.loop.remove_reader(sock.fileno())
-                    state.loop.call_later(ACCEPT_RETRY, self.retry)
+            if got is None:
                 return
-            Setup(state, conn, peer, self.factory()).start()
+            Setup(state, got[0], got[1], self.factory()).start()
 
     def retry(self) -> None:
         if self.sock is not None:

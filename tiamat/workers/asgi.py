@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import select
 import socket
 from time import monotonic
 from typing import Any
@@ -29,7 +28,7 @@ from tiamat.asgi.adapt import as_asgi3
 from tiamat.asgi.http import HttpProtocol
 from tiamat.asgi.lifespan import Lifespan
 from tiamat.asgi.state import ServerState
-from tiamat.sockets import ACCEPT_PAUSE, ACCEPT_RETRY, ACCEPT_SKIP
+from tiamat.sockets import ACCEPT_BATCH, ACCEPT_RETRY, AcceptPaused, accept_next
 from tiamat.workers.aio import AioWorker
 from tiamat.workers.balance import DEFER_CHECK, AcceptBalance
 from tiamat.workers.base import STOP_GRACE
@@ -57,18 +56,6 @@ def websocket_factory(choice: str) -> Any:
         log.warning("no WebSocket library installed (websockets or wsproto): WebSocket is off")
         return None
     return WsprotoProtocol
-
-
-#: connections accepted per wake-up (balanced accepting) before the loop runs other work
-ACCEPT_BATCH = 32
-
-
-def _pending(socks: list[Any]) -> bool:
-    """Whether a connection waits in the backlog of one of the listening sockets."""
-    poller = select.poll()
-    for sock in socks:
-        poller.register(sock, select.POLLIN)
-    return bool(poller.poll(0))
 
 
 class AsgiWorker(AioWorker):
@@ -108,7 +95,7 @@ class AsgiWorker(AioWorker):
         # than its least-loaded live sibling + 1 leaves the next connection to it), and
         # hands each socket to the loop (connect_accepted_socket).  PROXY+TLS listeners
         # accept in proxy_tls.Listener and are not balanced.
-        self.balance = AcceptBalance(self.board.siblings()) \
+        self.balance = AcceptBalance(self.board.siblings(), self.listeners) \
             if self.cfg.workers > 1 and not self.proxy_tls else None
 
         def factory() -> HttpProtocol:
@@ -168,7 +155,7 @@ class AsgiWorker(AioWorker):
             if self.defer_timer is not None:  # one fewer: look again when the next comes
                 self.defer_timer.cancel()
                 self.defer_timer = None
-                self.balance.end()
+                self.balance.pause()
                 self.update_watching()
         self.resume_accepting()
 
@@ -215,19 +202,15 @@ class AsgiWorker(AioWorker):
                 self.update_watching()
                 return
             try:
-                conn, _ = sock.accept()
-            except (BlockingIOError, InterruptedError):
+                got = accept_next(sock)
+            except AcceptPaused:
+                self.accept_error = True
+                self.update_watching()
+                self.loop.call_later(ACCEPT_RETRY, self.retry_accept)
                 return
-            except OSError as exc:
-                if exc.errno in ACCEPT_SKIP:
-                    continue
-                log.error("accept failed: %s; not accepting for %g s", exc, ACCEPT_RETRY)
-                if exc.errno in ACCEPT_PAUSE:
-                    self.accept_error = True
-                    self.update_watching()
-                    self.loop.call_later(ACCEPT_RETRY, self.retry_accept)
+            if got is None:
                 return
-            self.hand_off(conn)
+            self.hand_off(got[0])
 
     def hand_off(self, conn: socket.socket) -> None:
         """Give an accepted socket to the loop, as its own server would have."""
@@ -251,7 +234,7 @@ class AsgiWorker(AioWorker):
     def review_deferral(self) -> None:
         balance = self.balance
         assert balance is not None
-        if balance.review(self.held(), monotonic(), lambda: _pending(self.listeners)):
+        if balance.review(self.held(), monotonic()):
             self.defer_timer = None
             self.update_watching()
         else:
@@ -293,6 +276,7 @@ class AsgiWorker(AioWorker):
         if self.balance is not None:
             if self.defer_timer is not None:
                 self.defer_timer.cancel()
+                self.defer_timer = None  # (a deferral of accepts ends with the accepting)
             self.update_watching()  # (stopping: unwatched before the sockets close)
         for sock in self.listeners:
             sock.close()

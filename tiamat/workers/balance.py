@@ -26,9 +26,10 @@ nothing per request.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import socket
 
 from tiamat.scoreboard import Siblings
+from tiamat.sockets import backlog_waiting
 
 #: a worker may hold this many connections more than its least-loaded sibling
 SLACK = 1
@@ -50,10 +51,11 @@ FRESH = 2.0
 class AcceptBalance:
     """One worker's side of the rule: when to defer, and when a deferral ends."""
 
-    __slots__ = ("defer_since", "force", "off_until", "siblings", "streak", "token")
+    __slots__ = ("defer_since", "force", "listeners", "off_until", "siblings", "streak", "token")
 
-    def __init__(self, siblings: Siblings) -> None:
+    def __init__(self, siblings: Siblings, listeners: list[socket.socket]) -> None:
         self.siblings = siblings
+        self.listeners = listeners
         #: when the current deferral began (0.0: not deferring)
         self.defer_since = 0.0
         #: a deferral timed out with connections waiting: the next accept is not deferred
@@ -67,16 +69,19 @@ class AcceptBalance:
         """Whether a worker holding ``held`` connections should leave the next one."""
         if self.force:
             self.force = False
-            return False
-        if held == 0 or now < self.off_until:
-            return False
-        least = self.siblings.least(now, FRESH)
-        return least is not None and held > least + SLACK
+        elif held and now >= self.off_until:
+            least = self.siblings.least(now, FRESH)
+            if least is not None and held > least + SLACK:
+                return True
+        self.defer_since = 0.0  # (it takes this one: no deferral is going on)
+        return False
 
     def begin(self, now: float) -> None:
-        self.defer_since = now
+        """Defer; DEFER_MAX counts from the first deferral of a run (see pause)."""
+        if not self.defer_since:
+            self.defer_since = now
 
-    def review(self, held: int, now: float, pending: Callable[[], bool]) -> bool:
+    def review(self, held: int, now: float) -> bool:
         """While deferring, every DEFER_CHECK: True when the worker should watch its
         listeners again (balanced now, nothing left waiting, or DEFER_MAX passed)."""
         least = self.siblings.least(now, FRESH)
@@ -84,7 +89,7 @@ class AcceptBalance:
             self.streak = 0
         elif now - self.defer_since < DEFER_MAX:
             return False
-        elif pending():  # the siblings left them waiting: take one, and count the stall
+        elif backlog_waiting(self.listeners):  # the siblings left them waiting: take one, and count the stall
             self.force = True
             if self.streak == 0:
                 self.token = self.siblings.progress()
@@ -98,6 +103,9 @@ class AcceptBalance:
         self.defer_since = 0.0
         return True
 
-    def end(self) -> None:
-        """The deferral ends early (one of the worker's connections closed)."""
-        self.defer_since = 0.0
+    def pause(self) -> None:
+        """One of the worker's connections closed while deferring: it looks again at once.
+        With clients still waiting, DEFER_MAX keeps counting from the deferral's start:
+        closes coming more often than DEFER_MAX must not put the bound off for ever."""
+        if not backlog_waiting(self.listeners):
+            self.defer_since = 0.0

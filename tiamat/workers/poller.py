@@ -7,7 +7,8 @@ with one dict lookup.  ``selectors.select()`` instead runs a Python loop over th
 that builds a key lookup and a ``(key, events)`` tuple for each: with one ready fd per
 request, that was about 4 % of a plain hello's instructions.
 
-Level-triggered, like selectors: an fd stays ready until it is read.
+Level-triggered, like selectors (an fd stays ready until it is read), unless registered
+with EDGE: the sync and thread workers watch plain connections edge-triggered.
 """
 
 from __future__ import annotations
@@ -37,7 +38,8 @@ def _mask(events: int) -> int:
 
 
 class Poller:
-    """A level-triggered epoll set where each registered fd carries a data object."""
+    """An epoll set (level-triggered unless EDGE) where each registered fd carries a data
+    object."""
 
     __slots__ = ("_epoll", "_events", "data")
 

@@ -30,7 +30,7 @@ from tiamat.http.errors import ProtocolError
 from tiamat.http.h1 import END_OF_MESSAGE, RequestHead, RequestReader
 from tiamat.http.proxy import TRUSTED_KEY, ForwardedRules
 from tiamat.http.response import CONTINUE_100, error_response
-from tiamat.sockets import ACCEPT_PAUSE, ACCEPT_RETRY, ACCEPT_SKIP
+from tiamat.sockets import ACCEPT_BATCH, ACCEPT_RETRY, AcceptPaused, accept_next
 from tiamat.workers.balance import DEFER_CHECK, AcceptBalance
 from tiamat.workers.base import STOP_GRACE, Worker
 from tiamat.workers.poller import EDGE, READ, WRITE, Poller
@@ -39,7 +39,6 @@ from tiamat.wsgi import ClientDisconnected, WSGIHandler
 log = logging.getLogger("tiamat.error")
 
 _LISTENER, _WAKE, _CHANNEL = object(), object(), object()
-ACCEPT_BATCH = 32
 RECV_SIZE = 65536
 #: while a request body arrives: fewer, larger reads (a 1 MiB upload: about 25 % less CPU);
 #: not for heads, where every read would allocate the larger buffer for a few hundred bytes
@@ -80,14 +79,6 @@ class _Chunks(list):  # type: ignore[type-arg]
 
     def close(self) -> None:
         self.clear()
-
-
-def pending(*socks: socket.socket) -> bool:
-    """Whether a connection waits in the backlog of one of these listening sockets."""
-    poller = select.poll()
-    for sock in socks:
-        poller.register(sock, select.POLLIN)
-    return bool(poller.poll(0))
 
 
 def request_body(body: Any) -> BinaryIO:
@@ -243,7 +234,8 @@ class SyncWorker(Worker):
         # 1e6 s, not 1e9: poll() takes the timeout in ms as a C int
         self.send_timeout = cfg.send_timeout or 1e6
         #: with sibling workers: the accept-balancing rule (see accept())
-        self.balance = AcceptBalance(self.board.siblings()) if cfg.workers > 1 else None
+        self.balance = (AcceptBalance(self.board.siblings(), self.listeners) if cfg.workers > 1
+                        else None)
         if not hasattr(self, "ssl_context"):
             self.ssl_context = _tls_context(cfg)
         self.scheme = "https" if self.ssl_context is not None else "http"
@@ -256,7 +248,8 @@ class SyncWorker(Worker):
         # price: a read that fills its buffer may leave bytes no event will report, so such
         # a connection is read again in the next pass (readable_again).  TLS connections
         # stay level-triggered: OpenSSL may hold decrypted bytes the socket no longer shows.
-        self.conn_read = READ if self.ssl_context is not None else READ | EDGE
+        self.edge = self.ssl_context is None
+        self.conn_read = READ | EDGE if self.edge else READ
         #: plain connections whose last read filled its buffer: read again next pass
         self.readable_again: list[Connection] = []
         self.forwarded = self.handler.forwarded  # the handler's: parsed once per worker
@@ -298,6 +291,8 @@ class SyncWorker(Worker):
 
     def _release_listeners(self) -> None:
         self._set_accepting(False)
+        self.deferred = False  # (a deferral of accepts ends with the accepting)
+        self.poll_timeout = SWEEP_INTERVAL
         for sock in self.listeners:
             sock.close()
 
@@ -372,19 +367,14 @@ class SyncWorker(Worker):
                 self._defer(now)
                 return
             try:
-                sock, peer = listener.accept()
-            except (BlockingIOError, InterruptedError):
-                return
-            except OSError as exc:
-                if exc.errno in ACCEPT_SKIP:
-                    continue
-                if exc.errno not in ACCEPT_PAUSE:
-                    raise
-                log.error("accept failed: %s; not accepting for %g s", exc, ACCEPT_RETRY)
-                # (a connection closing here resumes it sooner: see _close_now)
+                got = accept_next(listener)
+            except AcceptPaused:  # (a connection closing here resumes it sooner: _close_now)
                 self._set_accepting(False)
                 self.accept_paused_until = now + ACCEPT_RETRY
                 return
+            if got is None:
+                return
+            sock, peer = got
             sock.setblocking(False)
             if sock.family != socket.AF_UNIX:
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
@@ -414,7 +404,7 @@ class SyncWorker(Worker):
 
     def _review_deferral(self, now: float) -> None:
         assert self.balance is not None
-        if self.balance.review(len(self.connections), now, lambda: pending(*self.listeners)):
+        if self.balance.review(len(self.connections), now):
             self._undefer()
 
     def _undefer(self) -> None:
@@ -460,7 +450,7 @@ class SyncWorker(Worker):
             self.close(conn)
             return
         self.feed(conn, data)
-        if len(data) == size and not conn.tls:  # more may wait, unreported (see conn_read)
+        if len(data) == size and self.edge:  # more may wait, unreported (see conn_read)
             self.readable_again.append(conn)
 
     def _recv_pending(self, conn: Connection, data: bytes) -> bytes:
@@ -719,7 +709,7 @@ class SyncWorker(Worker):
             conn.body.close()
             conn.body = None
         try:
-            self.selector.modify(conn.sock, READ if conn.tls else self.conn_read, conn)
+            self.selector.modify(conn.sock, self.conn_read, conn)
         except (KeyError, ValueError):
             self._close_now(conn)
 
@@ -738,7 +728,7 @@ class SyncWorker(Worker):
             if conn.linger_budget <= 0:
                 break
         else:
-            if not conn.tls:  # edge-triggered: nothing may report what is left
+            if self.edge:  # nothing may report what is left
                 self.readable_again.append(conn)
             return
         self._close_now(conn)
@@ -761,7 +751,7 @@ class SyncWorker(Worker):
         if self.balance is not None:
             self.board.held(len(self.connections), self.accepting)
             if self.deferred:  # one fewer: look at the siblings again when the next comes
-                self.balance.end()
+                self.balance.pause()
                 self._undefer()
 
     def read_unreported(self) -> None:
@@ -772,7 +762,7 @@ class SyncWorker(Worker):
         nothing wrong).  An empty socket costs one EAGAIN."""
         self.readable_again.clear()
         for conn in list(self.connections.values()):
-            if not conn.closed and not conn.tls:
+            if not conn.closed and self.edge:
                 self.on_readable(conn)
 
     def _serve_stopping(self, timeout: float) -> None:

@@ -20,7 +20,7 @@ from concurrent.futures import ThreadPoolExecutor
 from time import monotonic
 from typing import Any
 
-from tiamat.sockets import ACCEPT_PAUSE, ACCEPT_RETRY, ACCEPT_SKIP
+from tiamat.sockets import ACCEPT_RETRY, AcceptPaused, accept_next
 from tiamat.workers.aio import AioWorker
 
 log = logging.getLogger("tiamat.error")
@@ -94,17 +94,14 @@ class TcpWorker(AioWorker):
     def on_acceptable(self, listener: socket.socket) -> None:
         while self.busy < self.nthreads and self.alive:
             try:
-                sock, addr = listener.accept()
-            except (BlockingIOError, InterruptedError):
+                got = accept_next(listener)
+            except AcceptPaused:  # (a finished handler resumes it sooner)
+                self.set_accepting(False)
+                self.loop.call_later(ACCEPT_RETRY, self.resume_accepting)
                 return
-            except OSError as exc:
-                if exc.errno in ACCEPT_SKIP:
-                    continue
-                log.error("accept failed: %s", exc)
-                if exc.errno in ACCEPT_PAUSE:  # (a finished handler resumes it sooner)
-                    self.set_accepting(False)
-                    self.loop.call_later(ACCEPT_RETRY, self.resume_accepting)
+            if got is None:
                 return
+            sock, addr = got
             sock.setblocking(True)
             self.busy += 1
             future = self.loop.run_in_executor(self.pool, self.run_blocking, sock, addr)

@@ -101,7 +101,8 @@ class ThreadWorker(SyncWorker):
 
     # --- accepting ----------------------------------------------------------------------
     def _set_accepting(self, on: bool) -> None:
-        if on and (len(self.in_flight) >= self.nthreads
+        # (answered jobs not taken back yet hold no thread: see the lazy take-back)
+        if on and (len(self.in_flight) - len(self.done) >= self.nthreads
                    or len(self.connections) >= self.worker_connections):
             return
         super()._set_accepting(on)
@@ -242,7 +243,9 @@ class ThreadWorker(SyncWorker):
                     conn.reader.events[:0] = job.pending
                     self.process(conn)
         self._update_board()
-        if self.alive and not self.accepting:
+        # (not while accept() is paused after running out of descriptors: a request taken
+        # back frees none, and watching the listener again would fail and log per request)
+        if self.alive and not self.accepting and now >= self.accept_paused_until:
             self._set_accepting(True)
 
     def sweep(self, now: float) -> None:
