@@ -142,23 +142,10 @@ class _Response:
         self.written += len(data)
 
 
-#: the parts of a response head that depend only on the app's status and headers, by
-#: ``(status, tuple(headers))``: (status code, status line + the app's header lines,
-#: Content-Length or None, whether the app asked for Connection: close).  An app usually
-#: answers with a handful of distinct header sets, so a response head costs one dict lookup
-#: instead of a scan that lower-cases, checks and encodes every header (cleared when full).
-_HEAD_CACHE: dict[tuple[str, tuple[tuple[str, str], ...]], tuple[int, bytes, int | None, bool]] = {}
-
-
 def _app_head(status: str, headers: list[tuple[str, str]]) -> tuple[int, bytes, int | None, bool]:
-    """Check and serialise the app's status and headers (see _HEAD_CACHE); ValueError if bad."""
-    try:
-        key = (status, tuple(headers))
-        cached = _HEAD_CACHE.get(key)
-    except TypeError:  # unhashable (a list instead of a tuple, say): not cached
-        key, cached = None, None
-    if cached is not None:
-        return cached
+    """Check and serialise the app's status and headers: (status code, status line + the
+    app's header lines, its Content-Length or None, whether it asked for Connection: close);
+    ValueError if bad.  (Not kept: the handler keeps whole plans, see head_bytes.)"""
     try:
         status_code = int(status[:3])
     except ValueError:
@@ -182,12 +169,22 @@ def _app_head(status: str, headers: list[tuple[str, str]]) -> tuple[int, bytes, 
     block = status_line(status) + "".join(lines).encode("latin-1")
     if content_length is not None:
         block += b"Content-Length: %d\r\n" % content_length
-    result = (status_code, block, content_length, close)
-    if key is not None:
-        if len(_HEAD_CACHE) >= MEMO_ENTRIES:
-            _HEAD_CACHE.clear()
-        _HEAD_CACHE[key] = result
-    return result
+    return status_code, block, content_length, close
+
+
+#: a body's length -> its Content-Length line, for the length the server adds (see
+#: head_bytes): a lookup instead of formatting per response; emptied when full
+_LENGTH_LINES: dict[int, bytes] = {}
+
+
+def _length_line(length: int) -> bytes:
+    line = _LENGTH_LINES.get(length)
+    if line is None:
+        line = b"Content-Length: %d\r\n" % length
+        if len(_LENGTH_LINES) >= MEMO_ENTRIES:
+            _LENGTH_LINES.clear()
+        _LENGTH_LINES[length] = line
+    return line
 
 
 _new_object = object.__new__
@@ -276,9 +273,10 @@ class WSGIHandler:
         self.forwarded_keys = self.forwarded.environ_keys
         #: request target -> (PATH_INFO, QUERY_STRING, RAW_URI): see _target_keys
         self._targets: dict[bytes, tuple[str, str, str]] = {}
-        #: (status, headers, method, version, keep-alive) -> a response head's plan: see
-        #: head_bytes
-        self._plans: dict[tuple[Any, ...], tuple[int, bytes, int | None, bool, bool, bool]] = {}
+        #: (status, headers, method, version, keep-alive, length unknown) -> a response
+        #: head's plan: see head_bytes
+        self._plans: dict[tuple[Any, ...],
+                          tuple[int, bytes, int | None, bool, bool, bool, bool]] = {}
         #: None when off: then a request builds no log line and touches no counter
         self.access = accesslog.for_worker(cfg)
         self.recorder = metrics.recorder(threaded=multithread)
@@ -487,23 +485,30 @@ class WSGIHandler:
         1xx/204 (which must not carry one) and 304 (whose length describes the
         representation the client already has).
 
-        The outcome depends only on the app's status and headers and on the request's
-        method, version and keep-alive (and on ``known_length`` when the app gave no
-        Content-Length), so it is kept per handler in ``_plans``: a response costs one
-        lookup, six stores and the per-second head end, instead of the head cache lookup,
-        :func:`decide_framing` and a join (about 2k instructions).
+        The outcome depends only on the app's status and headers, on the request's method,
+        version and keep-alive, and on whether ``known_length`` is given, so it is kept per
+        handler in ``_plans``: a response costs one lookup, seven stores and the per-second
+        head end, instead of serialising the app's headers, :func:`decide_framing` and a
+        join (about 2k instructions).  A length the server adds is not in the plan (the next
+        body's may differ): its line goes in here, as the ASGI path does.
         """
         request = response.request
         status = response.status or "500 Internal Server Error"
         try:
             key = (status, tuple(response.headers), request.method, request.version,
-                   request.keep_alive)
+                   request.keep_alive, known_length is None)
             plan = self._plans.get(key)
         except TypeError:  # unhashable headers (lists instead of tuples): _app_head copes
             key = plan = None
-        if plan is None or (known_length is not None and plan[2] is None):
-            plan = self._plan(response, status, known_length, key)
-        status_code, head, content_length, chunked, keep_alive, send_body = plan
+        if plan is None:
+            plan = self._plan(response, status, known_length is not None, key)
+        status_code, head, content_length, chunked, keep_alive, send_body, adds_length = plan
+        if adds_length:  # the app gave no Content-Length: the body's own
+            assert known_length is not None
+            content_length = known_length
+            head += _LENGTH_LINES.get(known_length) or _length_line(known_length)
+            if not self.unobserved:  # (for the access log and post_request)
+                response.headers = [*response.headers, ("Content-Length", str(known_length))]
         response.head_sent = True
         response.status_code = status_code
         response.expected = content_length
@@ -512,24 +517,20 @@ class WSGIHandler:
         response.keep_alive = keep_alive
         return head + head_end(keep_alive, request.version)
 
-    def _plan(self, response: _Response, status: str, known_length: int | None,
-              key: tuple[Any, ...] | None) -> tuple[int, bytes, int | None, bool, bool, bool]:
+    def _plan(self, response: _Response, status: str, length_known: bool,
+              key: tuple[Any, ...] | None) -> tuple[int, bytes, int | None, bool, bool, bool, bool]:
         """head_bytes the long way: (status code, head less its end, Content-Length,
-        chunked, keep-alive, send body); kept in ``_plans`` unless it used known_length."""
+        chunked, keep-alive, send body, whether the server adds the body's length);
+        kept in ``_plans`` (unless the headers are unhashable)."""
         status_code, block, content_length, close = _app_head(status, response.headers)
         request = response.request
-        keep = key is not None
-        if content_length is None and known_length is not None and body_allowed(status_code):
-            content_length = known_length
-            block += b"Content-Length: %d\r\n" % known_length
-            response.headers = [*response.headers, ("Content-Length", str(known_length))]
-            keep = False  # (this length is this body's: the next one may differ)
+        adds_length = content_length is None and length_known and body_allowed(status_code)
         chunked, keep_alive, send_body = decide_framing(
-            status_code, content_length, request.method, request.version,
-            request.keep_alive and not close, self.keepalive)
+            status_code, 0 if adds_length else content_length, request.method,
+            request.version, request.keep_alive and not close, self.keepalive)
         plan = (status_code, block + CHUNKED_HEADER if chunked else block, content_length,
-                chunked, keep_alive, send_body)
-        if keep:
+                chunked, keep_alive, send_body, adds_length)
+        if key is not None:
             if len(self._plans) >= MEMO_ENTRIES:
                 self._plans.clear()
             self._plans[key] = plan

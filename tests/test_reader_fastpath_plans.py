@@ -1,0 +1,134 @@
+"""The Content-Length the WSGI handler adds to a list-of-one body is each body's own.
+
+A response head's plan is kept per (status, headers, method, version, keep-alive, length
+known) and reused for every body of any length, so the length line itself is added per
+response.  These tests read whole keep-alive conversations from a real server: a length
+kept from an earlier body, a missing line or a second one would leave a body cut short or
+run into the next response, and the exchange would not parse.
+"""
+
+from __future__ import annotations
+
+import re
+import socket
+from collections.abc import Callable
+from pathlib import Path
+
+from tests.conftest import TiamatServer
+
+APP = '''
+def app(environ, start_response):
+    query = environ["QUERY_STRING"]
+    kind, _, size = query.partition("-")
+    if kind == "status":
+        start_response(size + " X", [("X-Kind", "status")])
+        return [b""]
+    if kind == "own":  # the app's own Content-Length (shorter than it could be)
+        start_response("200 OK", [("Content-Length", size)])
+        return [b"y" * int(size)]
+    start_response("200 OK", [("Content-Type", "text/plain")])
+    return [b"x" * int(size)]
+'''
+
+
+def _server(tiamat_server: Callable[..., TiamatServer], tmp_path: Path,
+            *args: str) -> TiamatServer:
+    (tmp_path / "bareapp.py").write_text(APP)
+    return tiamat_server(*args, "bareapp:app", cwd=tmp_path)
+
+
+def _read_response(sock: socket.socket, buffer: bytearray, head_only: bool = False
+                   ) -> tuple[bytes, list[bytes], bytes]:
+    """One response off ``sock`` (status line, Content-Length values, body), leaving what
+    follows it in ``buffer``; the body is read by the Content-Length the head gives."""
+    while b"\r\n\r\n" not in buffer:
+        more = sock.recv(65536)
+        assert more, f"closed before a whole head: {bytes(buffer)!r}"
+        buffer += more
+    head, _, rest = bytes(buffer).partition(b"\r\n\r\n")
+    lines = head.split(b"\r\n")
+    lengths = [line.split(b":", 1)[1].strip() for line in lines[1:]
+               if line.lower().startswith(b"content-length:")]
+    size = 0 if head_only or not lengths else int(lengths[0])
+    body = bytearray(rest)
+    while len(body) < size:
+        more = sock.recv(65536)
+        assert more, "closed in the middle of a body"
+        body += more
+    buffer[:] = body[size:]
+    return lines[0], lengths, bytes(body[:size])
+
+
+def test_each_body_gets_its_own_length_on_one_connection(
+        tiamat_server: Callable[..., TiamatServer], tmp_path: Path) -> None:
+    server = _server(tiamat_server, tmp_path)
+    sizes = [7, 1, 13, 0, 13, 7, 250, 1]
+    with socket.create_connection((server.host, server.port), timeout=5) as sock:
+        buffer = bytearray()
+        for size in sizes * 2:  # the second round answers from kept plans only
+            sock.sendall(f"GET /?len-{size} HTTP/1.1\r\nHost: t\r\n\r\n".encode())
+            status, lengths, body = _read_response(sock, buffer)
+            assert status == b"HTTP/1.1 200 OK"
+            assert lengths == [str(size).encode()], (size, lengths)
+            assert body == b"x" * size
+        # pipelined: every answer in one read must still split at the right places
+        sock.sendall(b"".join(f"GET /?len-{size} HTTP/1.1\r\nHost: t\r\n\r\n".encode()
+                              for size in sizes))
+        for size in sizes:
+            status, lengths, body = _read_response(sock, buffer)
+            assert lengths == [str(size).encode()] and body == b"x" * size
+        assert not buffer
+
+
+def test_head_and_bodiless_statuses_and_an_apps_own_length(
+        tiamat_server: Callable[..., TiamatServer], tmp_path: Path) -> None:
+    server = _server(tiamat_server, tmp_path)
+    with socket.create_connection((server.host, server.port), timeout=5) as sock:
+        buffer = bytearray()
+        for _ in range(2):
+            for size in (5, 9):  # HEAD: the length GET would have, and no body
+                sock.sendall(f"HEAD /?len-{size} HTTP/1.1\r\nHost: t\r\n\r\n".encode())
+                status, lengths, _ = _read_response(sock, buffer, head_only=True)
+                assert status == b"HTTP/1.1 200 OK" and lengths == [str(size).encode()]
+            for code in (204, 304):  # must not carry a length the server made up
+                sock.sendall(f"GET /?status-{code} HTTP/1.1\r\nHost: t\r\n\r\n".encode())
+                status, lengths, body = _read_response(sock, buffer)
+                assert status.startswith(f"HTTP/1.1 {code}".encode()) and lengths == []
+                assert body == b""
+            for size in (3, 11):  # the app's own line, once, never a second one
+                sock.sendall(f"GET /?own-{size} HTTP/1.1\r\nHost: t\r\n\r\n".encode())
+                status, lengths, body = _read_response(sock, buffer)
+                assert lengths == [str(size).encode()] and body == b"y" * size
+        assert not buffer
+
+
+def test_http_1_0_keep_alive_gets_each_length(
+        tiamat_server: Callable[..., TiamatServer], tmp_path: Path) -> None:
+    server = _server(tiamat_server, tmp_path)
+    with socket.create_connection((server.host, server.port), timeout=5) as sock:
+        buffer = bytearray()
+        for size in (4, 2, 4, 2):
+            sock.sendall(f"GET /?len-{size} HTTP/1.0\r\nConnection: keep-alive\r\n\r\n".encode())
+            status, lengths, body = _read_response(sock, buffer)
+            assert status == b"HTTP/1.1 200 OK" and lengths == [str(size).encode()]
+            assert body == b"x" * size
+
+
+def test_the_added_length_reaches_the_access_log(
+        tiamat_server: Callable[..., TiamatServer], tmp_path: Path) -> None:
+    log = tmp_path / "access.log"
+    server = _server(tiamat_server, tmp_path, "--access-logfile", str(log),
+                     "--access-logformat", "len=%({content-length}o)s")
+    with socket.create_connection((server.host, server.port), timeout=5) as sock:
+        buffer = bytearray()
+        for size in (6, 12, 6):
+            sock.sendall(f"GET /?len-{size} HTTP/1.1\r\nHost: t\r\n\r\n".encode())
+            _read_response(sock, buffer)
+
+    def logged() -> list[str]:
+        return re.findall(r"len=(\S+)", log.read_text()) if log.exists() else []
+
+    from tests.conftest import wait_for
+
+    wait_for(lambda: len(logged()) >= 4, message="four access log lines")  # (with the probe)
+    assert logged()[-3:] == ["6", "12", "6"]
