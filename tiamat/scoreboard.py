@@ -148,8 +148,8 @@ class SlotWriter:
             _LABEL.pack_into(self._mem, base + _LABEL_AT, label)  # (cut or padded)
         self._bytes[base + _STATE_AT] = BUSY
 
-    def idle(self, now: float) -> None:
-        self.requests += 1
+    def idle(self, now: float, served: int = 1) -> None:
+        self.requests += served
         base = self._base
         self._words[(base + _REQUESTS_AT) >> 3] = self.requests
         self._doubles[(base + _BEAT_AT) >> 3] = now
