@@ -16,6 +16,11 @@ to watch again) writes to the worker's wake-up pipe.  While every thread is busy
 worker stops accepting: new connections stay in the kernel's backlog where another, less
 busy, worker takes them, rather than queueing here behind slow requests.
 
+While the worker has about a thread per connection, a thread that answered a keep-alive
+request does not hand the connection back at once: it holds it and serves its next
+bodiless requests itself, as a thread-per-connection server does (see ``_hold``, which
+says what goes back to the loop and how a holding thread is taken back).
+
 The pool threads run under ``SCHED_BATCH`` (Linux; the loop thread keeps the normal
 policy): a thread woken up (by a job put in the queue, its app's sleep ending, or the GIL
 being released) then does not preempt the thread that is running, which holds the GIL
