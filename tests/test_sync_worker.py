@@ -368,3 +368,22 @@ def test_a_read_that_fills_the_buffer_is_read_on_without_a_new_report(server):
         assert len(GET % b"/?00000") * count > 65536
         for _ in range(count):
             assert reader.read().status == 200
+
+
+@pytest.mark.parametrize("kind", ["sync", "thread"])
+def test_a_request_and_a_half_close_in_one_go_see_the_close_at_once(tiamat_server, kind):
+    """Edge-triggered, a client's close that arrives with its request is reported once, with
+    the request: the worker must read once more to see it, not wait for the keep-alive
+    timeout (30 s here) to close the connection."""
+    server = tiamat_server("tests/apps/wk_wsgi.py", "-k", kind, "--threads", "2",
+                           "--keep-alive", "30")
+    for _ in range(5):
+        with socket.create_connection((server.host, server.port), timeout=10) as sock:
+            sock.sendall(b"GET / HTTP/1.1\r\nHost: t\r\n\r\n")
+            sock.shutdown(socket.SHUT_WR)
+            start = time.monotonic()
+            data = b""
+            while chunk := sock.recv(65536):
+                data += chunk
+            assert data.startswith(b"HTTP/1.1 200"), data
+            assert time.monotonic() - start < 5, "closed only by the keep-alive timeout"

@@ -32,9 +32,14 @@ def _fd(fileobj: int | _HasFileno) -> int:
     return fileobj if isinstance(fileobj, int) else fileobj.fileno()
 
 
+#: in an event: the peer closed (its side, or both).  Edge-triggered, a close that comes with
+#: the last bytes is reported once, with them: the reader must read once more to see it
+HANGUP = select.EPOLLRDHUP | select.EPOLLHUP
+
+
 def _mask(events: int) -> int:
     return ((select.EPOLLIN if events & READ else 0) | (select.EPOLLOUT if events & WRITE else 0)
-            | (select.EPOLLET if events & EDGE else 0))
+            | (select.EPOLLET | select.EPOLLRDHUP if events & EDGE else 0))
 
 
 class Poller:

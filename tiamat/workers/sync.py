@@ -33,7 +33,7 @@ from tiamat.http.response import CONTINUE_100, error_response
 from tiamat.sockets import ACCEPT_BATCH, ACCEPT_RETRY, AcceptPaused, accept_next
 from tiamat.workers.balance import DEFER_CHECK, AcceptBalance
 from tiamat.workers.base import STOP_GRACE, Worker
-from tiamat.workers.poller import EDGE, READ, WRITE, Poller
+from tiamat.workers.poller import EDGE, HANGUP, READ, WRITE, Poller
 from tiamat.wsgi import ClientDisconnected, WSGIHandler
 
 log = logging.getLogger("tiamat.error")
@@ -319,10 +319,16 @@ class SyncWorker(Worker):
         data_of = self.selector.data.get
         next_sweep = 0.0
         while self.alive:
-            for fd, _ in poll(0.0 if self.readable_again else self.poll_timeout):
+            for fd, ev in poll(0.0 if self.readable_again else self.poll_timeout):
                 data = data_of(fd)  # (None: closed by an event before it in this batch)
                 if data.__class__ is Connection:
                     self.on_readable(data)
+                    if ev & HANGUP and not data.closed:
+                        # the client closed, with (or after) bytes one read took: read once
+                        # more for the end, reported no more (edge-triggered).  A request
+                        # and a half-close in one go would otherwise wait for the keep-alive
+                        # timeout to see their connection closed
+                        self.readable_again.append(data)
                 elif data is _LISTENER:
                     self.accept(self.listener_of[fd])
                 elif data is _WAKE:
