@@ -14,7 +14,10 @@ import socket
 from collections.abc import Callable
 from pathlib import Path
 
+import pytest
+
 from tests.conftest import TiamatServer
+from tiamat.http import response
 
 APP = '''
 def app(environ, start_response):
@@ -132,3 +135,19 @@ def test_the_added_length_reaches_the_access_log(
 
     wait_for(lambda: len(logged()) >= 4, message="four access log lines")  # (with the probe)
     assert logged()[-3:] == ["6", "12", "6"]
+
+
+def test_head_end_for_every_framing_follows_the_clock(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The head's end (Server, Date, Connection, empty line), kept per second: each of the
+    four ends is the one its framing needs, for the second the clock shows, at a second's
+    edges and after the clock is set back."""
+    clock = [0.0]
+    monkeypatch.setattr(response.time, "time", lambda: clock[0])
+    for now in (1_000_000.0, 1_000_000.999, 1_000_001.0, 999_999.5, 1_000_001.25):
+        clock[0] = now
+        for keep_alive in (True, False):
+            for version in ("1.1", "1.0"):
+                expected = (response.SERVER_HEADER + b"Date: "
+                            + response.http_date(int(now)).encode() + b"\r\n"
+                            + response.connection_header(keep_alive, version) + b"\r\n")
+                assert response.head_end(keep_alive, version) == expected, (now, keep_alive)
