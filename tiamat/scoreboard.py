@@ -123,13 +123,13 @@ class SlotWriter:
     the master never sees BUSY next to the previous request's start time.
     """
 
-    __slots__ = ("_base", "_bytes", "_doubles", "_label", "_mem", "_words", "requests")
+    __slots__ = ("_base", "_bytes", "_doubles", "_mem", "_method", "_path", "_words", "requests")
 
     def __init__(self, mem: mmap.mmap, base: int) -> None:
         self._mem = mem
         self._base = base
         self._bytes, self._doubles, self._words = _views(mem)
-        self._label = b""
+        self._method = self._path = b""  # (the request label last written)
         self.requests = 0
 
     def beat(self, now: float) -> None:
@@ -142,10 +142,11 @@ class SlotWriter:
         base = self._base
         # (no beat: while BUSY the master judges the request's start, and idle() beats)
         self._doubles[(base + _START_AT) >> 3] = now
-        label = method + b" " + path
-        if label != self._label:  # (a worker serving one URL again and again writes it once)
-            self._label = label
-            _LABEL.pack_into(self._mem, base + _LABEL_AT, label)  # (cut or padded)
+        # (a worker serving one URL again and again writes it once; compared by part, not
+        # joined first: no new bytes object per request)
+        if path != self._path or method != self._method:
+            self._method, self._path = method, path
+            _LABEL.pack_into(self._mem, base + _LABEL_AT, method + b" " + path)  # (cut or padded)
         self._bytes[base + _STATE_AT] = BUSY
 
     def idle(self, now: float, served: int = 1) -> None:
