@@ -3,11 +3,15 @@ instead of spinning on them, and takes the waiting clients once descriptors free
 
 from __future__ import annotations
 
+import errno
+import logging
 import socket
 import time
 
 import pytest
 from conftest import wait_for
+
+from tiamat.sockets import AcceptPaused, accept_next
 
 APP = "tests/apps/wk_wsgi.py"
 
@@ -82,3 +86,33 @@ def test_out_of_descriptors_pauses_accepting_and_recovers(tiamat_server, tmp_pat
             data += more
         assert data.startswith(b"HTTP/1.1 200")
         sock.close()
+
+
+class _Listener:
+    """A stand-in listening socket whose accept() fails with the given errnos, in turn."""
+
+    def __init__(self, *errnos: int) -> None:
+        self.errnos = list(errnos)
+
+    def accept(self) -> tuple[str, str]:
+        if self.errnos:
+            code = self.errnos.pop(0)
+            raise OSError(code, errno.errorcode[code])
+        return ("conn", "peer")
+
+
+def test_a_connection_failed_before_it_was_taken_is_passed_over() -> None:
+    # Linux reports a new connection's network error from accept() (man accept: "treat
+    # them like EAGAIN"); a firewall rule refusing it gives EPERM
+    listener = _Listener(errno.ECONNABORTED, errno.EPROTO, errno.ENETUNREACH, errno.EPERM,
+                         errno.EHOSTUNREACH)
+    assert accept_next(listener) == ("conn", "peer")  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("code", [errno.EMFILE, errno.ENOMEM, errno.EINVAL, errno.EIO])
+def test_other_accept_failures_pause_with_a_log_line_and_never_raise_as_they_are(code, caplog):
+    # (out of the worker's loop a raised error would end the worker, and its replacement
+    # would meet the same error over and over)
+    with caplog.at_level(logging.ERROR, logger="tiamat.error"), pytest.raises(AcceptPaused):
+        accept_next(_Listener(code))  # type: ignore[arg-type]
+    assert "accept failed" in caplog.text and "not accepting for 1 s" in caplog.text

@@ -18,8 +18,12 @@ from typing import Any, NamedTuple
 
 #: environment variable carrying inherited listening fds across a USR2 re-exec
 INHERIT_ENV = "TIAMAT_FD"
-#: accept() failures that concern only the one connection: go on with the next
-ACCEPT_SKIP = frozenset({errno.ECONNABORTED, errno.EPROTO})
+#: accept() failures that concern only the one connection: go on with the next.  Linux
+#: reports a new connection's pending network error from accept() itself, and its man page
+#: asks servers to treat those like EAGAIN (EPERM: a firewall rule refused it)
+ACCEPT_SKIP = frozenset({errno.ECONNABORTED, errno.EPROTO, errno.ENETDOWN, errno.ENOPROTOOPT,
+                         errno.EHOSTDOWN, errno.ENONET, errno.EHOSTUNREACH, errno.EOPNOTSUPP,
+                         errno.ENETUNREACH, errno.EPERM})
 #: accept() failures from running out of descriptors or memory: stop watching the listener
 #: for ACCEPT_RETRY seconds (as asyncio's own servers do), else a level-triggered poller
 #: wakes again at once and the worker spins, logging the error over and over
@@ -39,9 +43,12 @@ class AcceptPaused(Exception):
 def accept_next(listener: socket.socket) -> tuple[socket.socket, Any] | None:
     """The next connection waiting on a non-blocking listening socket, or None if none waits.
 
-    The one rule for accept()'s failures, for every worker class: a connection aborted before
-    it was taken (ACCEPT_SKIP) is passed over; running out of descriptors or memory
-    (ACCEPT_PAUSE) is logged and raises AcceptPaused; any other error is raised as it is.
+    The one rule for accept()'s failures, for every worker class: a connection that failed
+    before it was taken (ACCEPT_SKIP) is passed over; running out of descriptors or memory
+    (ACCEPT_PAUSE), or any error not foreseen, is logged and raises AcceptPaused.  An
+    unforeseen error is not raised as it is: out of the worker's loop it would end the worker,
+    and its replacement would meet the same error (a restart loop), where a pause retries
+    the listener once a second and keeps serving the connections already taken.
     """
     while True:
         try:
@@ -51,10 +58,8 @@ def accept_next(listener: socket.socket) -> tuple[socket.socket, Any] | None:
         except OSError as exc:
             if exc.errno in ACCEPT_SKIP:
                 continue
-            if exc.errno in ACCEPT_PAUSE:
-                _log.error("accept failed: %s; not accepting for %g s", exc, ACCEPT_RETRY)
-                raise AcceptPaused from exc
-            raise
+            _log.error("accept failed: %s; not accepting for %g s", exc, ACCEPT_RETRY)
+            raise AcceptPaused from exc
 
 
 def backlog_waiting(listeners: list[socket.socket]) -> bool:
