@@ -321,6 +321,8 @@ class ThreadWorker(SyncWorker):
                 except BaseException:  # (as in _pool_thread)
                     log.exception("unexpected error in a pool thread")
                     job.keep_alive = False
+                finally:
+                    body.close()
                 job.answered = time.monotonic()
                 job.served += 1
                 if not self._quiet(job):
