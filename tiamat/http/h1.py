@@ -280,8 +280,9 @@ class RequestReader:
                 work: bytes | bytearray = buf
             else:
                 work = data
-                first = data[0]
-                if self._state == _HEAD and first != 13 and first != 10:
+                # (any byte up to CR: a CR or LF is an empty line to skip, and the others
+                # are refused alike either way)
+                if self._state == _HEAD and data[0] > 13:
                     # the usual read: nothing pending and a head starting; parse it before
                     # the general loop (which would do the same in more steps).  Exactly one
                     # whole head is found with partition (one C argument: see _VERSIONS); a
@@ -289,6 +290,13 @@ class RequestReader:
                     end_mark, rest = data.partition(b"\r\n\r\n")[1:]
                     if end_mark and not rest and len(data) <= self._max_head:
                         self._parse_head(data)
+                        if self.upgraded is None:
+                            # in_message was False (the state _HEAD, the buffer empty), and
+                            # stays so unless a body is to come or the connection is done
+                            state = self._state
+                            if state != _HEAD:
+                                self.in_message = state != _DONE
+                            return
                         pos = len(data)
                     else:
                         pos = self._head(data, 0)
@@ -584,9 +592,9 @@ class RequestReader:
             path, query = split_target(target)
         elif not mark:
             path = target
+        # (_upgrade and _keep_alive are left as they are: only the end of a body reads them,
+        # and a plain head has none)
         upgrade = method == b"CONNECT"
-        self._upgrade = upgrade
-        self._keep_alive = True
         head = RequestHead()  # (no __init__: a call of the class costs less than object.__new__)
         head.method = method
         head.target = target
