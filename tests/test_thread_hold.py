@@ -7,6 +7,7 @@ from __future__ import annotations
 import socket
 import time
 
+import pytest
 from conftest import wait_for
 
 APP = "tests/apps/wk_wsgi.py"
@@ -46,8 +47,9 @@ def test_the_answering_thread_keeps_serving_its_connection(tiamat_server):
     assert len(names) == 1, names
 
 
-def test_what_a_holding_thread_cannot_serve_goes_back_to_the_loop(tiamat_server):
-    server = tiamat_server(APP, "-k", "thread", "--threads", "2", "-w", "1")
+@pytest.mark.parametrize("tokeniser", ["httptools", "h11"])
+def test_what_a_holding_thread_cannot_serve_goes_back_to_the_loop(tiamat_server, tokeniser):
+    server = tiamat_server(APP, "-k", "thread", "--threads", "2", "-w", "1", "--http", tokeniser)
     with socket.create_connection((server.host, server.port), timeout=10) as sock:
         for _ in range(5):  # (answered by the loop's hand-off, then by the holding thread)
             assert _get(sock, "/")[1] == b"hello"
