@@ -39,6 +39,37 @@ def wait_for(predicate: Callable[[], object], timeout: float = 10.0, interval: f
         time.sleep(interval)
 
 
+def read_response(sock: socket.socket, buffer: bytes = b"") -> tuple[bytes, bytes, bytes]:
+    """One response (Content-Length or chunked) from ``sock``; returns (head, body, rest)."""
+    while b"\r\n\r\n" not in buffer:
+        data = sock.recv(65536)
+        assert data, f"connection closed mid-head: {buffer!r}"
+        buffer += data
+    head, _, buffer = buffer.partition(b"\r\n\r\n")
+    lower = head.lower()
+    if b"content-length:" in lower:
+        length = int(lower.split(b"content-length:")[1].split(b"\r\n")[0])
+        while len(buffer) < length:
+            data = sock.recv(65536)
+            assert data
+            buffer += data
+        return head, buffer[:length], buffer[length:]
+    if b"transfer-encoding: chunked" in lower:
+        body = b""
+        while True:
+            while b"\r\n" not in buffer:
+                buffer += sock.recv(65536)
+            size_line, _, buffer = buffer.partition(b"\r\n")
+            size = int(size_line, 16)
+            while len(buffer) < size + 2:
+                buffer += sock.recv(65536)
+            body += buffer[:size]
+            buffer = buffer[size + 2:]
+            if size == 0:
+                return head, body, buffer
+    return head, b"", buffer
+
+
 def read_until_closed(sock: socket.socket) -> bytes:
     """Everything the peer sends until it closes (a reset, the socket's timeout or any other
     socket error ends it too: what arrived before is returned)."""

@@ -13,6 +13,7 @@ import itertools
 import socket
 
 import pytest
+from conftest import read_response
 
 from tiamat.asgi import http as asgi_http
 from tiamat.asgi.state import ServerState
@@ -91,20 +92,6 @@ def test_scope_path_under_root_path():
         assert asgi_http._scope_path(state.paths, state, b"/a%20b") == ("/app/a b", b"/app/a%20b")
 
 
-def _read_response(sock: socket.socket, buffer: bytes) -> tuple[bytes, bytes, bytes]:
-    while b"\r\n\r\n" not in buffer:
-        data = sock.recv(65536)
-        assert data, f"closed mid-head: {buffer!r}"
-        buffer += data
-    head, _, buffer = buffer.partition(b"\r\n\r\n")
-    length = int(head.lower().split(b"content-length: ")[1].split(b"\r\n")[0])
-    while len(buffer) < length:
-        data = sock.recv(65536)
-        assert data
-        buffer += data
-    return head, buffer[:length], buffer[length:]
-
-
 def test_responses_stay_exact_while_caches_churn(tiamat_server):
     """1200 keep-alive requests with varying paths, header values and lengths: more distinct
     values than any cache holds, so each one empties and refills during the test."""
@@ -116,7 +103,7 @@ def test_responses_stay_exact_while_caches_churn(tiamat_server):
             sock.sendall(b"".join(b"GET /p%d%%20q?%d HTTP/1.1\r\nHost: t\r\n\r\n" % (n, n)
                                   for n in range(first, first + batch)))
             for n in range(first, first + batch):
-                head, body, rest = _read_response(sock, rest)
+                head, body, rest = read_response(sock, rest)
                 status = b"200 OK" if n % 7 else b"201 Created"
                 assert head.startswith(b"HTTP/1.1 " + status + b"\r\n"), (n, head)
                 expected = b"/p%d q|/p%d%%20q|" % (n, n) + b"x" * (n % 700)

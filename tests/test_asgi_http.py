@@ -14,7 +14,7 @@ from pathlib import Path
 
 import httpx
 import pytest
-from conftest import wait_for
+from conftest import read_response, wait_for
 
 APP = "tests/apps/wk_asgi.py:app"
 
@@ -27,37 +27,6 @@ def http_impl(request):
 @pytest.fixture
 def server(tiamat_server, http_impl, tmp_path):
     return tiamat_server("-k", "asgi", "--http", http_impl, APP, env={"WK_MARK_DIR": str(tmp_path)})
-
-
-def read_response(sock: socket.socket, buffer: bytes = b"") -> tuple[bytes, bytes, bytes]:
-    """One response (Content-Length or chunked) from ``sock``; returns (head, body, rest)."""
-    while b"\r\n\r\n" not in buffer:
-        data = sock.recv(65536)
-        assert data, f"connection closed mid-head: {buffer!r}"
-        buffer += data
-    head, _, buffer = buffer.partition(b"\r\n\r\n")
-    lower = head.lower()
-    if b"content-length:" in lower:
-        length = int(lower.split(b"content-length:")[1].split(b"\r\n")[0])
-        while len(buffer) < length:
-            data = sock.recv(65536)
-            assert data
-            buffer += data
-        return head, buffer[:length], buffer[length:]
-    if b"transfer-encoding: chunked" in lower:
-        body = b""
-        while True:
-            while b"\r\n" not in buffer:
-                buffer += sock.recv(65536)
-            size_line, _, buffer = buffer.partition(b"\r\n")
-            size = int(size_line, 16)
-            while len(buffer) < size + 2:
-                buffer += sock.recv(65536)
-            body += buffer[:size]
-            buffer = buffer[size + 2:]
-            if size == 0:
-                return head, body, buffer
-    return head, b"", buffer
 
 
 def test_scope_is_complete(server):

@@ -8,29 +8,14 @@ import socket
 import time
 
 import pytest
-from conftest import wait_for
+from conftest import read_response, wait_for
 
 APP = "tests/apps/wk_wsgi.py"
 
 
-def _read_response(sock: socket.socket, buf: bytes = b"") -> tuple[bytes, bytes, bytes]:
-    """One response off ``sock`` (Content-Length framed): (head, body, bytes left over)."""
-    while b"\r\n\r\n" not in buf:
-        more = sock.recv(65536)
-        assert more, f"closed before a response: {buf!r}"
-        buf += more
-    head, _, rest = buf.partition(b"\r\n\r\n")
-    length = int(head.lower().split(b"content-length: ")[1].split(b"\r\n")[0])
-    while len(rest) < length:
-        more = sock.recv(65536)
-        assert more, "closed in a body"
-        rest += more
-    return head, rest[:length], rest[length:]
-
-
 def _get(sock: socket.socket, path: str) -> tuple[bytes, bytes]:
     sock.sendall(f"GET {path} HTTP/1.1\r\nHost: t\r\n\r\n".encode())
-    head, body, left = _read_response(sock)
+    head, body, left = read_response(sock)
     assert left == b""
     return head, body
 
@@ -55,24 +40,24 @@ def test_what_a_holding_thread_cannot_serve_goes_back_to_the_loop(tiamat_server,
             assert _get(sock, "/")[1] == b"hello"
         # a request with a body
         sock.sendall(b"POST /echo HTTP/1.1\r\nHost: t\r\nContent-Length: 5\r\n\r\nabcde")
-        head, body, left = _read_response(sock)
+        head, body, left = read_response(sock)
         assert head.startswith(b"HTTP/1.1 200") and body == b"abcde" and left == b""
         # a body that comes after its head
         sock.sendall(b"POST /echo HTTP/1.1\r\nHost: t\r\nContent-Length: 3\r\n\r\n")
         time.sleep(0.05)
         sock.sendall(b"xyz")
-        assert _read_response(sock)[1] == b"xyz"
+        assert read_response(sock)[1] == b"xyz"
         # a head in two pieces
         sock.sendall(b"GET /info HTTP/1.1\r\nHo")
         time.sleep(0.05)
         sock.sendall(b"st: t\r\n\r\n")
-        assert _read_response(sock)[1].startswith(b"pid=")
+        assert read_response(sock)[1].startswith(b"pid=")
         # two pipelined requests in one write
         sock.sendall(b"GET / HTTP/1.1\r\nHost: t\r\n\r\nGET /echo HTTP/1.1\r\nHost: t\r\n"
                      b"Content-Length: 2\r\n\r\nok")
-        head, body, left = _read_response(sock)
+        head, body, left = read_response(sock)
         assert body == b"hello"
-        head, body, left = _read_response(sock, left)
+        head, body, left = read_response(sock, left)
         assert body == b"ok" and left == b""
         # still held and served after all that
         assert _get(sock, "/")[1] == b"hello"
