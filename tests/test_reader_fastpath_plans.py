@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import TiamatServer
-from tiamat.http import response
+from tiamat.http import h1, response
 
 APP = '''
 def app(environ, start_response):
@@ -151,3 +151,49 @@ def test_head_end_for_every_framing_follows_the_clock(monkeypatch: pytest.Monkey
                             + response.http_date(int(now)).encode() + b"\r\n"
                             + response.connection_header(keep_alive, version) + b"\r\n")
                 assert response.head_end(keep_alive, version) == expected, (now, keep_alive)
+
+
+def test_a_kept_whole_head_names_the_second_of_the_clock(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A plan keeps its whole head (Date included) for one second: every response's Date is
+    the clock's second, for every kind of body, at a second's edges and after the clock is
+    set back; and a kept head never crosses to another request's framing."""
+    import io
+
+    from tiamat.config import load_config
+    from tiamat.wsgi import WSGIHandler
+
+    def app(environ: dict[str, object], start_response: object) -> object:
+        kind = environ["PATH_INFO"]
+        if kind == "/own":
+            start_response("200 OK", [("Content-Length", "2")])  # type: ignore[operator]
+            return [b"ok"]
+        start_response("200 OK", [("X-A", "b")])  # type: ignore[operator]
+        return [b"ok"] if kind == "/list" else iter([b"o", b"k"])
+
+    class Sink:
+        data = b""
+
+        def write(self, data: bytes) -> None:
+            self.data += data
+
+    clock = [0.0]
+    monkeypatch.setattr(response.time, "time", lambda: clock[0])
+    handler = WSGIHandler(app, load_config({}, environ={}), multithread=False)
+    environ = handler.connection_environ(("127.0.0.1", 1), ("127.0.0.1", 2), "http")
+    for now in (1_000_000.0, 1_000_000.5, 1_000_000.999, 1_000_001.0, 999_999.5, 1_000_001.2):
+        clock[0] = now
+        date = b"\r\nDate: " + response.http_date(int(now)).encode() + b"\r\n"
+        for path in ("/own", "/list", "/iter"):
+            for version, connection in (("1.1", ""), ("1.1", "close"), ("1.0", "keep-alive")):
+                head = b"GET %s HTTP/%s\r\nHost: a\r\n%s\r\n" % (
+                    path.encode(), version.encode(),
+                    b"Connection: %s\r\n" % connection.encode() if connection else b"")
+                reader = h1.RequestReader()
+                reader.feed(head)
+                sink = Sink()
+                handler.handle(reader.events[0], io.BytesIO(), environ, sink)  # type: ignore[arg-type]
+                assert date in sink.data, (now, path, version, sink.data)
+                closes = b"\r\nConnection: close\r\n" in sink.data
+                assert closes == (connection == "close" or (path == "/iter" and version == "1.0"))
+                assert (b"\r\nConnection: keep-alive\r\n" in sink.data) == (
+                    version == "1.0" and path != "/iter")
