@@ -171,7 +171,7 @@ def test_field_limits_at_their_bounds_with_the_shortest_lines(cls: type[RequestR
 
 @pytest.mark.parametrize("cls", READERS)
 def test_targets_split_as_before(cls: type[RequestReader]) -> None:
-    """The plain head's target test (its first byte) against every target form."""
+    """The heads' inlined target split against every target form."""
     cases = {
         b"/": (b"/", b""),
         b"/a?b=1&c": (b"/a", b"b=1&c"),
@@ -180,9 +180,14 @@ def test_targets_split_as_before(cls: type[RequestReader]) -> None:
         b"http://h/x/y?q": (b"/x/y", b"q"),
         b"http://h": (b"/", b""),
     }
+    # a plain head, one with a framing field, and an HTTP/1.0 one (the long way)
+    forms = (b"HTTP/1.1\r\nHost: h\r\n", b"HTTP/1.1\r\nHost: h\r\nConnection: keep-alive\r\n",
+             b"HTTP/1.0\r\n")
     for target, (path, query) in cases.items():
-        reader = cls()
-        reader.feed(b"OPTIONS " + target + b" HTTP/1.1\r\nHost: h\r\n\r\n")
-        head = reader.events[0]
-        assert isinstance(head, RequestHead), (target, reader.events)
-        assert (head.target, head.path, head.query) == (target, path, query)
+        for form in forms:
+            reader = cls()
+            reader.feed(b"OPTIONS " + target + b" " + form + b"\r\n")
+            head = reader.events[0]
+            assert isinstance(head, RequestHead), (target, form, reader.events)
+            assert (head.target, head.path, head.query) == (target, path, query), form
+            assert not head.has_body and head.keep_alive == (form != forms[2])

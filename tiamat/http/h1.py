@@ -495,11 +495,13 @@ class RequestReader:
         fresh = self._parser_dirty
         if fresh:
             parser = self._parser = httptools.HttpRequestParser(self)
-        self._parser_dirty = True  # until _finish_head knows better
+            # clean until a head leaves it otherwise: _finish_head says so, and any refusal
+            # breaks the reader, which then never feeds the parser again
+            self._parser_dirty = False
         try:
             parser.feed_data(head)
         except httptools.HttpParserUpgrade:
-            pass  # CONNECT / Upgrade: llhttp is paused for good (the parser stays dirty)
+            self._parser_dirty = True  # CONNECT / Upgrade: llhttp is paused for good
         except httptools.HttpParserCallbackError as exc:
             cause = exc.__context__ or exc.__cause__
             if isinstance(cause, ProtocolError):
@@ -509,6 +511,7 @@ class RequestReader:
             if isinstance(exc.__context__, ProtocolError):
                 raise exc.__context__ from None
             if not fresh:
+                self._parser_dirty = True
                 self._start_head()
                 return self._tokenise(head, method, line_end, space)
             raise _map_parser_error(exc) from None
@@ -611,8 +614,7 @@ class RequestReader:
         events.append(END_OF_MESSAGE)
         if upgrade:
             self.upgraded = b""
-        else:
-            self._parser_dirty = False  # llhttp is ready for the next head
+        # (else llhttp is ready for the next head: _parser_dirty stays False)
 
     def _finish_head(self, method: bytes, version: str) -> None:
         # the framing fields' state, taken and cleared for the next head (between heads it is
@@ -637,15 +639,22 @@ class RequestReader:
         if tokens is None:
             keep_alive = version == "1.1"
             upgrade = method == b"CONNECT"
-        else:
-            options = [t.strip(b" \t") for t in tokens.split(b",")] if tokens.find(b",") >= 0 \
-                else (tokens,)
+        else:  # (partition, not find: see _VERSIONS)
+            options = [t.strip(b" \t") for t in tokens.split(b",")] \
+                if tokens.partition(b",")[1] else (tokens,)
             keep_alive = b"close" not in options if version == "1.1" else b"keep-alive" in options
             upgrade = method == b"CONNECT" or (upgrade_header and b"upgrade" in options)
         self._upgrade = upgrade
         self._keep_alive = keep_alive
         target = self._url
-        path, query = split_target(target)
+        # (split_target inlined for an origin-form target, as in _finish_plain_head; here the
+        # target may be empty, after an HTTP/0.9-style line)
+        path, mark, query = target.partition(b"?")
+        if target[:1] != b"/":
+            path, query = split_target(target)
+        elif not mark:
+            path = target
+        has_body = chunked or (length is not None and length > 0)
         # RFC 9110 10.1.1: a 100-continue expectation in an HTTP/1.0 request is ignored
         head = RequestHead()
         head.method = method
@@ -659,11 +668,11 @@ class RequestReader:
         head.chunked = chunked
         head.expect_continue = expect and version == "1.1"
         head.upgrade = upgrade
-        head.has_body = chunked or bool(length)
+        head.has_body = has_body
         self.events.append(head)
         # llhttp is ready for the next head after one without a body that keeps the
         # connection (a body is decoded here, never fed to llhttp, which would wait for it)
-        self._parser_dirty = upgrade or not keep_alive or chunked or bool(length)
+        self._parser_dirty = upgrade or not keep_alive or has_body
         self._body_size = 0
         self._ext_total = 0
         if chunked:
