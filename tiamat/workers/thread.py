@@ -224,23 +224,27 @@ class ThreadWorker(SyncWorker):
             # preempt this thread for a pass over a job or two: ~12 % of the GIL's time
             # in the 10 ms sleep row.  Checked after ``finished`` is set: on_readable and
             # close() set their flag first and look at ``finished`` after.
-            if self._quiet(job) and not job.unwatched:
+            if self._quiet(job) and not job.unwatched and self.accepting:
                 continue
-            # one wake-up byte per batch, not per request: the loop clears the flag before it
-            # takes the finished jobs, so a job appended after that writes a new byte
-            if not self.wake_pending:
-                self.wake_pending = True
-                try:
-                    os.write(self._wake_w, b"\0")
-                except (BlockingIOError, InterruptedError):
-                    pass  # the pipe is full: the loop is going to wake up anyway
+            self._wake_loop()
+
+    def _wake_loop(self) -> None:
+        """(From a pool thread) make the loop take the finished jobs back and look again at
+        whether it may accept.  One wake-up byte per batch, not per request: the loop clears
+        the flag before it takes the finished jobs, so a job appended after that writes a
+        new byte."""
+        if not self.wake_pending:
+            self.wake_pending = True
+            try:
+                os.write(self._wake_w, b"\0")
+            except (BlockingIOError, InterruptedError):
+                pass  # the pipe is full: the loop is going to wake up anyway
 
     def _quiet(self, job: _InFlight) -> bool:
         """Whether the job's connection, answered, needs nothing from the loop now: kept
         alive, no events or close waiting, a short request, the worker running normally."""
         return (job.keep_alive and not (job.pending or job.close_after or job.read_more)
-                and not job.head.upgrade and self.alive and self.accepting
-                and job.answered - job.start < LAZY_FOR)
+                and not job.head.upgrade and self.alive and job.answered - job.start < LAZY_FOR)
 
     def _hold(self, job: _InFlight, handler: Any, waiter: select.poll, own: int) -> None:
         """Keep the answered connection on this thread and serve its next requests here.
@@ -274,6 +278,11 @@ class ThreadWorker(SyncWorker):
         holders, me, jobs = self.holders, threading.get_ident(), self.jobs
         until = job.answered + min(HOLD_FOR, self.keepalive_timeout)
         waiter.register(fd, select.POLLIN)
+        holders[me] = own
+        if not self.accepting:
+            # the loop stopped accepting while every thread was busy: this one is free now,
+            # holding, so it may accept again (it counts holders as free)
+            self._wake_loop()
         try:
             while True:
                 holders[me] = own
@@ -367,6 +376,8 @@ class ThreadWorker(SyncWorker):
         done = self.done
         self.wake_pending = False
         if not done:
+            if not self.accepting:  # (a thread that began to hold counts as free now)
+                self._resume_accepting(time.monotonic())
             return
         in_flight, board, now = self.in_flight, self.board, time.monotonic()
         while done:
@@ -396,10 +407,14 @@ class ThreadWorker(SyncWorker):
                     conn.reader.events[:0] = job.pending
                     self.process(conn)
         self._update_board()
+        if not self.accepting:
+            self._resume_accepting(now)
+
+    def _resume_accepting(self, now: float) -> None:
         # (not while accept() is paused after running out of descriptors: a request taken
         # back frees none, and watching the listener again would fail and log per request)
-        if self.alive and not self.accepting and now >= self.accept_paused_until:
-            self._set_accepting(True)
+        if self.alive and now >= self.accept_paused_until:
+            self._set_accepting(True)  # (if a thread is free: see _set_accepting)
 
     def sweep(self, now: float) -> None:
         self._collect()  # answered requests on connections that stayed quiet since
