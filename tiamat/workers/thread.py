@@ -255,8 +255,11 @@ class ThreadWorker(SyncWorker):
         waits for the connection's next request itself, in poll() with the GIL released, as
         a thread-per-connection server would: the request then costs this thread one
         wake-up and the loop nothing.  Under the 10 ms sleep benchmark (256 connections,
-        2 x 128 threads, the server on one CPU) that is about +30 % requests per second and
-        a p99 of 13-16 instead of 21 ms.
+        2 x 128 threads, the server on one CPU) that took the row from 0.74-0.76x granian's
+        requests per second to 0.80-0.92x.  The price: a held request always costs its own
+        wake-up from poll(), where the loop reads many connections per wake-up once the CPU
+        is saturated, so there the CPU per request is higher (48-57 against ~40 us; below
+        saturation it is lower: 53-57 against 63-65 us at 64 connections).
 
         A holding thread is free for the pool: when the loop queues a request and no thread
         is free, it takes the longest-waiting holder out of ``holders`` and writes to its
