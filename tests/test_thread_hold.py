@@ -4,8 +4,10 @@ back to the loop, and a request that finds no thread free takes one back from a 
 
 from __future__ import annotations
 
+import random
 import socket
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 from conftest import read_response, wait_for
@@ -131,3 +133,57 @@ def test_a_held_connection_still_closes_after_the_keep_alive_timeout(tiamat_serv
         idle = time.monotonic() - answered
     # 1 s from the answer, checked by a sweep every 0.5 s (a hold must not add to it)
     assert 0.9 <= idle < 2.5, idle
+
+
+def _client(host: str, port: int, seed: int, rounds: int) -> int:
+    """A client mixing every kind of request, reconnecting now and then; the answers seen."""
+    rng = random.Random(seed)
+    answered = 0
+    sock = socket.create_connection((host, port), timeout=10)
+    try:
+        for i in range(rounds):
+            kind = rng.choice(["get", "get", "post", "pipelined", "close", "pause"])
+            if kind == "get":
+                assert _get(sock, f"/echo?c={seed}&i={i}")[0].startswith(b"HTTP/1.1 200")
+                answered += 1
+            elif kind == "post":
+                body = b"%d-%d" % (seed, i)
+                sock.sendall(b"POST /echo HTTP/1.1\r\nHost: t\r\nContent-Length: %d\r\n\r\n%s"
+                             % (len(body), body))
+                assert read_response(sock)[1] == body
+                answered += 1
+            elif kind == "pipelined":
+                sock.sendall(b"GET / HTTP/1.1\r\nHost: t\r\n\r\n" * 2)
+                _, body, left = read_response(sock)
+                assert body == b"hello"
+                assert read_response(sock, left)[1:] == (b"hello", b"")
+                answered += 2
+            elif kind == "close":
+                sock.sendall(b"GET / HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n")
+                data = b""
+                while chunk := sock.recv(65536):
+                    data += chunk
+                assert data.startswith(b"HTTP/1.1 200") and data.endswith(b"hello")
+                answered += 1
+                sock.close()
+                sock = socket.create_connection((host, port), timeout=10)
+            else:  # idle a little: the thread holding the connection may give it up
+                time.sleep(rng.choice([0.001, 0.02, 0.3]))
+    finally:
+        sock.close()
+    return answered
+
+
+@pytest.mark.parametrize(("threads", "clients"), [(16, 10), (8, 9), (4, 10)])
+def test_mixed_traffic_from_many_clients(tiamat_server, threads, clients):
+    # holds (a thread per client: 16 for 10), holders taken back by requests that find no
+    # thread free (9 clients on 8 threads, held up to an eighth more), no holds at all (10
+    # on 4), with bodies and pipelined requests handed back and connections coming and
+    # going, all at once: every answer right, nothing in the log
+    server = tiamat_server(APP, "-k", "thread", "--threads", str(threads), "-w", "1")
+    with ThreadPoolExecutor(clients) as pool:
+        counts = list(pool.map(lambda seed: _client(server.host, server.port, seed, 40),
+                               range(clients)))
+    assert sum(counts) >= clients * 20
+    log = server.log()
+    assert "Traceback" not in log and "unexpected error" not in log, log[-2000:]
