@@ -164,6 +164,20 @@ class _EndOfMessage:
 END_OF_MESSAGE = _EndOfMessage()
 
 
+def whole_request(events: list[Any]) -> RequestHead | None:
+    """The head of a whole request without a body, when that is all ``events`` hold (a head
+    and its end, as one read of a plain GET gives), taken off them; else None.
+
+    The workers' common case: such a request goes straight to the app, as walking the
+    events would (start, no body, dispatch) take it there, and a 100-continue is moot.
+    """
+    if len(events) == 2 and events[1] is END_OF_MESSAGE and events[0].__class__ is RequestHead:
+        head = events[0]
+        events.clear()
+        return head  # type: ignore[no-any-return]
+    return None
+
+
 class RequestReader:
     """Feed bytes in with :meth:`feed`; take events out of :attr:`events` (a list, in order).
 

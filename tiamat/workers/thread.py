@@ -43,7 +43,7 @@ import time
 from collections import deque
 from typing import Any, BinaryIO
 
-from tiamat.http.h1 import END_OF_MESSAGE, RequestHead
+from tiamat.http.h1 import RequestHead, whole_request
 from tiamat.workers.sync import (
     RECV_SIZE,
     STOP_GRACE,
@@ -100,6 +100,18 @@ class _InFlight:
         self.served = 1
         #: the holding thread's last read filled its buffer: more bytes may wait, unreported
         self.read_more = False
+
+
+def _answer(job: _InFlight, handler: Any) -> None:
+    """Run the job's request through the app (in a pool thread) and note the outcome."""
+    try:
+        job.keep_alive = handler.handle(job.head, job.body, job.conn.environ, job.conn)[0]
+    except BaseException:  # the handler already turns app errors into a 500
+        log.exception("unexpected error in a pool thread")
+        job.keep_alive = False
+    finally:
+        job.body.close()
+        job.answered = time.monotonic()
 
 
 class ThreadWorker(SyncWorker):
@@ -195,14 +207,7 @@ class ThreadWorker(SyncWorker):
             if handler is None:  # (set by run() after the threads start)
                 handler = self.handler
                 hold = self.edge  # (plain connections only: TLS is read through OpenSSL)
-            try:
-                job.keep_alive = handler.handle(job.head, job.body, job.conn.environ, job.conn)[0]
-            except BaseException:  # the handler already turns app errors into a 500
-                log.exception("unexpected error in a pool thread")
-                job.keep_alive = False
-            finally:
-                job.body.close()
-                job.answered = time.monotonic()
+            _answer(job, handler)
             if hold and len(self.connections) <= self.hold_limit and self._quiet(job):
                 if own < 0:
                     try:  # (once per thread, when it first may hold)
@@ -315,27 +320,18 @@ class ThreadWorker(SyncWorker):
                     job.keep_alive = False
                     return
                 reader.feed(data)
-                if (len(events) != 2 or events[1] is not END_OF_MESSAGE
-                        or len(data) == RECV_SIZE):
-                    if events or reader.in_message or len(data) == RECV_SIZE:
+                full = len(data) == RECV_SIZE
+                head = None if full else whole_request(events)
+                if head is None:
+                    if events or reader.in_message or full:
                         # (the loop takes it from here, as if it had read this itself)
                         job.pending = events[:]
                         events.clear()
-                        job.read_more = len(data) == RECV_SIZE
+                        job.read_more = full
                         return
                     continue  # (empty lines between requests: nothing yet)
-                job.head = head = events[0]  # type: ignore[assignment]
-                events.clear()
-                job.start = time.monotonic()
-                body = request_body(None)
-                try:
-                    job.keep_alive = handler.handle(head, body, conn.environ, conn)[0]
-                except BaseException:  # (as in _pool_thread)
-                    log.exception("unexpected error in a pool thread")
-                    job.keep_alive = False
-                finally:
-                    body.close()
-                job.answered = time.monotonic()
+                job.head, job.body, job.start = head, request_body(None), time.monotonic()
+                _answer(job, handler)
                 job.served += 1
                 if not self._quiet(job):
                     return
