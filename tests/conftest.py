@@ -39,13 +39,17 @@ def wait_for(predicate: Callable[[], object], timeout: float = 10.0, interval: f
         time.sleep(interval)
 
 
-def read_response(sock: socket.socket, buffer: bytes = b"") -> tuple[bytes, bytes, bytes]:
-    """One response (Content-Length or chunked) from ``sock``; returns (head, body, rest)."""
+def read_response(sock: socket.socket, buffer: bytes = b"", head_only: bool = False
+                  ) -> tuple[bytes, bytes, bytes]:
+    """One response (Content-Length or chunked) from ``sock``; returns (head, body, rest).
+    ``head_only``: the answer to a HEAD request, whose framing fields promise no body."""
     while b"\r\n\r\n" not in buffer:
         data = sock.recv(65536)
         assert data, f"connection closed mid-head: {buffer!r}"
         buffer += data
     head, _, buffer = buffer.partition(b"\r\n\r\n")
+    if head_only:
+        return head, b"", buffer
     lower = head.lower()
     if b"content-length:" in lower:
         length = int(lower.split(b"content-length:")[1].split(b"\r\n")[0])

@@ -15,8 +15,8 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+from conftest import TiamatServer, read_response
 
-from tests.conftest import TiamatServer
 from tiamat.http import h1, response
 
 APP = '''
@@ -42,24 +42,15 @@ def _server(tiamat_server: Callable[..., TiamatServer], tmp_path: Path,
 
 def _read_response(sock: socket.socket, buffer: bytearray, head_only: bool = False
                    ) -> tuple[bytes, list[bytes], bytes]:
-    """One response off ``sock`` (status line, Content-Length values, body), leaving what
-    follows it in ``buffer``; the body is read by the Content-Length the head gives."""
-    while b"\r\n\r\n" not in buffer:
-        more = sock.recv(65536)
-        assert more, f"closed before a whole head: {bytes(buffer)!r}"
-        buffer += more
-    head, _, rest = bytes(buffer).partition(b"\r\n\r\n")
+    """One response off ``sock`` (status line, every Content-Length value, body), leaving
+    what follows it in ``buffer`` (conftest.read_response, plus the length lines: a
+    response must carry exactly one)."""
+    head, body, rest = read_response(sock, bytes(buffer), head_only)
+    buffer[:] = rest
     lines = head.split(b"\r\n")
     lengths = [line.split(b":", 1)[1].strip() for line in lines[1:]
                if line.lower().startswith(b"content-length:")]
-    size = 0 if head_only or not lengths else int(lengths[0])
-    body = bytearray(rest)
-    while len(body) < size:
-        more = sock.recv(65536)
-        assert more, "closed in the middle of a body"
-        body += more
-    buffer[:] = body[size:]
-    return lines[0], lengths, bytes(body[:size])
+    return lines[0], lengths, body
 
 
 def test_each_body_gets_its_own_length_on_one_connection(
