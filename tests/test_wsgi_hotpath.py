@@ -252,6 +252,20 @@ def test_a_configured_secure_scheme_header_counts_as_forwarding() -> None:
     assert _environ(plain, trusted=True, cfg_values=values)["wsgi.url_scheme"] == "http"
 
 
+@pytest.mark.parametrize(("fields", "key", "value"), [
+    (b"X-A: 1\r\nX-A: 1\r\n", "HTTP_X_A", "1,1"),  # one-character values: one shared str
+    (b"X-A:\r\nX-A:\r\nX-A: z\r\n", "HTTP_X_A", ",,z"),  # empty ones too
+    (b"Cookie: a\r\nCookie: a\r\n", "HTTP_COOKIE", "a; a"),
+    (b"X-B: one\r\nX-B: two\r\n", "HTTP_X_B", "one,two"),
+    (b"X-Forwarded-For: 1\r\nX-Forwarded-For: 1\r\n", "HTTP_X_FORWARDED_FOR", "1,1"),
+])
+def test_repeated_fields_are_joined_whatever_their_values(fields: bytes, key: str,
+                                                          value: str) -> None:
+    request = b"GET / HTTP/1.1\r\nHost: a\r\n" + fields + b"\r\n"
+    for trusted in (False, True):
+        assert _environ(request, trusted=trusted)[key] == value
+
+
 # --- the connection's environ, shaped to leave room for each request's keys ---------------
 
 

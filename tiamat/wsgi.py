@@ -339,13 +339,16 @@ class WSGIHandler:
             if key is None:
                 continue
             text = value.decode("latin-1")
-            # (one setdefault both stores a first field and finds a repeated one)
-            seen = environ.setdefault(key, text)
-            if seen is not text:  # a repeated field: joined, or for CONTENT_* the last one
+            seen = environ.get(key)
+            if seen is None:
+                environ[key] = text
+                if key in forwarded_keys:
+                    forwarding = True
+            else:  # a repeated field: joined, or for CONTENT_* the last one.  (Not found by
+                # identity after a setdefault: CPython hands out one shared str for an empty or
+                # one-character value, so a repeated "X-A: 1" looked like a first one)
                 environ[key] = (seen + ("; " if key == "HTTP_COOKIE" else ",") + text
                                 if key.startswith("HTTP_") else text)
-            elif key in forwarded_keys:
-                forwarding = True
         if head.chunked and "CONTENT_LENGTH" not in environ:
             size = _stream_size(body)
             if size is not None:
