@@ -32,6 +32,7 @@ from tiamat.http.response import (
     decide_framing,
     error_response,
     head_end,
+    head_end_second,
     status_line,
 )
 
@@ -534,7 +535,9 @@ class WSGIHandler:
         now = time.time()
         if not second <= now < second + 1.0:  # (a clock set back renews it too)
             data = head + head_end(keep_alive, request.version)
-            whole[0] = (float(int(now)), data)  # (one store: threads see the old or the new)
+            # (under the second its Date names, which the head end's own clock read chose;
+            # one store: threads see the old pair or the new)
+            whole[0] = (head_end_second(), data)
         return data
 
     def _plan(self, response: _Response, status: str, length_known: bool,

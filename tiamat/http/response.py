@@ -162,32 +162,38 @@ class HeadEnd:
     (by version, then keep-alive as an index: a tuple key cost ~0.3k more to build and hash).
     """
 
-    __slots__ = ("_ends", "_next", "_second")
+    __slots__ = ("_now",)
 
     def __init__(self) -> None:
-        self._second = self._next = 0.0
-        self._ends: dict[str, tuple[bytes, bytes]] = {}
+        #: (the second the ends are for, the next one, the ends by version then keep-alive):
+        #: one attribute, replaced in one store, so that a thread never pairs one second's
+        #: range with another second's ends (three stores could, under -k thread)
+        self._now: tuple[float, float, dict[str, tuple[bytes, bytes]]] = (0.0, 0.0, {})
 
     def get(self, keep_alive: bool, http_version: str) -> bytes:
         now = time.time()
-        if not self._second <= now < self._next:  # (a clock set back rebuilds them too)
-            second = int(now)
-            lines = SERVER_HEADER + b"Date: " + http_date(second).encode() + b"\r\n"
-            # (the ends before the second: a thread that sees the new second finds its ends)
-            self._ends = {version: (lines + connection_header(False, version) + b"\r\n",
-                                    lines + connection_header(True, version) + b"\r\n")
-                          for version in ("1.1", "1.0")}
-            self._second = float(second)
-            self._next = second + 1.0
-        return self._ends[http_version][keep_alive]
+        second, following, ends = self._now
+        if not second <= now < following:  # (a clock set back rebuilds them too)
+            whole = int(now)
+            lines = SERVER_HEADER + b"Date: " + http_date(whole).encode() + b"\r\n"
+            ends = {version: (lines + connection_header(False, version) + b"\r\n",
+                              lines + connection_header(True, version) + b"\r\n")
+                    for version in ("1.1", "1.0")}
+            self._now = (float(whole), whole + 1.0, ends)
+        return ends[http_version][keep_alive]
 
-    __call__ = get
+    def second(self) -> float:
+        """The second the last ends returned name in their Date (for a cache of whole heads
+        built with them: stored under this second, never under a clock read of its own)."""
+        return self._now[0]
 
 
 #: a bound method, not the instance: the interpreter calls a bound method as a plain function
 #: (a specialised call), while calling an instance goes through ``__call__``'s lookup in C
 #: (~0.4k instructions more per response)
-head_end = HeadEnd().get
+_HEAD_END = HeadEnd()
+head_end = _HEAD_END.get
+head_end_second = _HEAD_END.second
 
 
 def chunk(data: bytes) -> bytes:
