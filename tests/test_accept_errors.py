@@ -113,6 +113,10 @@ def test_a_connection_failed_before_it_was_taken_is_passed_over() -> None:
 def test_other_accept_failures_pause_with_a_log_line_and_never_raise_as_they_are(code, caplog):
     # (out of the worker's loop a raised error would end the worker, and its replacement
     # would meet the same error over and over)
-    with caplog.at_level(logging.ERROR, logger="tiamat.error"), pytest.raises(AcceptPaused):
+    with (caplog.at_level(logging.ERROR, logger="tiamat.error"),
+          pytest.raises(AcceptPaused) as paused):
         accept_next(_Listener(code))  # type: ignore[arg-type]
     assert "accept failed" in caplog.text and "not accepting for 1 s" in caplog.text
+    # only running out of descriptors is ended sooner by a connection closing: a lasting
+    # error, re-armed by every close, would be logged once per close
+    assert paused.value.frees_on_close == (code == errno.EMFILE)

@@ -29,6 +29,7 @@ ACCEPT_SKIP = frozenset({errno.ECONNABORTED, errno.EPROTO, errno.ENETDOWN, errno
 #: wakes again at once and the worker spins, logging the error over and over
 ACCEPT_PAUSE = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
 ACCEPT_RETRY = 1.0
+_OUT_OF_DESCRIPTORS = frozenset({errno.EMFILE, errno.ENFILE})
 #: connections a worker accepts per wake-up before it turns to its other work
 ACCEPT_BATCH = 32
 
@@ -36,8 +37,14 @@ _log = logging.getLogger("tiamat.error")
 
 
 class AcceptPaused(Exception):
-    """accept() ran out of descriptors or memory (logged already): the caller stops watching
-    its listener for ACCEPT_RETRY seconds, each worker class in its own way."""
+    """accept() failed (logged already): the caller stops watching its listener for
+    ACCEPT_RETRY seconds, each worker class in its own way.  ``frees_on_close``: the failure
+    was running out of descriptors, which a closing connection ends sooner (any other
+    failure waits out the pause: re-armed by every close, a lasting error logged per close)."""
+
+    def __init__(self, frees_on_close: bool) -> None:
+        super().__init__()
+        self.frees_on_close = frees_on_close
 
 
 def accept_next(listener: socket.socket) -> tuple[socket.socket, Any] | None:
@@ -59,7 +66,7 @@ def accept_next(listener: socket.socket) -> tuple[socket.socket, Any] | None:
             if exc.errno in ACCEPT_SKIP:
                 continue
             _log.error("accept failed: %s; not accepting for %g s", exc, ACCEPT_RETRY)
-            raise AcceptPaused from exc
+            raise AcceptPaused(exc.errno in _OUT_OF_DESCRIPTORS) from exc
 
 
 def backlog_waiting(listeners: list[socket.socket]) -> bool:

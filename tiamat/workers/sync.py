@@ -272,6 +272,8 @@ class SyncWorker(Worker):
     in_request = False
     #: after accept() ran out of descriptors or memory: when to watch the listeners again
     accept_paused_until = 0.0
+    #: the pause above ends sooner when a connection closes (it was out of descriptors)
+    accept_pause_frees = True
     balance: AcceptBalance | None = None
     #: leaving new connections to a less-loaded sibling for now (see accept())
     deferred = False
@@ -337,7 +339,7 @@ class SyncWorker(Worker):
                     self.handle_channel()
                 if not self.alive:
                     break
-            if self.readable_again:
+            if self.readable_again and self.alive:  # (stopping: shutdown reads them, or not)
                 self._read_again()
             now = time.monotonic()
             if self.deferred:
@@ -371,9 +373,11 @@ class SyncWorker(Worker):
                 return
             try:
                 got = accept_next(listener)
-            except AcceptPaused:  # (a connection closing here resumes it sooner: _close_now)
+            except AcceptPaused as paused:
                 self._set_accepting(False)
                 self.accept_paused_until = now + ACCEPT_RETRY
+                # (out of descriptors, a connection closing here resumes it sooner: _close_now)
+                self.accept_pause_frees = paused.frees_on_close
                 return
             if got is None:
                 return
@@ -749,7 +753,8 @@ class SyncWorker(Worker):
         sock.close()
         if conn.body is not None:
             conn.body.close()
-        if not self.accepting and self.alive and len(self.connections) < self.worker_connections:
+        if (not self.accepting and self.alive and len(self.connections) < self.worker_connections
+                and (self.accept_pause_frees or time.monotonic() >= self.accept_paused_until)):
             self._set_accepting(True)
         if self.balance is not None:
             self.board.held(len(self.connections), self.accepting)

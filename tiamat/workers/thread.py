@@ -160,6 +160,10 @@ class ThreadWorker(SyncWorker):
             self._collect()  # (answered requests not taken back yet free their threads)
         if len(self.in_flight) - len(self.holders) >= self.nthreads:
             self._set_accepting(False)
+            # (then look again: a thread that finished or began to hold since the count saw
+            # accepting still on and woke no one; _collect resumes accepting if one is free)
+            if self.done or self.holders:
+                self._collect()
             return
         super().accept(listener)
 
@@ -259,7 +263,9 @@ class ThreadWorker(SyncWorker):
         answers, and hands the connection back.  A thread with nothing queued for it instead
         waits for the connection's next request itself, in poll() with the GIL released, as
         a thread-per-connection server would: the request then costs this thread one
-        wake-up and the loop nothing.  Under the 10 ms sleep benchmark (256 connections,
+        wake-up and the loop nothing (per hold, the loop still wakes once for the first
+        request's bytes, stops watching the connection, and watches it again at the
+        hand-back: one wake-up and two epoll_ctl calls).  Under the 10 ms sleep benchmark (256 connections,
         2 x 128 threads, the server on one CPU) that took the row from 0.74-0.76x granian's
         requests per second to 0.80-0.92x.  The price: a held request always costs its own
         wake-up from poll(), where the loop reads many connections per wake-up once the CPU
