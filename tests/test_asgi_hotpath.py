@@ -72,10 +72,10 @@ def test_header_injection_refused_every_time(pair):
 def test_caches_stay_bounded(state):
     for n in range(3000):
         asgi_http.header_block([(b"x-id", b"%d" % n), (b"content-length", b"%d" % n)])
-        asgi_http._content_length(n)
+        response.content_length_parts(n)
         asgi_http._scope_path(state.paths, state, b"/item/%d" % n)
     assert len(asgi_http._LINES) <= asgi_http.MEMO_ENTRIES
-    assert len(asgi_http._LENGTHS) <= asgi_http.MEMO_ENTRIES
+    assert len(response.CONTENT_LENGTHS) <= asgi_http.MEMO_ENTRIES
     assert len(state.paths) <= asgi_http.MEMO_ENTRIES
     long_path = b"/" + b"a" * 1000
     assert asgi_http._scope_path(state.paths, state, long_path) == (long_path.decode(), long_path)

@@ -24,11 +24,13 @@ from tiamat.http.h1 import KNOWN_METHODS, MEMO_ENTRIES, MEMO_KEY_BYTES, RequestH
 from tiamat.http.proxy import TRUSTED_KEY, ForwardedRules, apply_to_environ
 from tiamat.http.response import (
     CHUNKED_HEADER,
+    CONTENT_LENGTHS,
     LAST_CHUNK,
     app_content_length,
     asks_close,
     body_allowed,
     chunk,
+    content_length_parts,
     decide_framing,
     error_response,
     head_end,
@@ -172,21 +174,6 @@ def _app_head(status: str, headers: list[tuple[str, str]]) -> tuple[int, bytes, 
     if content_length is not None:
         block += b"Content-Length: %d\r\n" % content_length
     return status_code, block, content_length, close
-
-
-#: a body's length -> its Content-Length line, for the length the server adds (see
-#: head_bytes): a lookup instead of formatting per response; emptied when full
-_LENGTH_LINES: dict[int, bytes] = {}
-
-
-def _length_line(length: int) -> bytes:
-    line = _LENGTH_LINES.get(length)
-    if line is None:
-        line = b"Content-Length: %d\r\n" % length
-        if len(_LENGTH_LINES) >= MEMO_ENTRIES:
-            _LENGTH_LINES.clear()
-        _LENGTH_LINES[length] = line
-    return line
 
 
 _NO_KEYS: frozenset[str] = frozenset()
@@ -518,7 +505,8 @@ class WSGIHandler:
         if adds_length:  # the app gave no Content-Length: the body's own
             assert known_length is not None
             content_length = known_length
-            head += _LENGTH_LINES.get(known_length) or _length_line(known_length)
+            head += (CONTENT_LENGTHS.get(known_length)
+                     or content_length_parts(known_length))[1]
             if not self.unobserved:  # (for the access log and post_request)
                 response.headers = [*response.headers, ("Content-Length", str(known_length))]
         response.head_sent = True

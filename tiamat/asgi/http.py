@@ -27,11 +27,12 @@ from tiamat.http.errors import ProtocolError
 from tiamat.http.h1 import END_OF_MESSAGE, MEMO_ENTRIES, MEMO_KEY_BYTES, RequestHead
 from tiamat.http.proxy import apply_to_scope
 from tiamat.http.response import (
+    CONTENT_LENGTHS,
     CONTINUE_100,
     LAST_CHUNK,
-    app_content_length,
     asks_close,
     chunk,
+    content_length_parts,
     error_response,
     head_end,
 )
@@ -133,23 +134,6 @@ def header_block(headers: Any) -> tuple[bytes, bytes | None, bool]:
         elif line is _CLOSE:
             close = True
     return b"".join(lines), content_length, close
-
-
-#: Content-Length (an app's raw value, or a body's length) -> (length, header line): the
-#: same lengths come back often enough that a dict hit beats int() and formatting; emptied
-#: when full
-_LENGTHS: dict[bytes | int, tuple[int, bytes]] = {}
-
-
-def _content_length(value: bytes | int) -> tuple[int, bytes]:
-    """(an app's raw value, checked by the core's rule, or a body's length as counted)"""
-    length = value if value.__class__ is int else app_content_length(value)  # type: ignore[arg-type]
-    parts = (length, b"Content-Length: %d\r\n" % length)
-    if value.__class__ is bytes or value.__class__ is int:
-        if len(_LENGTHS) >= MEMO_ENTRIES:
-            _LENGTHS.clear()
-        _LENGTHS[value] = parts
-    return parts
 
 
 def _is_websocket(head: RequestHead) -> bool:
@@ -683,15 +667,16 @@ class Cycle:
         if given_length is None:
             length = length_line = None
         else:
-            cached = _LENGTHS.get(given_length) if given_length.__class__ is bytes else None
-            length, length_line = cached or _content_length(given_length)
+            cached = CONTENT_LENGTHS.get(given_length) if given_length.__class__ is bytes else None
+            length, length_line = cached or content_length_parts(given_length)
         key = (status, length is None and body_length is None, head.method, head.version,
                head.keep_alive and not head.upgrade and not conn.closing and not close)
         framing, line, chunked = state.framings.get(key) or state.framing(*key)
         self.framing = framing
         if framing.send_body:
             if length is None and body_length is not None:
-                length, length_line = _LENGTHS.get(body_length) or _content_length(body_length)
+                length, length_line = (CONTENT_LENGTHS.get(body_length)
+                                       or content_length_parts(body_length))
             self.length = length
         else:  # (an app's own Content-Length still goes out, e.g. for HEAD)
             self.length = None

@@ -11,6 +11,8 @@ import time
 from http import HTTPStatus
 from typing import NamedTuple
 
+from tiamat.http.h1 import MEMO_ENTRIES
+
 SERVER_HEADER = b"Server: tiamat\r\n"
 CONTINUE_100 = b"HTTP/1.1 100 Continue\r\n\r\n"
 LAST_CHUNK = b"0\r\n\r\n"
@@ -103,6 +105,25 @@ def app_content_length(value: str | bytes) -> int:
     if not (value.isdigit() and value.isascii()):  # (bytes.isdigit is ASCII-only anyway)
         raise ValueError(f"invalid Content-Length {value!r}")
     return int(value)
+
+
+#: Content-Length (an app's raw value, or a body's length) -> (length, header line), for the
+#: WSGI and the ASGI path alike: the same lengths come back often enough that a dict hit
+#: beats int() and formatting; emptied when full
+CONTENT_LENGTHS: dict[bytes | int, tuple[int, bytes]] = {}
+
+
+def content_length_parts(value: bytes | int) -> tuple[int, bytes]:
+    """(length, ``Content-Length`` line) for an app's raw value, checked by
+    :func:`app_content_length`, or for a body's length as counted; look in CONTENT_LENGTHS
+    first (this is the miss)."""
+    length = value if value.__class__ is int else app_content_length(value)  # type: ignore[arg-type]
+    parts = (length, b"Content-Length: %d\r\n" % length)
+    if value.__class__ is bytes or value.__class__ is int:
+        if len(CONTENT_LENGTHS) >= MEMO_ENTRIES:
+            CONTENT_LENGTHS.clear()
+        CONTENT_LENGTHS[value] = parts
+    return parts
 
 
 def body_allowed(status_code: int) -> bool:
