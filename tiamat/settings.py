@@ -128,6 +128,11 @@ _add("worker_class", "Worker Processes", "str", "auto",
      flags=("-k", "--worker-class"), metavar="CLASS")
 _add("threads", "Worker Processes", "int", 1, "Threads per worker for the thread and tcp classes.",
      flags=("--threads",), minimum=1, maximum=10000)
+_add("timer_slack", "Worker Processes", "int", 500,
+     "Timer slack of the thread class's pool threads, in microseconds (Linux): their timed "
+     "wake-ups (an app's sleep, a socket timeout) may come up to this much late, so that the "
+     "kernel serves several with one timer interrupt. 0 keeps the kernel's (50).",
+     flags=("--timer-slack",), minimum=0, maximum=1_000_000)
 _add("worker_connections", "Worker Processes", "int", 1000,
      "Most connections one worker keeps open at once.",
      flags=("--worker-connections",), minimum=1)

@@ -16,10 +16,11 @@ to watch again) writes to the worker's wake-up pipe.  While every thread is busy
 worker stops accepting: new connections stay in the kernel's backlog where another, less
 busy, worker takes them, rather than queueing here behind slow requests.
 
-While the worker has about a thread per connection, a thread that answered a keep-alive
-request does not hand the connection back at once: it holds it and serves its next
-bodiless requests itself, as a thread-per-connection server does (see ``_hold``, which
-says what goes back to the loop and how a holding thread is taken back).
+While the worker has about a thread per connection, an answered keep-alive connection is
+not handed back at once but parked with the pool: idle pool threads wait on the parked
+connections themselves (one epoll, each connection reported to one thread) and serve their
+next bodiless requests without the loop (see ``_park``, which says what goes back to the
+loop and when).
 
 The pool threads run under ``SCHED_BATCH`` (Linux; the loop thread keeps the normal
 policy): a thread woken up (by a job put in the queue, its app's sleep ending, or the GIL
@@ -35,12 +36,13 @@ from __future__ import annotations
 
 import logging
 import os
-import queue
 import select
 import socket
+import sys
 import threading
 import time
 from collections import deque
+from collections.abc import Callable
 from typing import Any, BinaryIO
 
 from tiamat.http.h1 import RequestHead, whole_request
@@ -60,10 +62,42 @@ _FOREVER = float("inf")
 #: scoreboard shows it as the worker's current request, and a request that ran close to
 #: --timeout must not be killed as stuck after its answer (a wake-up is nothing next to it)
 LAZY_FOR = 0.05
-#: the longest a pool thread keeps a connection it answered (see ``_hold``): the loop's
+#: the longest an answered connection stays parked with the pool (see ``_park``): the loop's
 #: bookkeeping for the connection (requests counted, the scoreboard's current request) waits
 #: until it is handed back, so this stays well under a second
 HOLD_FOR = 0.25
+_PR_SET_TIMERSLACK = 29  # (linux/prctl.h)
+#: how park_set watches a parked connection: reported once, to one thread, then disarmed
+_PARKED = select.EPOLLIN | select.EPOLLONESHOT
+
+
+def _set_timer_slack(microseconds: int) -> Callable[[], None]:
+    """A function that sets the calling thread's timer slack (Linux's PR_SET_TIMERSLACK) to
+    ``microseconds``; one that does nothing for 0 or where prctl cannot be had.
+
+    The pool threads' timed waits are mostly the app's (a sleep, a database call's timeout),
+    each a kernel timer whose expiry interrupts the CPU.  With a slack, the kernel may end a
+    wait up to that much late, and so ends waits due close together with one interrupt.
+    Under the 10 ms sleep benchmark (256 connections, 2 x 128 threads, the server on one
+    CPU; 20k sleeps a second) a slack of 500 us instead of the kernel's 50 took the CPU per
+    request from 48-58 to 39 us and the p99 from 23-49 to 13-16 ms (an interrupt is dear
+    on a virtual machine); a wait in a web request rarely needs to be exact to 0.5 ms.
+    """
+    if not microseconds or not sys.platform.startswith("linux"):
+        return lambda: None
+    try:
+        import ctypes  # (only here: its import costs a thread worker's start ~1 ms)
+
+        prctl = ctypes.CDLL(None, use_errno=True).prctl
+    except (ImportError, OSError, AttributeError):
+        return lambda: None
+    nanoseconds = ctypes.c_ulong(microseconds * 1000)
+    zero = ctypes.c_ulong(0)
+
+    def set_timer_slack() -> None:
+        prctl(_PR_SET_TIMERSLACK, nanoseconds, zero, zero, zero)  # (refused: the default)
+
+    return set_timer_slack
 
 
 def _batch_policy() -> None:
@@ -79,7 +113,7 @@ class _InFlight:
     """A request handed to the pool; the main thread looks at it only once it is done."""
 
     __slots__ = ("answered", "body", "close_after", "conn", "finished", "head", "keep_alive", "pending",
-                 "read_more", "served", "start", "unwatched")
+                 "read_more", "served", "start", "until", "unwatched")
 
     def __init__(self, conn: Connection, head: RequestHead, body: BinaryIO,
                  pending: list[object], start: float) -> None:
@@ -96,10 +130,12 @@ class _InFlight:
         self.unwatched = False
         #: set by the pool thread once the job is in ``done`` (never before)
         self.finished = False
-        #: requests answered: 1, plus those its thread read itself while holding the connection
+        #: requests answered: 1, plus those the pool read itself while it was parked
         self.served = 1
-        #: the holding thread's last read filled its buffer: more bytes may wait, unreported
+        #: the pool's last read filled its buffer: more bytes may wait, unreported
         self.read_more = False
+        #: parked (see _park) until then at the latest; 0.0: not parked yet
+        self.until = 0.0
 
 
 def _answer(job: _InFlight, handler: Any) -> None:
@@ -124,19 +160,27 @@ class ThreadWorker(SyncWorker):
         self.nthreads = max(1, self.cfg.threads)
         self.in_flight: dict[Connection, _InFlight] = {}
         self.done: deque[_InFlight] = deque()
-        self.jobs: queue.SimpleQueue[_InFlight | None] = queue.SimpleQueue()
+        #: requests from the loop for the pool (None: a thread's end), each announced by a
+        #: count on ``nudge``
+        self.jobs: deque[_InFlight | None] = deque()
         #: a wake-up byte is on its way for ``done``: later finishers need not write another
         self.wake_pending = False
-        #: threads waiting on a connection they hold (see _hold), longest-waiting first:
-        #: thread id -> the eventfd that makes it hand the connection back (_reclaim)
-        self.holders: dict[int, int] = {}
-        #: threads hold connections only while the worker has no more connections than this:
-        #: a thread for (nearly) every one.  With many connections per thread, most requests
-        #: would find every thread holding and take one back: a hello app on 4 threads with 64
-        #: connections then spent 15 % more CPU per request, at 3x the p99.  The slack
-        #: (an eighth) keeps holds on when a few connections more than threads arrive, as
-        #: when 256 connections split 129/127 between two workers of 128 threads
+        #: answered keep-alive connections waiting for their next request (see _park): fd ->
+        #: its job.  Taking a job out of it (pop) is what makes a thread its only owner.
+        self.parked: dict[int, _InFlight] = {}
+        #: what an idle pool thread waits on: the parked connections, one-shot, and ``nudge``
+        self.park_set = select.epoll()
+        self.nudge = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+        # (edge-triggered: a write wakes one waiting thread, not each one in turn; a thread
+        # that takes a job and sees more queued passes the nudge on: see _next_job)
+        self.park_set.register(self.nudge, select.EPOLLIN | select.EPOLLET)
+        #: connections are parked only while the worker has no more connections than this:
+        #: a thread for (nearly) every one.  With many connections per thread, the loop's
+        #: batched reads cost less than a wake-up per request.  The slack (an eighth) keeps
+        #: parking on when a few connections more than threads arrive, as when 256
+        #: connections split 129/127 between two workers of 128 threads
         self.hold_limit = self.nthreads + self.nthreads // 8
+        self.set_timer_slack = _set_timer_slack(self.cfg.timer_slack)
         self.threads = [threading.Thread(target=self._pool_thread, name=f"tiamat-{i}", daemon=True)
                         for i in range(self.nthreads)]
         for thread in self.threads:
@@ -144,9 +188,13 @@ class ThreadWorker(SyncWorker):
         super().run()
 
     # --- accepting ----------------------------------------------------------------------
+    def _busy_threads(self) -> int:
+        """Pool threads running a request (or about to): a parked connection holds none."""
+        return len(self.in_flight) - len(self.parked)
+
     def _set_accepting(self, on: bool) -> None:
         # (answered jobs not taken back yet hold no thread: see the lazy take-back)
-        if on and (len(self.in_flight) - len(self.done) - len(self.holders) >= self.nthreads
+        if on and (self._busy_threads() - len(self.done) >= self.nthreads
                    or len(self.connections) >= self.worker_connections):
             return
         super()._set_accepting(on)
@@ -155,14 +203,14 @@ class ThreadWorker(SyncWorker):
         # Every thread busy: stop watching the listeners, lazily.  dispatch() does not do it
         # at once: under a keep-alive load the pool fills and drains all the time while no
         # new client comes, and each toggle cost an unregister and a register per listener.
-        # (a thread holding a connection counts as free: its request will get it back)
-        if len(self.in_flight) - len(self.holders) >= self.nthreads:
+        if self._busy_threads() >= self.nthreads:
             self._collect()  # (answered requests not taken back yet free their threads)
-        if len(self.in_flight) - len(self.holders) >= self.nthreads:
+        if self._busy_threads() >= self.nthreads:
             self._set_accepting(False)
-            # (then look again: a thread that finished or began to hold since the count saw
-            # accepting still on and woke no one; _collect resumes accepting if one is free)
-            if self.done or self.holders:
+            # (then look again: a thread that finished or parked its connection since the
+            # count saw accepting still on and woke no one; _collect resumes accepting if
+            # one is free)
+            if self.done or self.parked:
                 self._collect()
             return
         super().accept(listener)
@@ -193,48 +241,36 @@ class ThreadWorker(SyncWorker):
             # only a first request changes the oldest in flight: with others in flight the
             # board already shows the oldest (_collect ends with _update_board)
             self._update_board()
-        self.jobs.put(job)
-        if len(self.in_flight) - len(self.done) > self.nthreads and self.holders:
-            self._reclaim()  # no thread free for it: one holding a connection gives it back
+        self.jobs.append(job)
+        os.eventfd_write(self.nudge, 1)
 
     def _pool_thread(self) -> None:
         _batch_policy()
-        jobs, done, handler = self.jobs, self.done, None
-        #: what a holding thread waits for: its connection, and its own eventfd (see _hold)
-        waiter = select.poll()
-        own = -1
-        hold = False
+        self.set_timer_slack()
+        handler = None
+        park = False
         while True:
-            job = jobs.get()
+            job = self._next_job()
             if job is None:
                 return
             if handler is None:  # (set by run() after the threads start)
                 handler = self.handler
-                hold = self.edge  # (plain connections only: TLS is read through OpenSSL)
+                park = self.edge  # (plain connections only: TLS is read through OpenSSL)
             _answer(job, handler)
-            if hold and len(self.connections) <= self.hold_limit and self._quiet(job):
-                if own < 0:
-                    try:  # (once per thread, when it first may hold)
-                        own = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
-                        waiter.register(own, select.POLLIN)
-                    except OSError:  # out of descriptors: this thread holds nothing
-                        hold = False
-                if hold:
-                    try:
-                        self._hold(job, handler, waiter, own)
-                    except Exception:  # (a pool thread must not die: the pool would shrink)
-                        log.exception("unexpected error in a pool thread")
-                        job.keep_alive = False
-            done.append(job)
-            job.finished = True  # (after the append: a finished job is always in done)
-            # An answered keep-alive connection, still watched, needs nothing from the loop
-            # now: it is taken back when the client's next request makes it readable
-            # (on_readable), or by the next sweep.  Waking the loop for it made the loop
-            # preempt this thread for a pass over a job or two: ~12 % of the GIL's time
-            # in the 10 ms sleep row.  Checked after ``finished`` is set: on_readable and
-            # close() set their flag first and look at ``finished`` after.
-            if self._quiet(job) and not job.unwatched and self.accepting:
-                continue
+            if not (park and self._park(job)):
+                self._hand_back(job)
+
+    def _hand_back(self, job: _InFlight) -> None:
+        """(From a pool thread) give the answered job back to the loop."""
+        self.done.append(job)
+        job.finished = True  # (after the append: a finished job is always in done)
+        # An answered keep-alive connection, still watched, needs nothing from the loop
+        # now: it is taken back when the client's next request makes it readable
+        # (on_readable), or by the next sweep.  Waking the loop for it made the loop
+        # preempt this thread for a pass over a job or two: ~12 % of the GIL's time
+        # in the 10 ms sleep row.  Checked after ``finished`` is set: on_readable and
+        # close() set their flag first and look at ``finished`` after.
+        if not (self._quiet(job) and not job.unwatched and self.accepting):
             self._wake_loop()
 
     def _wake_loop(self) -> None:
@@ -255,95 +291,129 @@ class ThreadWorker(SyncWorker):
         return (job.keep_alive and not (job.pending or job.close_after or job.read_more)
                 and not job.head.upgrade and self.alive and job.answered - job.start < LAZY_FOR)
 
-    def _hold(self, job: _InFlight, handler: Any, waiter: select.poll, own: int) -> None:
-        """Keep the answered connection on this thread and serve its next requests here.
+    # --- parked connections ---------------------------------------------------------------
+    def _park(self, job: _InFlight) -> bool:
+        """Keep the answered connection in the pool for its next request; False: it goes back.
 
         Under keep-alive, the hand-off is most of what a short request costs in this worker:
         the loop reads the next request and queues it, a pool thread wakes and takes the GIL,
-        answers, and hands the connection back.  A thread with nothing queued for it instead
-        waits for the connection's next request itself, in poll() with the GIL released, as
-        a thread-per-connection server would: the request then costs this thread one
-        wake-up and the loop nothing (per hold, the loop still wakes once for the first
-        request's bytes, stops watching the connection, and watches it again at the
-        hand-back: one wake-up and two epoll_ctl calls).  Under the 10 ms sleep benchmark (256 connections,
-        2 x 128 threads, the server on one CPU) that took the row from 0.74-0.76x granian's
-        requests per second to 0.80-0.92x.  The price: a held request always costs its own
-        wake-up from poll(), where the loop reads many connections per wake-up once the CPU
-        is saturated, so there the CPU per request is higher (48-57 against ~40 us; below
-        saturation it is lower: 53-57 against 63-65 us at 64 connections).
+        answers, and hands the connection back, and the loop (every request goes through it)
+        waits for the GIL behind the pool threads.  A parked connection is instead watched by
+        the pool itself: every idle pool thread waits in ``park_set`` (one epoll, with the GIL
+        released), which reports each parked connection one-shot to one thread, which reads
+        the request, answers it and parks the connection again.  A thread that finishes a
+        request then often finds the next one already reported and takes it without
+        sleeping.  Under the 10 ms sleep benchmark (256 connections, 2 x 128 threads, the
+        server on one CPU) context switches per request went from ~1.95 (when each thread
+        kept the connection it answered and waited in its own poll(), to be taken back by
+        the loop for a request that found no thread free) to ~1.35, and req/s up 6 % (3
+        A/B pairs; 9 % with the timer slack, see _set_timer_slack).  A parked connection
+        holds no thread, so nothing needs taking back.
 
-        A holding thread is free for the pool: when the loop queues a request and no thread
-        is free, it takes the longest-waiting holder out of ``holders`` and writes to its
-        eventfd, and the holder hands its connection back and takes the request (so does
-        every holder at a stop).  A thread that is not in ``holders`` is not waiting: one
-        that was taken out while a request arrived serves it, then sees it was taken out.
-
-        Only a whole request without a body, in one read, is served here.  Anything else
-        (a body, a pipelined request, a head in pieces, an error, the client closing) goes
-        back to the loop with the events read so far, as does a connection idle for the
-        keep-alive timeout or held for ``HOLD_FOR``: the loop counts its requests and shows
-        the scoreboard then.  The loop, which still watches the connection, stops watching it
-        when the next request arrives (``on_readable``) and watches it again once it is back.
+        Only a whole request without a body, in one read, is served from the pool (see
+        _take_parked); anything else (a body, a pipelined request, a head in pieces, an
+        error, the client closing) goes back to the loop with the events read so far, as
+        does a connection parked for ``HOLD_FOR`` (or the keep-alive timeout if shorter):
+        the loop counts its requests and shows the scoreboard then.  The loop, which still
+        watches the connection, stops watching it when the next request arrives
+        (``on_readable``) and watches it again once it is back.
         """
+        if not (self._quiet(job) and len(self.connections) <= self.hold_limit):
+            return False
+        if not job.until:
+            job.until = job.answered + min(HOLD_FOR, self.keepalive_timeout)
+        elif job.answered >= job.until:
+            return False
+        fd = job.conn.fd
+        self.parked[fd] = job
+        # (after it is in parked: the first report must find it there.  If the loop takes it
+        # out meanwhile (_unpark), a report of the armed fd is passed over.  It stays in
+        # park_set until it is closed: armed again next time, never removed)
+        try:
+            try:
+                self.park_set.modify(fd, _PARKED)
+            except FileNotFoundError:  # (its first time)
+                self.park_set.register(fd, _PARKED)
+        except FileExistsError:  # (registered meanwhile by a later owner: it is armed)
+            pass
+        except OSError:
+            if self.parked.pop(fd, None) is job:
+                return False
+        return True
+
+    def _next_job(self) -> _InFlight | None:
+        """(In a pool thread) the next request to answer: one queued by the loop, or the next
+        request of a parked connection; waits for either.  None: the thread is to end."""
+        jobs, parked, nudge = self.jobs, self.parked, self.nudge
+        wait = self.park_set.poll
+        while True:
+            if jobs:
+                try:
+                    job = jobs.popleft()
+                except IndexError:  # (another thread took it)
+                    pass
+                else:
+                    if jobs:  # (more queued: wake another thread for them)
+                        os.eventfd_write(nudge, 1)
+                    return job
+            for fd, _ in wait(-1.0, 1):
+                if fd == nudge:
+                    try:
+                        os.eventfd_read(nudge)
+                    except (BlockingIOError, InterruptedError):
+                        pass  # (read by another thread woken for an earlier nudge)
+                    continue
+                job = parked.pop(fd, None)  # (None: taken back by the loop meanwhile)
+                if job is not None and self._take_parked(job):
+                    return job
+
+    def _take_parked(self, job: _InFlight) -> bool:
+        """Read the parked connection reported readable: True if it holds a whole request
+        without a body, now the job's; otherwise the job is parked again or handed back."""
         conn = job.conn
-        fd = conn.fd
         reader = conn.reader
         events = reader.events
-        holders, me, jobs = self.holders, threading.get_ident(), self.jobs
-        until = job.answered + min(HOLD_FOR, self.keepalive_timeout)
-        waiter.register(fd, select.POLLIN)
-        holders[me] = own
-        if not self.accepting:
-            # the loop stopped accepting while every thread was busy: this one is free now,
-            # holding, so it may accept again (it counts holders as free)
-            self._wake_loop()
         try:
-            while True:
-                holders[me] = own
-                # (after joining holders, so that a request queued meanwhile is seen here
-                # or this thread is seen by dispatch(); and a stop is seen either way)
-                wait = until - time.monotonic()
-                if (wait <= 0 or not jobs.empty() or not self.alive
-                        or len(self.connections) > self.hold_limit):
-                    holders.pop(me, None)
-                    return
-                ready = waiter.poll(wait * 1000.0)
-                if ready and (ready[0][0] == own or ready[-1][0] == own):  # (clear it)
-                    try:
-                        os.eventfd_read(own)
-                    except (BlockingIOError, InterruptedError):
-                        pass
-                if holders.pop(me, None) is None or not ready:
-                    return  # taken out by _reclaim, or the wait is over
-                try:
-                    data = os.read(fd, RECV_SIZE)
-                except (BlockingIOError, InterruptedError):
-                    continue
-                except OSError:
-                    job.keep_alive = False
-                    return
-                if not data:  # the client closed: the loop closes the connection
-                    job.keep_alive = False
-                    return
-                reader.feed(data)
-                full = len(data) == RECV_SIZE
-                head = None if full else whole_request(events)
-                if head is None:
-                    if events or reader.in_message or full:
-                        # (the loop takes it from here, as if it had read this itself)
-                        job.pending = events[:]
-                        events.clear()
-                        job.read_more = full
-                        return
-                    continue  # (empty lines between requests: nothing yet)
-                job.head, job.body, job.start = head, request_body(None), time.monotonic()
-                _answer(job, handler)
-                job.served += 1
-                if not self._quiet(job):
-                    return
-        finally:
-            waiter.unregister(fd)
-            holders.pop(me, None)
+            data = os.read(conn.fd, RECV_SIZE)
+        except (BlockingIOError, InterruptedError):
+            if not self._park(job):
+                self._hand_back(job)
+            return False
+        except OSError:
+            data = b""
+        if not data:  # the client closed (or failed): the loop closes the connection
+            job.keep_alive = False
+            self._hand_back(job)
+            return False
+        reader.feed(data)
+        full = len(data) == RECV_SIZE
+        head = None if full else whole_request(events)
+        if head is None:
+            if events or reader.in_message or full:
+                # (the loop takes it from here, as if it had read this itself)
+                job.pending = events[:]
+                events.clear()
+                job.read_more = full
+                self._hand_back(job)
+            elif not self._park(job):  # (empty lines between requests: nothing yet)
+                self._hand_back(job)
+            return False
+        job.head, job.body, job.start = head, request_body(None), time.monotonic()
+        job.served += 1
+        return True
+
+    def _unpark(self, now: float) -> None:
+        """(In the loop) take back the parked connections whose time is up, or every one
+        when the worker stops or has more connections than ``hold_limit``.  The loop does it
+        at its sweep, so a connection stays parked up to a sweep (0.5 s) longer than
+        ``until``: the pool threads wait with no timeout, and none looks at the clock."""
+        parked = self.parked
+        keep = self.alive and len(self.connections) <= self.hold_limit
+        for fd, job in list(parked.items()):
+            if (keep and job.until > now) or parked.pop(fd, None) is not job:
+                continue  # (popped by a pool thread meanwhile: it is that thread's)
+            self.done.append(job)
+            job.finished = True
 
     def _watched(self, conn: Connection) -> bool:
         # a connection in a pool thread stays registered (see dispatch) but is handed off:
@@ -406,7 +476,7 @@ class ThreadWorker(SyncWorker):
                                               else self.keepalive_timeout)
                 if job.unwatched:  # (registering reports bytes already waiting, edge or not)
                     self.selector.register(conn.sock, self.conn_read, conn)
-                elif job.read_more:  # (its holding thread's read filled the buffer)
+                elif job.read_more:  # (the pool's read of it filled the buffer)
                     self.readable_again.append(conn)
                 if job.pending:
                     conn.reader.events[:0] = job.pending
@@ -422,21 +492,10 @@ class ThreadWorker(SyncWorker):
             self._set_accepting(True)  # (if a thread is free: see _set_accepting)
 
     def sweep(self, now: float) -> None:
+        if self.parked:
+            self._unpark(now)
         self._collect()  # answered requests on connections that stayed quiet since
         super().sweep(now)
-
-    def _reclaim(self, every: bool = False) -> None:
-        """Make the longest-waiting thread holding a connection (or, ``every``, each one)
-        hand it back: see _hold."""
-        holders = self.holders
-        while holders:
-            try:
-                own = holders.pop(next(iter(holders)))
-            except (KeyError, RuntimeError, StopIteration):  # (it left meanwhile: the next)
-                continue
-            os.eventfd_write(own, 1)
-            if not every:
-                return
 
     def _update_board(self) -> None:
         """Show the oldest in-flight request as the worker's current one (for --timeout)."""
@@ -465,7 +524,8 @@ class ThreadWorker(SyncWorker):
         worker is stopping), and the sync worker's own shutdown does the rest.
         """
         self.board.stopping(time.monotonic())
-        self._reclaim(every=True)  # (held connections come back at once)
+        self._unpark(time.monotonic())  # (parked connections come back at once)
+        self._collect()
         self._release_listeners()  # refuse new clients now rather than leave them in the backlog
         if not self.quick:
             self.read_unreported()
@@ -479,8 +539,8 @@ class ThreadWorker(SyncWorker):
             self._serve_stopping(0.2)
             self._collect()
             self.beat()
-        for _ in self.threads:
-            self.jobs.put(None)
+        self.jobs.extend([None] * len(self.threads))
+        os.eventfd_write(self.nudge, 1)  # (each thread that takes a None wakes the next)
         if self.in_flight:
             # the pool threads are daemons and worker_main ends with os._exit: not waited for
             log.warning("worker %s: exiting with %s requests still running", self.slot,

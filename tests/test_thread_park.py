@@ -1,13 +1,15 @@
-"""``-k thread``: a pool thread keeps the keep-alive connection it answered for a while and
-serves its next requests itself (``ThreadWorker._hold``); everything it cannot serve goes
-back to the loop, and a request that finds no thread free takes one back from a holder."""
+"""``-k thread``: an answered keep-alive connection is parked with the pool for a while, and
+idle pool threads serve its next requests themselves (``ThreadWorker._park``); everything
+they cannot serve goes back to the loop, and parked connections hold no thread."""
 
 from __future__ import annotations
 
+import os
 import random
 import socket
 import time
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import pytest
 from conftest import read_response, wait_for
@@ -22,7 +24,7 @@ def _get(sock: socket.socket, path: str) -> tuple[bytes, bytes]:
     return head, body
 
 
-def test_the_answering_thread_keeps_serving_its_connection(tiamat_server):
+def test_a_parked_connection_is_served_by_the_pool(tiamat_server):
     server = tiamat_server(APP, "-k", "thread", "--threads", "4", "-w", "1")
     with socket.create_connection((server.host, server.port), timeout=10) as sock:
         names = set()
@@ -30,15 +32,15 @@ def test_the_answering_thread_keeps_serving_its_connection(tiamat_server):
             head, body = _get(sock, "/info")
             assert head.startswith(b"HTTP/1.1 200")
             names.add(body.split(b"thread=")[1].split()[0])
-    # handed from the loop to the pool for each request, they would go round the 4 threads
-    assert len(names) == 1, names
+            time.sleep(0.01)  # (the next request finds the connection parked)
+    assert names and all(name.startswith(b"tiamat-") for name in names), names
 
 
 @pytest.mark.parametrize("tokeniser", ["httptools", "h11"])
-def test_what_a_holding_thread_cannot_serve_goes_back_to_the_loop(tiamat_server, tokeniser):
+def test_what_the_pool_cannot_serve_goes_back_to_the_loop(tiamat_server, tokeniser):
     server = tiamat_server(APP, "-k", "thread", "--threads", "2", "-w", "1", "--http", tokeniser)
     with socket.create_connection((server.host, server.port), timeout=10) as sock:
-        for _ in range(5):  # (answered by the loop's hand-off, then by the holding thread)
+        for _ in range(5):  # (answered by the loop's hand-off, then from the parked connection)
             assert _get(sock, "/")[1] == b"hello"
         # a request with a body
         sock.sendall(b"POST /echo HTTP/1.1\r\nHost: t\r\nContent-Length: 5\r\n\r\nabcde")
@@ -61,7 +63,7 @@ def test_what_a_holding_thread_cannot_serve_goes_back_to_the_loop(tiamat_server,
         assert body == b"hello"
         head, body, left = read_response(sock, left)
         assert body == b"ok" and left == b""
-        # still held and served after all that
+        # still parked and served after all that
         assert _get(sock, "/")[1] == b"hello"
         # a malformed head: 400, and the connection closed
         sock.sendall(b"GET / HTTP/1.1\r\nHost: t\r\nno colon here\r\n\r\n")
@@ -71,30 +73,30 @@ def test_what_a_holding_thread_cannot_serve_goes_back_to_the_loop(tiamat_server,
         assert data.startswith(b"HTTP/1.1 400"), data
 
 
-def test_a_request_with_no_thread_free_takes_one_back_from_a_holder(tiamat_server):
-    # 2 threads; two connections answered just before are held by them.  A third client's
-    # request must not wait for a hold to run out (HOLD_FOR, 0.25 s): the loop takes a
-    # holder back at once.  8 rounds without that take about 2 s.
+def test_parked_connections_keep_no_request_waiting(tiamat_server):
+    # 2 threads; two connections answered just before are parked.  A third client's request
+    # must not wait for them to go back to the loop (HOLD_FOR, 0.25 s): a parked connection
+    # holds no thread.  8 rounds with each thread kept by a connection take about 2 s.
     server = tiamat_server(APP, "-k", "thread", "--threads", "2", "-w", "1", "--keep-alive", "5")
-    held = [socket.create_connection((server.host, server.port), timeout=10) for _ in range(2)]
+    parked = [socket.create_connection((server.host, server.port), timeout=10) for _ in range(2)]
     waited = 0.0
     try:
         for _ in range(8):
-            for sock in held:
+            for sock in parked:
                 assert _get(sock, "/")[1] == b"hello"
             with socket.create_connection((server.host, server.port), timeout=10) as third:
                 start = time.monotonic()
                 assert _get(third, "/")[1] == b"hello"
                 waited += time.monotonic() - start
-        for sock in held:  # and the held connections still work
+        for sock in parked:  # and the parked connections still work
             assert _get(sock, "/")[1] == b"hello"
     finally:
-        for sock in held:
+        for sock in parked:
             sock.close()
     assert waited < 1.0, waited
 
 
-def test_requests_served_by_a_holding_thread_count_for_max_requests(tiamat_server):
+def test_requests_served_from_parked_connections_count_for_max_requests(tiamat_server):
     server = tiamat_server(APP, "-k", "thread", "--threads", "2", "-w", "1",
                            "--max-requests", "40")
     first = server.worker_pids()
@@ -106,7 +108,7 @@ def test_requests_served_by_a_holding_thread_count_for_max_requests(tiamat_serve
              message="the worker replaced after max_requests")
 
 
-def test_a_stop_takes_held_connections_back_at_once(tiamat_server):
+def test_a_stop_takes_parked_connections_back_at_once(tiamat_server):
     server = tiamat_server(APP, "-k", "thread", "--threads", "4", "-w", "1", "--keep-alive", "30")
     socks = [socket.create_connection((server.host, server.port), timeout=10) for _ in range(3)]
     try:
@@ -114,7 +116,7 @@ def test_a_stop_takes_held_connections_back_at_once(tiamat_server):
             assert _get(sock, "/")[1] == b"hello"
         start = time.monotonic()
         server.signal(15)
-        for sock in socks:  # each held connection is closed, cleanly
+        for sock in socks:  # each parked connection is closed, cleanly
             assert sock.recv(100) == b""
         server.wait(timeout=10)
         assert time.monotonic() - start < 5
@@ -123,7 +125,7 @@ def test_a_stop_takes_held_connections_back_at_once(tiamat_server):
             sock.close()
 
 
-def test_a_held_connection_still_closes_after_the_keep_alive_timeout(tiamat_server):
+def test_a_parked_connection_still_closes_after_the_keep_alive_timeout(tiamat_server):
     server = tiamat_server(APP, "-k", "thread", "--threads", "4", "-w", "1", "--keep-alive", "1")
     with socket.create_connection((server.host, server.port), timeout=10) as sock:
         for _ in range(3):
@@ -131,7 +133,7 @@ def test_a_held_connection_still_closes_after_the_keep_alive_timeout(tiamat_serv
         answered = time.monotonic()
         assert sock.recv(100) == b""  # closed by the server, idle
         idle = time.monotonic() - answered
-    # 1 s from the answer, checked by a sweep every 0.5 s (a hold must not add to it)
+    # 1 s from the answer, checked by a sweep every 0.5 s (parking must not add to it)
     assert 0.9 <= idle < 2.5, idle
 
 
@@ -167,7 +169,7 @@ def _client(host: str, port: int, seed: int, rounds: int) -> int:
                 answered += 1
                 sock.close()
                 sock = socket.create_connection((host, port), timeout=10)
-            else:  # idle a little: the thread holding the connection may give it up
+            else:  # idle a little: the parked connection may go back to the loop
                 time.sleep(rng.choice([0.001, 0.02, 0.3]))
     finally:
         sock.close()
@@ -176,10 +178,9 @@ def _client(host: str, port: int, seed: int, rounds: int) -> int:
 
 @pytest.mark.parametrize(("threads", "clients"), [(16, 10), (8, 9), (4, 10)])
 def test_mixed_traffic_from_many_clients(tiamat_server, threads, clients):
-    # holds (a thread per client: 16 for 10), holders taken back by requests that find no
-    # thread free (9 clients on 8 threads, held up to an eighth more), no holds at all (10
-    # on 4), with bodies and pipelined requests handed back and connections coming and
-    # going, all at once: every answer right, nothing in the log
+    # parking (16 threads for 10 clients; 8 for 9, parked up to an eighth more than
+    # threads), no parking at all (10 on 4), with bodies and pipelined requests handed back
+    # and connections coming and going, all at once: every answer right, nothing in the log
     server = tiamat_server(APP, "-k", "thread", "--threads", str(threads), "-w", "1")
     with ThreadPoolExecutor(clients) as pool:
         counts = list(pool.map(lambda seed: _client(server.host, server.port, seed, 40),
@@ -187,3 +188,27 @@ def test_mixed_traffic_from_many_clients(tiamat_server, threads, clients):
     assert sum(counts) >= clients * 20
     log = server.log()
     assert "Traceback" not in log and "unexpected error" not in log, log[-2000:]
+
+
+def _timer_slacks(pid: int) -> list[int]:
+    """The timer slack (ns) of each of the process's threads, the main thread first."""
+    tids = sorted(int(tid) for tid in os.listdir(f"/proc/{pid}/task"))
+    tids.remove(pid)
+    return [int(Path(f"/proc/{tid}/timerslack_ns").read_text()) for tid in [pid, *tids]]
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/timerslack_ns"), reason="Linux >= 4.6 only")
+@pytest.mark.parametrize(("flag", "pool_slack"), [("700", 700_000), ("0", None)])
+def test_timer_slack_is_set_on_the_pool_threads_only(tiamat_server, flag, pool_slack):
+    server = tiamat_server(APP, "-k", "thread", "--threads", "3", "-w", "1", "--timer-slack", flag)
+    with socket.create_connection((server.host, server.port), timeout=10) as sock:
+        assert _get(sock, "/")[1] == b"hello"  # (every pool thread has started by now)
+    (pid,) = server.worker_pids()
+    main, *others = _timer_slacks(pid)
+    inherited = int(Path("/proc/self/timerslack_ns").read_text())
+    assert main == inherited  # (the loop's waits keep their precision)
+    pool = [slack for slack in others if slack != inherited]
+    if pool_slack is None:
+        assert pool == []
+    else:
+        assert pool == [pool_slack] * 3, others
