@@ -212,3 +212,4 @@ def test_timer_slack_is_set_on_the_pool_threads_only(tiamat_server, flag, pool_s
         assert pool == []
     else:
         assert pool == [pool_slack] * 3, others
+

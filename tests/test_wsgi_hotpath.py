@@ -11,9 +11,11 @@ from __future__ import annotations
 import io
 import itertools
 import re
+import socket
 from typing import Any
 
 import pytest
+from conftest import read_response
 
 from tests.test_reader_unit import CORPUS
 from tiamat.config import load_config
@@ -299,3 +301,25 @@ def test_decoded_targets_stay_bounded_and_long_ones_are_not_kept() -> None:
     environ = handler.build_environ(_head(b"GET %s HTTP/1.1\r\nHost: a\r\n\r\n" % long_target),
                                     io.BytesIO(), conn_environ)
     assert environ["RAW_URI"] == long_target.decode() and not handler._targets
+
+
+def _get(sock: socket.socket, path: bytes) -> bytes:
+    sock.sendall(b"GET %s HTTP/1.1\r\nHost: t\r\n\r\n" % path)
+    head, body, left = read_response(sock)
+    assert head.startswith(b"HTTP/1.1 200") and left == b""
+    return body
+
+
+@pytest.mark.parametrize("worker_class", ["sync", "thread"])
+def test_an_app_that_closes_an_empty_input_spoils_no_later_request(tiamat_server, worker_class):
+    # every request without a body shares one empty wsgi.input (no file made per request):
+    # closing it, or reading it every way, changes nothing for the requests after
+    server = tiamat_server("tests/apps/wk_wsgi.py", "-k", worker_class, "--threads", "2", "-w", "1")
+    expected = repr((b"", b"", b"", [], [])).encode()
+    with socket.create_connection((server.host, server.port), timeout=10) as sock:
+        for _ in range(3):
+            assert _get(sock, b"/input") == expected
+            assert _get(sock, b"/echo") == b""
+        sock.sendall(b"POST /echo HTTP/1.1\r\nHost: t\r\nContent-Length: 3\r\n\r\nabc")
+        assert read_response(sock)[1] == b"abc"
+        assert _get(sock, b"/input") == expected

@@ -14,6 +14,11 @@ def application(environ, start_response):
         body = b"slept %d" % os.getpid()
     elif path == "/echo":
         body = environ["wsgi.input"].read()
+    elif path == "/input":  # reads wsgi.input every way, then closes it, as some apps do
+        stream = environ["wsgi.input"]
+        body = repr((stream.read(), stream.read(5), stream.readline(), stream.readlines(),
+                     list(stream))).encode()
+        stream.close()
     elif path == "/info":
         body = (f"pid={os.getpid()} thread={threading.current_thread().name} "
                 f"multithread={environ['wsgi.multithread']}").encode()
