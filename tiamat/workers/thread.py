@@ -163,6 +163,10 @@ class ThreadWorker(SyncWorker):
         #: requests from the loop for the pool (None: a thread's end), each announced by a
         #: count on ``nudge``
         self.jobs: deque[_InFlight | None] = deque()
+        #: one item per pool thread waiting in park_set (a deque: append and pop are atomic)
+        self.waiting: deque[None] = deque()
+        #: a nudge is written and not yet read (see _nudge)
+        self.nudged = False
         #: a wake-up byte is on its way for ``done``: later finishers need not write another
         self.wake_pending = False
         #: answered keep-alive connections waiting for their next request (see _park): fd ->
@@ -242,7 +246,8 @@ class ThreadWorker(SyncWorker):
             # board already shows the oldest (_collect ends with _update_board)
             self._update_board()
         self.jobs.append(job)
-        os.eventfd_write(self.nudge, 1)
+        if self.waiting:  # (else a thread that is running takes it when it is done)
+            self._nudge()
 
     def _pool_thread(self) -> None:
         _batch_policy()
@@ -344,7 +349,7 @@ class ThreadWorker(SyncWorker):
     def _next_job(self) -> _InFlight | None:
         """(In a pool thread) the next request to answer: one queued by the loop, or the next
         request of a parked connection; waits for either.  None: the thread is to end."""
-        jobs, parked, nudge = self.jobs, self.parked, self.nudge
+        jobs, parked, nudge, waiting = self.jobs, self.parked, self.nudge, self.waiting
         wait = self.park_set.poll
         while True:
             if jobs:
@@ -353,19 +358,43 @@ class ThreadWorker(SyncWorker):
                 except IndexError:  # (another thread took it)
                     pass
                 else:
-                    if jobs:  # (more queued: wake another thread for them)
-                        os.eventfd_write(nudge, 1)
+                    if jobs and waiting:  # (more queued: wake another thread for them)
+                        self._nudge()
                     return job
-            for fd, _ in wait(-1.0, 1):
+            # (say it waits, then look at the queue again: a job queued before dispatch()
+            # saw this thread waiting is seen here, any later one is nudged for)
+            waiting.append(None)
+            try:
+                ready = None if jobs else wait(-1.0, 1)
+            finally:
+                waiting.pop()
+            for fd, _ in ready or ():
                 if fd == nudge:
+                    self.nudged = False  # (before the read: a later nudge writes anew)
                     try:
                         os.eventfd_read(nudge)
                     except (BlockingIOError, InterruptedError):
                         pass  # (read by another thread woken for an earlier nudge)
                     continue
                 job = parked.pop(fd, None)  # (None: taken back by the loop meanwhile)
-                if job is not None and self._take_parked(job):
-                    return job
+                if job is None:
+                    continue
+                try:
+                    if self._take_parked(job):
+                        return job
+                except Exception:  # (a pool thread must not die, nor the job be lost)
+                    log.exception("unexpected error in a pool thread")
+                    job.keep_alive = False
+                    self._hand_back(job)
+
+    def _nudge(self) -> None:
+        """Wake a pool thread waiting in park_set for a queued request: one nudge at a time.
+        Until the thread woken for it runs, a request queued meanwhile is taken by the
+        threads that run (each looks at the queue first), so writing again is no help: with
+        a thread waiting while others serve, it was a write per request and per pass."""
+        if not self.nudged:
+            self.nudged = True
+            os.eventfd_write(self.nudge, 1)
 
     def _take_parked(self, job: _InFlight) -> bool:
         """Read the parked connection reported readable: True if it holds a whole request
