@@ -564,8 +564,9 @@ def balance(args: argparse.Namespace, log_dir: str) -> str:
     connections each worker holds are shown too.  With ``--balance-pinned`` both workers share
     CPU 0 (wrk on CPU 1): then the CPU shares are ~50/50 unless a worker starves outright."""
     pin = SERVER_CPU if args.balance_pinned else None
-    lines = ["| server | worker CPU seconds | shares | connections held | req/s | within 40-60% |",
-             "|---|---|---|---|---:|---|"]
+    lines = ["| server | worker CPU seconds | shares | connections held | req/s | larger share, each round "
+             "| within 40-60% |",
+             "|---|---|---|---|---:|---|---|"]
     servers = re.compile(args.servers) if args.servers else None
     for label, argv_of, app in BALANCE_SERVERS:
         if servers and not label.startswith("tiamat") and not servers.search(label):
@@ -604,7 +605,7 @@ def balance(args: argparse.Namespace, log_dir: str) -> str:
             finally:
                 running.stop()
         if not shares_all:
-            lines.append(f"| {label} | FAILED: {failure} | | | | |")
+            lines.append(f"| {label} | FAILED: {failure} | | | | | |")
             continue
         worst = min(shares_all, key=lambda s: s[-1])
         cpu = cpu_all[shares_all.index(worst)]
@@ -613,6 +614,7 @@ def balance(args: argparse.Namespace, log_dir: str) -> str:
         lines.append(f"| {label} | {' / '.join(f'{c:.2f}' for c in cpu)} (worst of {len(shares_all)}) | "
                      f"{' / '.join(f'{s:.0%}' for s in worst)} | {' / '.join(map(str, conns))} | "
                      f"{statistics.median(rps):,.0f} | "
+                     f"{', '.join(f'{shares[0]:.0%}' for shares in shares_all)} | "
                      f"{'yes' if ok else 'NO'} |")
         print(lines[-1], flush=True)
     return "\n".join(lines)

@@ -80,13 +80,13 @@ def _set_timer_slack(microseconds: int) -> Callable[[], None]:
     wait up to that much late, and so ends waits due close together with one interrupt.
     Under the 10 ms sleep benchmark (256 connections, 2 x 128 threads, the server on one
     CPU; 20k sleeps a second) a slack of 500 us instead of the kernel's 50 took the CPU per
-    request from 48-58 to 39 us and the p99 from 23-49 to 13-16 ms (an interrupt is dear
-    on a virtual machine); a wait in a web request rarely needs to be exact to 0.5 ms.
+    request from 48-58 to 35-43 us and the p99 from 23-49 to 12-18 ms (an interrupt is
+    dear on a virtual machine); a wait in a web request rarely needs to be exact to 0.5 ms.
     """
     if not microseconds or not sys.platform.startswith("linux"):
         return lambda: None
     try:
-        import ctypes  # (only here: its import costs a thread worker's start ~1 ms)
+        import ctypes  # (only here: its import costs ~3 ms, a thread worker's start only)
 
         prctl = ctypes.CDLL(None, use_errno=True).prctl
     except (ImportError, OSError, AttributeError):
@@ -160,8 +160,8 @@ class ThreadWorker(SyncWorker):
         self.nthreads = max(1, self.cfg.threads)
         self.in_flight: dict[Connection, _InFlight] = {}
         self.done: deque[_InFlight] = deque()
-        #: requests from the loop for the pool (None: a thread's end), each announced by a
-        #: count on ``nudge``
+        #: requests from the loop for the pool (None: a thread's end); a thread waiting in
+        #: park_set is woken for them through ``nudge`` (see _nudge)
         self.jobs: deque[_InFlight | None] = deque()
         #: one item per pool thread waiting in park_set (a deque: append and pop are atomic)
         self.waiting: deque[None] = deque()
