@@ -213,3 +213,32 @@ def test_timer_slack_is_set_on_the_pool_threads_only(tiamat_server, flag, pool_s
     else:
         assert pool == [pool_slack] * 3, others
 
+
+
+def _posts_and_gets(host: str, port: int, seed: int, rounds: int) -> int:
+    """POSTs (always queued by the loop) and GETs (served from the parked connection)."""
+    answered = 0
+    with socket.create_connection((host, port), timeout=5) as sock:
+        for i in range(rounds):
+            if (seed + i) % 3:
+                body = b"%d-%d" % (seed, i)
+                sock.sendall(b"POST /echo HTTP/1.1\r\nHost: t\r\nContent-Length: %d\r\n\r\n%s"
+                             % (len(body), body))
+                assert read_response(sock)[1] == body
+            else:
+                assert _get(sock, "/")[1] == b"hello"
+            answered += 1
+    return answered
+
+
+def test_requests_queued_by_the_loop_never_wait_for_an_idle_pool(tiamat_server):
+    # while threads wait in park_set, the loop wakes one for each request it queues (the
+    # nudge); a nudge lost between a thread reading it and the next one being written left
+    # requests queued with every thread idle, until the client gave up
+    # (3 rounds: the old bug stalled about one round in two)
+    server = tiamat_server(APP, "-k", "thread", "--threads", "16", "-w", "1")
+    for round_ in range(3):
+        with ThreadPoolExecutor(12) as pool:
+            counts = list(pool.map(lambda seed: _posts_and_gets(server.host, server.port, seed, 150),
+                                   range(12 * round_, 12 * round_ + 12)))
+        assert counts == [150] * 12

@@ -156,6 +156,17 @@ class ThreadWorker(SyncWorker):
     interface = "wsgi"
     multithread = True
 
+    def init_app(self) -> None:
+        super().init_app()
+        # (descriptors the pool needs, opened while booting: post_worker_init sees a worker
+        # with all it needs to serve, as a hook that caps the descriptors expects)
+        #: what an idle pool thread waits on: the parked connections, one-shot, and ``nudge``
+        self.park_set = select.epoll()
+        self.nudge = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+        # (edge-triggered: a write wakes one waiting thread, not each one in turn; a thread
+        # that takes a job and sees more queued passes the nudge on: see _next_job)
+        self.park_set.register(self.nudge, select.EPOLLIN | select.EPOLLET)
+
     def run(self) -> None:
         self.nthreads = max(1, self.cfg.threads)
         self.in_flight: dict[Connection, _InFlight] = {}
@@ -172,12 +183,6 @@ class ThreadWorker(SyncWorker):
         #: answered keep-alive connections waiting for their next request (see _park): fd ->
         #: its job.  Taking a job out of it (pop) is what makes a thread its only owner.
         self.parked: dict[int, _InFlight] = {}
-        #: what an idle pool thread waits on: the parked connections, one-shot, and ``nudge``
-        self.park_set = select.epoll()
-        self.nudge = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
-        # (edge-triggered: a write wakes one waiting thread, not each one in turn; a thread
-        # that takes a job and sees more queued passes the nudge on: see _next_job)
-        self.park_set.register(self.nudge, select.EPOLLIN | select.EPOLLET)
         #: connections are parked only while the worker has no more connections than this:
         #: a thread for (nearly) every one.  With many connections per thread, the loop's
         #: batched reads cost less than a wake-up per request.  The slack (an eighth) keeps
@@ -344,6 +349,10 @@ class ThreadWorker(SyncWorker):
         except OSError:
             if self.parked.pop(fd, None) is job:
                 return False
+        if not self.accepting:
+            # the loop stopped accepting while every thread was busy: this one is free now
+            # (a parked connection holds none), so the loop may accept again
+            self._wake_loop()
         return True
 
     def _next_job(self) -> _InFlight | None:
@@ -370,11 +379,15 @@ class ThreadWorker(SyncWorker):
                 waiting.pop()
             for fd, _ in ready or ():
                 if fd == nudge:
-                    self.nudged = False  # (before the read: a later nudge writes anew)
                     try:
                         os.eventfd_read(nudge)
                     except (BlockingIOError, InterruptedError):
                         pass  # (read by another thread woken for an earlier nudge)
+                    # (after the read, never before: a thread that read the count cleared
+                    # by then a flag set for it, so ``nudged`` is never left set with no
+                    # count to read; set before the read, a nudge written in between was
+                    # read by this thread, and the one woken for it found nothing to report)
+                    self.nudged = False
                     continue
                 job = parked.pop(fd, None)  # (None: taken back by the loop meanwhile)
                 if job is None:
