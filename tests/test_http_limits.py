@@ -166,6 +166,26 @@ def test_error_response_survives_unread_upload(server: TiamatServer) -> None:
     assert ending == "eof"
 
 
+def test_error_response_survives_an_upload_already_sent(server: TiamatServer) -> None:
+    """The same, deterministically: the body over the limit is all sent before the client
+    reads, so it sits unread at the server when the 413 goes out.  Closed at once, the
+    server's socket would reset the connection (the asgi worker did, every time)."""
+    head = b"POST /hit HTTP/1.1\r\nHost: t\r\nContent-Length: 5000000\r\n\r\n"
+    with socket.create_connection((server.host, server.port), timeout=10) as sock:
+        sock.sendall(head)
+        sock.sendall(b"z" * 200_000)  # (the kernel's buffers take it all)
+        time.sleep(0.3)  # the server answers and closes meanwhile
+        data, ending = b"", "timeout"
+        try:
+            while more := sock.recv(65536):
+                data += more
+            ending = "eof"
+        except ConnectionResetError:
+            ending = "reset"
+    assert statuses(data) == [413], data[:200]
+    assert ending == "eof"
+
+
 def test_default_body_limit_is_100_mib(tmp_path_factory: pytest.TempPathFactory) -> None:
     srv = start_server(tmp_path_factory.mktemp("deflimit"), "sync")
     try:

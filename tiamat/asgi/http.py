@@ -23,7 +23,7 @@ from urllib.parse import unquote_to_bytes
 
 from tiamat.asgi.state import ASGI_VERSION, ServerState
 from tiamat.http import proxy_protocol
-from tiamat.http.errors import ProtocolError
+from tiamat.http.errors import LINGER_BYTES, LINGER_SECONDS, ProtocolError
 from tiamat.http.h1 import END_OF_MESSAGE, MEMO_ENTRIES, MEMO_KEY_BYTES, RequestHead
 from tiamat.http.proxy import apply_to_scope
 from tiamat.http.response import (
@@ -146,9 +146,9 @@ def _is_websocket(head: RequestHead) -> bool:
 class HttpProtocol(asyncio.Protocol):
     """One client connection speaking HTTP/1.1 (until a WebSocket upgrade replaces it)."""
 
-    __slots__ = ("closing", "cycle", "deadline", "drain_waiter", "eof", "idle_since", "proxy_buf",
-                 "read_paused", "reader", "scope_base", "state", "transport", "trusted",
-                 "write_paused")
+    __slots__ = ("closing", "cycle", "deadline", "drain_waiter", "eof", "idle_since",
+                 "linger_budget", "proxy_buf", "read_paused", "reader", "scope_base", "state",
+                 "transport", "trusted", "write_paused")
 
     def __init__(self, state: ServerState) -> None:
         self.state = state
@@ -160,6 +160,8 @@ class HttpProtocol(asyncio.Protocol):
         self.closing = False
         #: the client half-closed: a waiting receive() gets http.disconnect, send() still works
         self.eof = False
+        #: bytes still to discard while closing lingering after an error (0: not lingering)
+        self.linger_budget = 0
 
     # --- asyncio callbacks ------------------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -203,6 +205,12 @@ class HttpProtocol(asyncio.Protocol):
             waiter.set_result(None)
 
     def data_received(self, data: bytes) -> None:
+        if self.linger_budget:
+            self.linger_budget -= len(data)
+            if self.linger_budget <= 0:
+                self.linger_budget = 0
+                self.transport.close()
+            return
         if self.proxy_buf is not None:
             data = self.read_proxy_header(data)
             if not data:
@@ -244,6 +252,8 @@ class HttpProtocol(asyncio.Protocol):
             scope["server"] = header.destination
 
     def eof_received(self) -> bool:
+        if self.linger_budget:
+            return False  # the client is done too: the transport closes
         reader = self.reader
         reader.feed_eof()
         if reader.events:
@@ -399,7 +409,7 @@ class HttpProtocol(asyncio.Protocol):
                 self.transport.write(error_response(error.status, error.reason))
                 if self.state.observed:  # the cycle's log line and count say what was sent
                     cycle.refused = error.status
-            self.transport.close()
+            self.close_lingering()
             return
         log.debug("rejected request: %s %s", error.status, error.reason)
         self.refuse(error.status, error.reason)
@@ -408,11 +418,28 @@ class HttpProtocol(asyncio.Protocol):
         """Answer an error the app never saw, log and count it, and close."""
         response = error_response(status, reason)
         self.transport.write(response)
-        self.transport.close()
+        self.close_lingering()
         refusals = self.state.refusals
         if refusals is not None:  # the one place this class writes its own response
             client = self.scope_base["client"]
             refusals(status, response, client[0] if client else None, head)
+
+    def close_lingering(self) -> None:
+        """Close after an error response without a reset that could destroy it: stop writing
+        (FIN once the response is out), then discard what the client still sends, for up to
+        LINGER_SECONDS and LINGER_BYTES (tiamat.http.errors), as the sync worker does."""
+        transport = self.transport
+        if (self.linger_budget or transport.is_closing() or self.state.stopping
+                or not transport.can_write_eof()):  # (TLS: no half-close; stopping: no time)
+            transport.close()
+            return
+        transport.write_eof()
+        self.linger_budget = LINGER_BYTES
+        self.deadline = monotonic() + LINGER_SECONDS
+        self.closing = True
+        if self.read_paused:  # (flow control had stopped reading an unread body)
+            self.read_paused = False
+            transport.resume_reading()
 
     # --- flow control and keep-alive ------------------------------------------------------------
     def pause_reading(self) -> None:
@@ -442,7 +469,9 @@ class HttpProtocol(asyncio.Protocol):
 
     def expire(self, now: float) -> None:
         """Called by the worker's sweep once ``deadline`` has passed."""
-        if self.write_paused:
+        if self.linger_budget:
+            self.transport.close()  # (lingered long enough: unread bytes or not)
+        elif self.write_paused:
             self.transport.abort()  # the client stopped reading: close() would wait for it
         elif self.cycle is not None:
             # a request body stalled: the app sees http.disconnect, the client a 408
@@ -457,8 +486,8 @@ class HttpProtocol(asyncio.Protocol):
         ``idle_before`` (the worker gives a connection accepted just before the stop a
         moment for its request: closing it at once would reset a client that did no wrong)."""
         self.closing = True
-        if (self.cycle is None and not self.reader.in_message and not self.proxy_buf
-                and self.idle_since <= idle_before):
+        if self.linger_budget or (self.cycle is None and not self.reader.in_message
+                                  and not self.proxy_buf and self.idle_since <= idle_before):
             self.transport.close()
 
 

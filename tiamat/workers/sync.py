@@ -27,7 +27,7 @@ from typing import Any, BinaryIO
 
 from tiamat import accesslog
 from tiamat.http import proxy_protocol, reader_factory
-from tiamat.http.errors import ProtocolError
+from tiamat.http.errors import LINGER_BYTES, LINGER_SECONDS, ProtocolError
 from tiamat.http.h1 import END_OF_MESSAGE, RequestHead, RequestReader
 from tiamat.http.proxy import TRUSTED_KEY, ForwardedRules
 from tiamat.http.response import CONTINUE_100, error_response
@@ -45,9 +45,6 @@ RECV_SIZE = 65536
 #: not for heads, where every read would allocate the larger buffer for a few hundred bytes
 BODY_RECV_SIZE = 262144
 SWEEP_INTERVAL = 0.5
-#: after an error response: how long, and how many bytes, to keep draining the client
-LINGER_SECONDS = 2.0
-LINGER_BYTES = 16 * 1024 * 1024
 #: a read or write that must wait; with TLS on, _tls_context adds ssl's want-read/write errors
 _WOULD_BLOCK: tuple[type[BaseException], ...] = (BlockingIOError, InterruptedError)
 
