@@ -353,3 +353,52 @@ def test_pre_and_post_request_hooks(tiamat_server, tmp_path):
     wait_for(lambda: marks.exists() and "post /stream 200 12" in marks.read_text(), 5,
              message="post_request")
     assert "pre /stream" in marks.read_text()
+
+
+@pytest.mark.parametrize(("path", "extra"), [("/expect", b"Expect: 100-continue\r\n"),
+                                             ("/pathsend", b"")])
+def test_an_app_still_running_after_its_request_is_refused_writes_nothing(tiamat_server, path,
+                                                                           extra):
+    # a malformed chunk arrives while the app sleeps: the server answers 400 and closes
+    # lingering (write_eof).  The app's later receive() (which would write 100 Continue) or
+    # pathsend must write nothing: a write after write_eof raised in the app
+    server = tiamat_server("tests/apps/asgi_refused_mid_app.py:app", "-k", "asgi")
+    with socket.create_connection((server.host, server.port), timeout=5) as sock:
+        sock.sendall(b"POST %s HTTP/1.1\r\nHost: t\r\n%sTransfer-Encoding: chunked\r\n\r\nzz\r\n"
+                     % (path.encode(), extra))
+        data = b""
+        while chunk := sock.recv(65536):
+            data += chunk
+        # (kept open: the server is still lingering when the app wakes after 0.3 s)
+        time.sleep(0.5)
+    assert data.startswith(b"HTTP/1.1 400"), data[:100]
+    log = server.log()
+    assert "Traceback" not in log and "Exception in ASGI application" not in log, log[-2000:]
+
+
+def test_a_refused_client_that_stopped_reading_is_still_dropped(tiamat_server):
+    # the app streams; the client reads nothing (the server's writes pause), then sends a
+    # malformed chunk: refused while lingering, the connection must still be dropped after
+    # --send-timeout (an abort), not wait for a close that never ends (its write buffer
+    # never drains)
+    server = tiamat_server("tests/apps/asgi_refused_mid_app.py:app", "-k", "asgi",
+                           "--send-timeout", "1")
+    (worker,) = server.worker_pids()
+
+    def sockets() -> int:
+        return sum(os.readlink(f"/proc/{worker}/fd/{fd}").startswith("socket:")
+                   for fd in os.listdir(f"/proc/{worker}/fd"))
+
+    idle = sockets()
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    try:
+        sock.connect((server.host, server.port))
+        sock.sendall(b"POST /stream HTTP/1.1\r\nHost: t\r\nTransfer-Encoding: chunked\r\n\r\n")
+        time.sleep(1.0)  # (the server's buffers fill: it stops writing)
+        assert sockets() == idle + 1
+        sock.sendall(b"zz\r\n")
+        wait_for(lambda: sockets() == idle, timeout=8, interval=0.1,
+                 message="the server to drop the stuck connection")
+    finally:
+        sock.close()

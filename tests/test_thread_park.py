@@ -242,3 +242,28 @@ def test_requests_queued_by_the_loop_never_wait_for_an_idle_pool(tiamat_server):
             counts = list(pool.map(lambda seed: _posts_and_gets(server.host, server.port, seed, 150),
                                    range(12 * round_, 12 * round_ + 12)))
         assert counts == [150] * 12
+
+
+def test_a_stop_answers_a_request_waiting_on_a_parked_connection(tiamat_server):
+    # a parked connection's next request arrives while both threads are busy (no thread
+    # takes its report), then a graceful stop begins: the request is still read and
+    # answered, as on any idle connection, not reset by a close with it unread
+    server = tiamat_server(APP, "-k", "thread", "--threads", "2", "-w", "1",
+                           "--graceful-timeout", "10")
+    with socket.create_connection((server.host, server.port), timeout=10) as parked:
+        assert _get(parked, "/")[1] == b"hello"
+        slow = [socket.create_connection((server.host, server.port), timeout=10) for _ in range(2)]
+        try:
+            for sock in slow:
+                sock.sendall(b"GET /sleep?s=1.5 HTTP/1.1\r\nHost: t\r\n\r\n")
+            time.sleep(0.2)  # (both threads in the app)
+            parked.sendall(b"GET / HTTP/1.1\r\nHost: t\r\n\r\n")
+            time.sleep(0.1)
+            server.signal(15)
+            head, body, _ = read_response(parked)
+            assert head.startswith(b"HTTP/1.1 200") and body == b"hello"
+            for sock in slow:
+                assert read_response(sock)[0].startswith(b"HTTP/1.1 200")
+        finally:
+            for sock in slow:
+                sock.close()

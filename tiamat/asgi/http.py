@@ -435,7 +435,9 @@ class HttpProtocol(asyncio.Protocol):
             return
         transport.write_eof()
         self.linger_budget = LINGER_BYTES
-        self.deadline = monotonic() + LINGER_SECONDS
+        # (a client that stopped reading keeps its send timeout: expire() aborts it first)
+        deadline = monotonic() + LINGER_SECONDS
+        self.deadline = min(self.deadline, deadline) if self.write_paused else deadline
         self.closing = True
         if self.read_paused:  # (flow control had stopped reading an unread body)
             self.read_paused = False
@@ -469,10 +471,10 @@ class HttpProtocol(asyncio.Protocol):
 
     def expire(self, now: float) -> None:
         """Called by the worker's sweep once ``deadline`` has passed."""
-        if self.linger_budget:
-            self.transport.close()  # (lingered long enough: unread bytes or not)
-        elif self.write_paused:
+        if self.write_paused:
             self.transport.abort()  # the client stopped reading: close() would wait for it
+        elif self.linger_budget:
+            self.transport.close()  # (lingered long enough: unread bytes or not)
         elif self.cycle is not None:
             # a request body stalled: the app sees http.disconnect, the client a 408
             self.reject(ProtocolError(408, "request body timed out"))
@@ -590,7 +592,9 @@ class Cycle:
     async def receive(self) -> dict[str, Any]:
         if self.expect_100:
             self.expect_100 = False
-            if not self.conn.transport.is_closing():
+            # (not once refused: after close_lingering's write_eof the transport is not
+            # closing yet, but a write would raise)
+            if not (self.disconnected or self.conn.transport.is_closing()):
                 self.conn.transport.write(CONTINUE_100)
         conn = self.conn
         while not (self.disconnected or self.complete):
@@ -726,6 +730,9 @@ class Cycle:
         if not self.started or self.framing is not None:
             raise RuntimeError("http.response.pathsend must follow http.response.start alone")
         conn = self.conn
+        if self.disconnected:  # (refused or gone: nothing may be written, as in send())
+            self.complete = True
+            return
         with open(path, "rb") as file:
             size = os.fstat(file.fileno()).st_size
             data = self._head(size)

@@ -347,8 +347,15 @@ class ThreadWorker(SyncWorker):
         except FileExistsError:  # (registered meanwhile by a later owner: it is armed)
             pass
         except OSError:
-            if self.parked.pop(fd, None) is job:
+            taken = self.parked.pop(fd, None)
+            if taken is job:
                 return False
+            if taken is not None:  # (another thread's job for this connection: not ours)
+                self.parked[fd] = taken
+        if not self.alive and self.parked.pop(fd, None) is job:
+            # (a stop began while this thread parked it, perhaps after the stop took the
+            # parked connections back: the loop takes it from here)
+            return False
         if not self.accepting:
             # the loop stopped accepting while every thread was busy: this one is free now
             # (a parked connection holds none), so the loop may accept again
@@ -504,10 +511,7 @@ class ThreadWorker(SyncWorker):
             board.idle(now, job.served)
             if self.max_requests:
                 self.count_request()
-            if (not job.keep_alive or job.head.upgrade or job.close_after or conn.closed
-                    or not (self.alive or job.pending)):
-                # (stopping, a request already read is still answered: process() runs it
-                # inline, as dispatch() does once the worker is stopping)
+            if not job.keep_alive or job.head.upgrade or job.close_after or conn.closed:
                 self.close(conn)
             else:
                 # (from the answer, not from now: a lazy take-back or a hold comes later)
@@ -521,8 +525,14 @@ class ThreadWorker(SyncWorker):
                 elif job.read_more:  # (the pool's read of it filled the buffer)
                     self.readable_again.append(conn)
                 if job.pending:
+                    # (stopping, a request already read is still answered: process() runs
+                    # it inline, as dispatch() does once the worker is stopping)
                     conn.reader.events[:0] = job.pending
                     self.process(conn)
+                # (stopping, an answered connection is kept as an idle one: a request the
+                # client sent meanwhile is still read and answered, and the stop closes the
+                # idle ones after STOP_GRACE, as the sync worker does; closed here at once,
+                # its unread request made the kernel reset the client)
         self._update_board()
         if not self.accepting:
             self._resume_accepting(now)
@@ -579,6 +589,7 @@ class ThreadWorker(SyncWorker):
                         and not conn.setup and now - conn.idle_since >= STOP_GRACE):
                     self.close(conn)
             self._serve_stopping(0.2)
+            self._unpark(time.monotonic())  # (one parked as the stop began: see _park)
             self._collect()
             self.beat()
         self.jobs.extend([None] * len(self.threads))
@@ -588,3 +599,17 @@ class ThreadWorker(SyncWorker):
             log.warning("worker %s: exiting with %s requests still running", self.slot,
                         len(self.in_flight))
         super().shutdown()
+        self._close_pool_descriptors()
+
+    def _close_pool_descriptors(self) -> None:
+        """Close park_set and the nudge once every pool thread has ended (briefly waited
+        for), so that a worker that becomes the --refork-after mold does not hand them to
+        the workers it forks; with a thread still running (a request past the graceful
+        timeout) they stay open: the process is about to exit."""
+        end = time.monotonic() + 0.2
+        for thread in self.threads:
+            thread.join(max(0.0, end - time.monotonic()))
+        if any(thread.is_alive() for thread in self.threads):
+            return
+        self.park_set.close()
+        os.close(self.nudge)
