@@ -6,15 +6,7 @@ import asyncio
 
 
 async def app(scope, receive, send):
-    if scope["type"] == "lifespan":
-        while True:
-            message = await receive()
-            if message["type"] == "lifespan.startup":
-                await send({"type": "lifespan.startup.complete"})
-            else:
-                await send({"type": "lifespan.shutdown.complete"})
-                return
-    if scope["type"] != "http":
+    if scope["type"] != "http":  # (no lifespan: --lifespan auto goes on without it)
         return
     if scope["path"] == "/stream":  # a large response, before reading the request body
         await send({"type": "http.response.start", "status": 200, "headers": []})
