@@ -384,21 +384,29 @@ def test_a_refused_client_that_stopped_reading_is_still_dropped(tiamat_server):
     server = tiamat_server("tests/apps/asgi_refused_mid_app.py:app", "-k", "asgi",
                            "--send-timeout", "1")
     (worker,) = server.worker_pids()
-
-    def sockets() -> int:
-        return sum(os.readlink(f"/proc/{worker}/fd/{fd}").startswith("socket:")
-                   for fd in os.listdir(f"/proc/{worker}/fd"))
-
-    idle = sockets()
     sock = socket.socket()
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+
+    def held() -> bool:
+        """Whether the worker still has a descriptor for its end of this connection."""
+        client_port = sock.getsockname()[1]
+        inodes = set()
+        with open(f"/proc/{worker}/net/tcp") as table:
+            for line in list(table)[1:]:
+                fields = line.split()
+                if (int(fields[1].split(":")[1], 16) == server.port
+                        and int(fields[2].split(":")[1], 16) == client_port):
+                    inodes.add(f"socket:[{fields[9]}]")
+        return any(os.readlink(f"/proc/{worker}/fd/{fd}") in inodes
+                   for fd in os.listdir(f"/proc/{worker}/fd"))
+
     try:
         sock.connect((server.host, server.port))
         sock.sendall(b"POST /stream HTTP/1.1\r\nHost: t\r\nTransfer-Encoding: chunked\r\n\r\n")
+        wait_for(held, timeout=5, interval=0.05, message="the worker to take the connection")
         time.sleep(1.0)  # (the server's buffers fill: it stops writing)
-        assert sockets() == idle + 1
         sock.sendall(b"zz\r\n")
-        wait_for(lambda: sockets() == idle, timeout=8, interval=0.1,
+        wait_for(lambda: not held(), timeout=8, interval=0.1,
                  message="the server to drop the stuck connection")
     finally:
         sock.close()
