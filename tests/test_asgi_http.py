@@ -14,7 +14,7 @@ from pathlib import Path
 
 import httpx
 import pytest
-from conftest import read_response, wait_for
+from conftest import read_response, read_until_closed, wait_for
 
 APP = "tests/apps/wk_asgi.py:app"
 
@@ -366,9 +366,7 @@ def test_an_app_still_running_after_its_request_is_refused_writes_nothing(tiamat
     with socket.create_connection((server.host, server.port), timeout=5) as sock:
         sock.sendall(b"POST %s HTTP/1.1\r\nHost: t\r\n%sTransfer-Encoding: chunked\r\n\r\nzz\r\n"
                      % (path.encode(), extra))
-        data = b""
-        while chunk := sock.recv(65536):
-            data += chunk
+        data = read_until_closed(sock)
         # (kept open: the server is still lingering when the app wakes after 0.3 s)
         time.sleep(0.5)
     assert data.startswith(b"HTTP/1.1 400"), data[:100]

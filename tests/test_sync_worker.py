@@ -14,7 +14,7 @@ import time
 from email.utils import parsedate_to_datetime
 
 import pytest
-from conftest import APPS, TiamatServer, wait_for
+from conftest import APPS, TiamatServer, read_until_closed, wait_for
 
 
 # --- a minimal HTTP/1.x response reader for raw sockets -----------------------------------------
@@ -382,8 +382,6 @@ def test_a_request_and_a_half_close_in_one_go_see_the_close_at_once(tiamat_serve
             sock.sendall(b"GET / HTTP/1.1\r\nHost: t\r\n\r\n")
             sock.shutdown(socket.SHUT_WR)
             start = time.monotonic()
-            data = b""
-            while chunk := sock.recv(65536):
-                data += chunk
+            data = read_until_closed(sock)
             assert data.startswith(b"HTTP/1.1 200"), data
             assert time.monotonic() - start < 5, "closed only by the keep-alive timeout"

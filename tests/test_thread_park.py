@@ -12,7 +12,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
-from conftest import read_response, wait_for
+from conftest import read_response, read_until_closed, wait_for
 
 APP = "tests/apps/wk_wsgi.py"
 
@@ -67,9 +67,7 @@ def test_what_the_pool_cannot_serve_goes_back_to_the_loop(tiamat_server, tokenis
         assert _get(sock, "/")[1] == b"hello"
         # a malformed head: 400, and the connection closed
         sock.sendall(b"GET / HTTP/1.1\r\nHost: t\r\nno colon here\r\n\r\n")
-        data = b""
-        while chunk := sock.recv(65536):
-            data += chunk
+        data = read_until_closed(sock)
         assert data.startswith(b"HTTP/1.1 400"), data
 
 
@@ -162,9 +160,7 @@ def _client(host: str, port: int, seed: int, rounds: int) -> int:
                 answered += 2
             elif kind == "close":
                 sock.sendall(b"GET / HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n")
-                data = b""
-                while chunk := sock.recv(65536):
-                    data += chunk
+                data = read_until_closed(sock)
                 assert data.startswith(b"HTTP/1.1 200") and data.endswith(b"hello")
                 answered += 1
                 sock.close()

@@ -38,7 +38,6 @@ import os
 import pickle
 import select
 import socket
-import sys
 import time
 from typing import TYPE_CHECKING, Any
 
@@ -52,7 +51,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("tiamat.error")
 
-PR_SET_CHILD_SUBREAPER = 36
 #: the slot number of a mold: outside 0..workers-1, so the master neither fills nor retires it
 MOLD_SLOT = -1
 #: how long the master waits for the mold to report a forked worker's pid
@@ -82,17 +80,14 @@ def parse_thresholds(text: Any) -> list[int]:
 
 def set_subreaper() -> str | None:
     """Make this process the subreaper of its descendants; None on success, else why not."""
-    if not sys.platform.startswith("linux"):
-        return f"PR_SET_CHILD_SUBREAPER is Linux-only (this is {sys.platform})"
-    import ctypes  # here, not at the top: only --refork-after needs it (~7 M instructions)
+    from tiamat import prctl  # here, not at the top: only --refork-after needs ctypes
 
-    try:
-        prctl = ctypes.CDLL(None, use_errno=True).prctl
-    except (OSError, AttributeError) as exc:
-        return f"prctl is unavailable: {exc}"
-    prctl.argtypes = [ctypes.c_int, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong]
-    prctl.restype = ctypes.c_int
-    if prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) != 0:
+    call = prctl.load()
+    if isinstance(call, str):
+        return call
+    if call(prctl.PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) != 0:
+        import ctypes
+
         return f"prctl(PR_SET_CHILD_SUBREAPER) failed: {os.strerror(ctypes.get_errno())}"
     return None
 

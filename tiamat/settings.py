@@ -131,7 +131,8 @@ _add("threads", "Worker Processes", "int", 1, "Threads per worker for the thread
 _add("timer_slack", "Worker Processes", "int", 500,
      "Timer slack of the thread class's pool threads, in microseconds (Linux): their timed "
      "wake-ups (an app's sleep, a socket timeout) may come up to this much late, so that the "
-     "kernel serves several with one timer interrupt. 0 keeps the kernel's (50).",
+     "kernel serves several with one timer interrupt. 0 keeps the slack the process started "
+     "with (the kernel's default is 50).",
      flags=("--timer-slack",), minimum=0, maximum=1_000_000)
 _add("worker_connections", "Worker Processes", "int", 1000,
      "Most connections one worker keeps open at once.",

@@ -24,11 +24,11 @@ INHERIT_ENV = "TIAMAT_FD"
 ACCEPT_SKIP = frozenset({errno.ECONNABORTED, errno.EPROTO, errno.ENETDOWN, errno.ENOPROTOOPT,
                          errno.EHOSTDOWN, errno.ENONET, errno.EHOSTUNREACH, errno.EOPNOTSUPP,
                          errno.ENETUNREACH, errno.EPERM})
-#: accept() failures from running out of descriptors or memory: stop watching the listener
-#: for ACCEPT_RETRY seconds (as asyncio's own servers do), else a level-triggered poller
-#: wakes again at once and the worker spins, logging the error over and over
-ACCEPT_PAUSE = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
+#: any other accept() failure (out of descriptors or memory, or not foreseen): stop watching
+#: the listener for ACCEPT_RETRY seconds (as asyncio's own servers do), else a level-triggered
+#: poller wakes again at once and the worker spins, logging the error over and over
 ACCEPT_RETRY = 1.0
+#: of those, the ones a connection closing ends (see AcceptPaused.frees_on_close)
 _OUT_OF_DESCRIPTORS = frozenset({errno.EMFILE, errno.ENFILE})
 #: connections a worker accepts per wake-up before it turns to its other work
 ACCEPT_BATCH = 32
@@ -51,8 +51,8 @@ def accept_next(listener: socket.socket) -> tuple[socket.socket, Any] | None:
     """The next connection waiting on a non-blocking listening socket, or None if none waits.
 
     The one rule for accept()'s failures, for every worker class: a connection that failed
-    before it was taken (ACCEPT_SKIP) is passed over; running out of descriptors or memory
-    (ACCEPT_PAUSE), or any error not foreseen, is logged and raises AcceptPaused.  An
+    before it was taken (ACCEPT_SKIP) is passed over; running out of descriptors or memory,
+    or any error not foreseen, is logged and raises AcceptPaused.  An
     unforeseen error is not raised as it is: out of the worker's loop it would end the worker,
     and its replacement would meet the same error (a restart loop), where a pause retries
     the listener once a second and keeps serving the connections already taken.

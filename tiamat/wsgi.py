@@ -34,7 +34,7 @@ from tiamat.http.response import (
     decide_framing,
     error_response,
     head_end,
-    head_end_second,
+    head_end_dated,
     status_line,
 )
 
@@ -172,7 +172,7 @@ def _app_head(status: str, headers: list[tuple[str, str]]) -> tuple[int, bytes, 
         lines.append(f"{name}: {value}\r\n")
     block = status_line(status) + "".join(lines).encode("latin-1")
     if content_length is not None:
-        block += b"Content-Length: %d\r\n" % content_length
+        block += content_length_parts(content_length)[1]
     return status_code, block, content_length, close
 
 
@@ -522,10 +522,11 @@ class WSGIHandler:
         second, data = whole[0]
         now = time.time()
         if not second <= now < second + 1.0:  # (a clock set back renews it too)
-            data = head + head_end(keep_alive, request.version)
-            # (under the second its Date names, which the head end's own clock read chose;
-            # one store: threads see the old pair or the new)
-            whole[0] = (head_end_second(), data)
+            # (filed under the second its Date names, read with it; one store: threads see
+            # the old pair or the new)
+            second, end = head_end_dated(keep_alive, request.version)
+            data = head + end
+            whole[0] = (second, data)
         return data
 
     def _plan(self, response: _Response, status: str, length_known: bool,

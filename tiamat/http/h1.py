@@ -661,13 +661,7 @@ class RequestReader:
         self._upgrade = upgrade
         self._keep_alive = keep_alive
         target = self._url
-        # (split_target inlined for an origin-form target, as in _finish_plain_head; here the
-        # target may be empty, after an HTTP/0.9-style line)
-        path, mark, query = target.partition(b"?")
-        if target[:1] != b"/":
-            path, query = split_target(target)
-        elif not mark:
-            path = target
+        path, query = split_target(target)
         has_body = chunked or (length is not None and length > 0)
         # RFC 9110 10.1.1: a 100-continue expectation in an HTTP/1.0 request is ignored
         head = RequestHead()

@@ -195,18 +195,27 @@ class HeadEnd:
         now = time.time()
         second, following, ends = self._now
         if not second <= now < following:  # (a clock set back rebuilds them too)
-            whole = int(now)
-            lines = SERVER_HEADER + b"Date: " + http_date(whole).encode() + b"\r\n"
-            ends = {version: (lines + connection_header(False, version) + b"\r\n",
-                              lines + connection_header(True, version) + b"\r\n")
-                    for version in ("1.1", "1.0")}
-            self._now = (float(whole), whole + 1.0, ends)
+            second, following, ends = self._renew(now)
         return ends[http_version][keep_alive]
 
-    def second(self) -> float:
-        """The second the last ends returned name in their Date (for a cache of whole heads
-        built with them: stored under this second, never under a clock read of its own)."""
-        return self._now[0]
+    def dated(self, keep_alive: bool, http_version: str) -> tuple[float, bytes]:
+        """The end and the second its Date names, from one read of the pieces (for a cache
+        of whole heads built with it: filed under that second, which a second read could
+        pair with another second's end under -k thread)."""
+        now = time.time()
+        second, following, ends = self._now
+        if not second <= now < following:
+            second, following, ends = self._renew(now)
+        return second, ends[http_version][keep_alive]
+
+    def _renew(self, now: float) -> tuple[float, float, dict[str, tuple[bytes, bytes]]]:
+        whole = int(now)
+        lines = SERVER_HEADER + b"Date: " + http_date(whole).encode() + b"\r\n"
+        ends = {version: (lines + connection_header(False, version) + b"\r\n",
+                          lines + connection_header(True, version) + b"\r\n")
+                for version in ("1.1", "1.0")}
+        self._now = state = (float(whole), whole + 1.0, ends)
+        return state
 
 
 #: a bound method, not the instance: the interpreter calls a bound method as a plain function
@@ -214,7 +223,7 @@ class HeadEnd:
 #: (~0.4k instructions more per response)
 _HEAD_END = HeadEnd()
 head_end = _HEAD_END.get
-head_end_second = _HEAD_END.second
+head_end_dated = _HEAD_END.dated
 
 
 def chunk(data: bytes) -> bytes:

@@ -38,7 +38,6 @@ import logging
 import os
 import select
 import socket
-import sys
 import threading
 import time
 from collections import deque
@@ -47,6 +46,7 @@ from typing import Any, BinaryIO
 
 from tiamat.http.h1 import RequestHead, whole_request
 from tiamat.workers.sync import (
+    NO_BODY,
     RECV_SIZE,
     STOP_GRACE,
     Connection,
@@ -66,7 +66,6 @@ LAZY_FOR = 0.05
 #: bookkeeping for the connection (requests counted, the scoreboard's current request) waits
 #: until it is handed back, so this stays well under a second
 HOLD_FOR = 0.25
-_PR_SET_TIMERSLACK = 29  # (linux/prctl.h)
 #: how park_set watches a parked connection: reported once, to one thread, then disarmed
 _PARKED = select.EPOLLIN | select.EPOLLONESHOT
 
@@ -83,19 +82,17 @@ def _set_timer_slack(microseconds: int) -> Callable[[], None]:
     request from 48-58 to 35-43 us and the p99 from 23-49 to 12-18 ms (an interrupt is
     dear on a virtual machine); a wait in a web request rarely needs to be exact to 0.5 ms.
     """
-    if not microseconds or not sys.platform.startswith("linux"):
+    if not microseconds:
         return lambda: None
-    try:
-        import ctypes  # (only here: its import costs ~3 ms, a thread worker's start only)
+    from tiamat import prctl  # (only here: ctypes costs ~3 ms, a thread worker's start only)
 
-        prctl = ctypes.CDLL(None, use_errno=True).prctl
-    except (ImportError, OSError, AttributeError):
+    call = prctl.load()
+    if isinstance(call, str):
         return lambda: None
-    nanoseconds = ctypes.c_ulong(microseconds * 1000)
-    zero = ctypes.c_ulong(0)
+    nanoseconds = microseconds * 1000
 
     def set_timer_slack() -> None:
-        prctl(_PR_SET_TIMERSLACK, nanoseconds, zero, zero, zero)  # (refused: the default)
+        call(prctl.PR_SET_TIMERSLACK, nanoseconds, 0, 0, 0)  # (refused: the default stays)
 
     return set_timer_slack
 
@@ -328,7 +325,7 @@ class ThreadWorker(SyncWorker):
         watches the connection, stops watching it when the next request arrives
         (``on_readable``) and watches it again once it is back.
         """
-        if not (self._quiet(job) and len(self.connections) <= self.hold_limit):
+        if len(self.connections) > self.hold_limit or not self._quiet(job):
             return False
         if not job.until:
             job.until = job.answered + min(HOLD_FOR, self.keepalive_timeout)
@@ -447,7 +444,7 @@ class ThreadWorker(SyncWorker):
             elif not self._park(job):  # (empty lines between requests: nothing yet)
                 self._hand_back(job)
             return False
-        job.head, job.body, job.start = head, request_body(None), time.monotonic()
+        job.head, job.body, job.start = head, NO_BODY, time.monotonic()
         job.served += 1
         return True
 
