@@ -14,7 +14,7 @@ from __future__ import annotations
 import logging
 import os
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from types import FunctionType, MethodType
 from typing import Any, BinaryIO, Protocol
 from urllib.parse import unquote_to_bytes
@@ -72,6 +72,63 @@ class FileWrapper:
             return self.filelike.fileno()
         except (AttributeError, OSError, ValueError):
             return None
+
+
+class _NoBody:
+    """``wsgi.input`` of every request without a body: one shared, empty, read-only file.
+
+    A new BytesIO, and its close(), for each such request cost ~1.2k instructions (2 % of a
+    hello request).  Shared, one request must not be able to spoil it for the next: it holds
+    nothing that changes, it has no write(), and close() does nothing (an app may close its
+    input; the next request's still reads as empty).
+    """
+
+    __slots__ = ()
+    closed = False
+
+    def read(self, size: int | None = -1) -> bytes:
+        return b""
+
+    read1 = read
+
+    def readline(self, size: int | None = -1) -> bytes:
+        return b""
+
+    def readlines(self, hint: int | None = -1) -> list[bytes]:
+        return []
+
+    def readinto(self, buffer: Any) -> int:
+        return 0
+
+    def __iter__(self) -> Iterator[bytes]:
+        return iter(())
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def writable(self) -> bool:
+        return False
+
+    def seek(self, offset: int, whence: int = 0) -> int:
+        return 0
+
+    def tell(self) -> int:
+        return 0
+
+    def close(self) -> None:
+        pass
+
+    def __enter__(self) -> _NoBody:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        pass
+
+
+NO_BODY: Any = _NoBody()
 
 
 class ClientDisconnected(OSError):

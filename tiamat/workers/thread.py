@@ -46,13 +46,13 @@ from typing import Any, BinaryIO
 
 from tiamat.http.h1 import RequestHead, whole_request
 from tiamat.workers.sync import (
-    NO_BODY,
     RECV_SIZE,
     STOP_GRACE,
     Connection,
     SyncWorker,
     request_body,
 )
+from tiamat.wsgi import NO_BODY
 
 log = logging.getLogger("tiamat.error")
 
