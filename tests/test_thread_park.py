@@ -4,12 +4,10 @@ they cannot serve goes back to the loop, and parked connections hold no thread."
 
 from __future__ import annotations
 
-import os
 import random
 import socket
 import time
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 
 import pytest
 from conftest import read_response, read_until_closed, wait_for
@@ -184,31 +182,6 @@ def test_mixed_traffic_from_many_clients(tiamat_server, threads, clients):
     assert sum(counts) >= clients * 20
     log = server.log()
     assert "Traceback" not in log and "unexpected error" not in log, log[-2000:]
-
-
-def _timer_slacks(pid: int) -> list[int]:
-    """The timer slack (ns) of each of the process's threads, the main thread first."""
-    tids = sorted(int(tid) for tid in os.listdir(f"/proc/{pid}/task"))
-    tids.remove(pid)
-    return [int(Path(f"/proc/{tid}/timerslack_ns").read_text()) for tid in [pid, *tids]]
-
-
-@pytest.mark.skipif(not os.path.exists("/proc/self/timerslack_ns"), reason="Linux >= 4.6 only")
-@pytest.mark.parametrize(("flag", "pool_slack"), [("700", 700_000), ("0", None)])
-def test_timer_slack_is_set_on_the_pool_threads_only(tiamat_server, flag, pool_slack):
-    server = tiamat_server(APP, "-k", "thread", "--threads", "3", "-w", "1", "--timer-slack", flag)
-    with socket.create_connection((server.host, server.port), timeout=10) as sock:
-        assert _get(sock, "/")[1] == b"hello"  # (every pool thread has started by now)
-    (pid,) = server.worker_pids()
-    main, *others = _timer_slacks(pid)
-    inherited = int(Path("/proc/self/timerslack_ns").read_text())
-    assert main == inherited  # (the loop's waits keep their precision)
-    pool = [slack for slack in others if slack != inherited]
-    if pool_slack is None:
-        assert pool == []
-    else:
-        assert pool == [pool_slack] * 3, others
-
 
 
 def _posts_and_gets(host: str, port: int, seed: int, rounds: int) -> int:
