@@ -8,12 +8,17 @@ for its CPU (the workers pinned one per CPU): a worker that is slow to get the C
 case where spreading by timing alone failed (the yield-based spreading before this rule
 split 41/23 to 47/17 in half of the rounds here), and each worker must end up with 40-60 %
 of the connections.  A stopped sibling or a lone worker must not delay new clients.
+
+Even counts are not even work: a worker kept clearly busier than its siblings by its
+keep-alive connections hands a few on (``--rebalance-keepalive``): their next response says
+``Connection: close``, and the client's new connection goes to a sibling.
 """
 
 from __future__ import annotations
 
 import collections
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -23,15 +28,22 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from conftest import wait_for
+from conftest import read_until_closed, wait_for
 
 WSGI_APP = '''
 import os
+import time
 
-PID = str(os.getpid()).encode()
+
+def burn(seconds):
+    end = time.process_time() + seconds
+    while time.process_time() < end:
+        pass
 
 
 def app(environ, start_response):
+    if environ["PATH_INFO"] == "/burn":
+        burn(0.005)
     body = str(os.getpid()).encode()
     start_response("200 OK", [("Content-Type", "text/plain"), ("Content-Length", str(len(body)))])
     return [body]
@@ -39,11 +51,16 @@ def app(environ, start_response):
 
 ASGI_APP = '''
 import os
+import time
 
 
 async def app(scope, receive, send):
     if scope["type"] != "http":
         return
+    if scope["path"] == "/burn":
+        end = time.process_time() + 0.005
+        while time.process_time() < end:
+            pass
     body = str(os.getpid()).encode()
     await send({"type": "http.response.start", "status": 200,
                 "headers": [(b"content-type", b"text/plain"),
@@ -76,6 +93,28 @@ def ask_pid(sock: socket.socket) -> int:
     head, body = data.split(b"\r\n\r\n", 1)
     assert head.startswith(b"HTTP/1.1 200"), head
     return int(body)
+
+
+def ask(sock: socket.socket, path: str = "/") -> tuple[int, bool]:
+    """One request on a keep-alive connection: the pid in the answer, and whether the answer
+    closes the connection (then the server's EOF must follow it)."""
+    sock.sendall(f"GET {path} HTTP/1.1\r\nHost: t\r\n\r\n".encode())
+    data = b""
+    while b"\r\n\r\n" not in data:
+        more = sock.recv(4096)
+        assert more, f"closed after {data!r}"
+        data += more
+    head, body = data.split(b"\r\n\r\n", 1)
+    assert head.startswith(b"HTTP/1.1 200"), head
+    length = int(re.search(rb"(?im)^content-length: *(\d+)", head).group(1))
+    while len(body) < length:
+        more = sock.recv(4096)
+        assert more, f"closed in the body after {data!r}"
+        body += more
+    closes = re.search(rb"(?im)^connection: *close", head) is not None
+    if closes:
+        assert read_until_closed(sock) == b""
+    return int(body), closes
 
 
 def connect(server, timeout: float = 10.0) -> socket.socket:
@@ -304,3 +343,97 @@ def test_closes_while_deferring_do_not_put_the_bound_off():
                 balance.begin(now + i * step)
             assert balance.review(5, now + 2 * step)  # 1.2 x DEFER_MAX since the start
             assert not balance.over(5, now + 2 * step)  # ... so the waiting client is taken
+
+
+def burn_on(socks: list[socket.socket], seconds: float) -> socket.socket | None:
+    """Keep the worker behind ``socks`` busy (a 5 ms request on each in turn) for up to
+    ``seconds``; the connection whose answer said ``Connection: close``, if one did."""
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        for sock in socks:
+            if ask(sock, "/burn")[1]:
+                return sock
+    return None
+
+
+@pytest.mark.parametrize("kind", ["sync", "thread", "asgi"])
+def test_a_clearly_busier_worker_hands_keepalive_connections_on(tiamat_server, tmp_path, kind):
+    """Eight keep-alive connections split 4 / 4 (or 5 / 3); only one worker's carry requests,
+    each burning 5 ms of CPU.  Within a few of its loop ticks that worker closes one of them
+    after a response saying ``Connection: close`` (two thirds of the half that would even
+    the loads: one), and the client's new connection is accepted by the idle one."""
+    server = tiamat_server(app_file(tmp_path, kind), "-k", kind, "-w", "2", "--threads", "4")
+    workers = wait_both_workers(server)
+    socks = [connect(server) for _ in range(8)]
+    try:
+        owners = [ask(sock)[0] for sock in socks]
+        counts = collections.Counter(owners)
+        assert set(counts) == set(workers) and min(counts.values()) >= 3, counts  # (SLACK: 5 / 3)
+        busy = counts.most_common(1)[0][0]
+        idle = next(pid for pid in workers if pid != busy)
+        closed = burn_on([s for s, pid in zip(socks, owners, strict=True) if pid == busy], 15)
+        assert closed is not None, "the busy worker never handed a connection on"
+        with connect(server) as again:  # (the busy worker accepts none for HAND_ON_HOLD)
+            assert ask(again)[0] == idle
+    finally:
+        for sock in socks:
+            sock.close()
+
+
+def test_no_rebalance_keepalive_keeps_every_connection(tiamat_server, tmp_path):
+    server = tiamat_server(app_file(tmp_path, "sync"), "-w", "2", "--no-rebalance-keepalive")
+    workers = wait_both_workers(server)
+    socks = [connect(server) for _ in range(8)]
+    try:
+        owners = [ask(sock)[0] for sock in socks]
+        busy = owners[0]
+        assert busy in workers
+        # (three times as long as the case above takes to hand one on, here)
+        assert burn_on([s for s, pid in zip(socks, owners, strict=True) if pid == busy], 4) is None
+    finally:
+        for sock in socks:
+            sock.close()
+
+
+class _SiblingLoads:
+    """Siblings that publish these CPU loads."""
+
+    def __init__(self, *loads: float) -> None:
+        self.values = list(loads)
+
+    def loads(self, now: float, fresh: float) -> list[float]:
+        return self.values
+
+
+def test_rebalance_rule(monkeypatch):
+    """The numbers: a load is measured between two ticks; a worker hands on only when over
+    1.2 times its siblings' mean on two ticks in a row and busy; two thirds of the
+    connections that would even the loads, rounded down; then not again for HAND_ON_HOLD."""
+    from tiamat.workers import balance as rule
+
+    cpu = [0.0]
+    monkeypatch.setattr(rule.time, "process_time", lambda: cpu[0])
+    published: list[float] = []
+    siblings = _SiblingLoads(0.3)
+    balance = rule.AcceptBalance(siblings, [], published.append)  # type: ignore[arg-type]
+
+    def tick(now: float, load: float, held: int = 32) -> int:
+        cpu[0] += load * 0.5
+        return balance.rebalance(held, now)
+
+    assert tick(100.0, 0.9) == 0 and published == []  # the first tick measures nothing yet
+    assert tick(100.5, 0.9) == 0 and published == [pytest.approx(0.9)]  # over once
+    assert tick(101.0, 0.9) == int(32 * (0.9 - 0.3) / (3 * 0.9)) == 7  # over twice: hand on
+    assert tick(101.5, 0.9) == 0  # HAND_ON_HOLD (1 s)
+    assert tick(102.0, 0.9) == 0 and tick(102.5, 0.9) == 7  # again, two ticks over
+    assert tick(103.0, 0.9) == 0  # (held)
+    assert tick(103.5, 0.35) == 0 and tick(104.0, 0.35) == 0  # within 1.2 x: kept
+    siblings.values = [0.0, 0.2]  # the mean of the siblings counts
+    assert tick(104.5, 0.5) == 0 and tick(105.0, 0.5) == int(32 * 0.4 / 1.5) == 8
+    siblings.values = [0.0]
+    assert tick(106.0, 0.15) == 0 and tick(106.5, 0.15) == 0  # not busy enough to bother
+    assert tick(107.0, 0.9, held=2) == 0 and tick(107.5, 0.9, held=2) == 0  # (two thirds of 2)
+    siblings.values = []  # no sibling to take them (all paused, full or stopping): none
+    assert tick(108.0, 0.9) == 0 and tick(108.5, 0.9) == 0
+    lone = rule.AcceptBalance(siblings, [])  # type: ignore[arg-type]
+    assert lone.rebalance(32, 100.0) == 0 and lone.rebalance(32, 100.5) == 0  # off: never

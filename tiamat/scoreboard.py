@@ -17,8 +17,9 @@ record: it looks again on its next pass.
 
 Each record also carries the number of connections its worker holds and whether it is
 accepting (written on accept and close only, never per request): with sibling workers, a
-worker reads the others' counts to leave new connections to the least-loaded one (see
-:mod:`tiamat.workers.balance`).
+worker reads the others' counts to leave new connections to the least-loaded one, and the
+CPU each used over its last loop tick (written once a tick), to hand keep-alive connections
+on when it is clearly busier than they are (see :mod:`tiamat.workers.balance`).
 """
 
 from __future__ import annotations
@@ -31,8 +32,8 @@ EMPTY, BOOTING, IDLE, BUSY, STOPPING = range(5)
 STATE_NAMES = ("empty", "booting", "idle", "busy", "stopping")
 
 # pid, state, (pad), beat, request start, boot time, requests served, request label,
-# connections held (+ HELD_ACCEPTING while the worker watches its listeners)
-_RECORD = struct.Struct("=iB3xdddQ64sQ")
+# connections held (+ HELD_ACCEPTING while the worker watches its listeners), CPU load
+_RECORD = struct.Struct("=iB3xdddQ64sQd")
 RECORD_SIZE = 128
 _STATE_AT = 4  # offset of the state byte
 _BEAT_AT = 8
@@ -44,6 +45,9 @@ _LABEL_SIZE = 64
 #: ("s" cuts a longer label and pads a shorter one with NULs, in C)
 _LABEL = struct.Struct(f"{_LABEL_SIZE}s")
 _HELD_AT = _LABEL_AT + _LABEL_SIZE  # (104: 8-aligned, in the room left after the label)
+_LOAD_AT = _HELD_AT + 8
+#: the load of a worker that has not measured one yet (loads() leaves it out)
+NO_LOAD = -1.0
 #: the bit of the held word that says "accepting": a record left at zero (a booting worker,
 #: a stopping one, a refork mold, a worker class that does not balance) never counts
 HELD_ACCEPTING = 1 << 32
@@ -62,6 +66,9 @@ class SlotState(NamedTuple):
     connections: int = 0
     #: whether it watches its listeners (not at --worker-connections, paused or stopping)
     accepting: bool = False
+    #: CPU seconds per second it used over its last loop tick (kept by workers that balance;
+    #: NO_LOAD before the first)
+    load: float = NO_LOAD
 
     @property
     def torn(self) -> bool:
@@ -81,17 +88,18 @@ class Scoreboard:
         self.mem = mmap.mmap(-1, capacity * RECORD_SIZE)
 
     def reset(self, slot: int, pid: int, now: float) -> None:
-        _RECORD.pack_into(self.mem, slot * RECORD_SIZE, pid, BOOTING, now, 0.0, now, 0, b"", 0)
+        _RECORD.pack_into(self.mem, slot * RECORD_SIZE, pid, BOOTING, now, 0.0, now, 0, b"", 0,
+                          NO_LOAD)
 
     def clear(self, slot: int) -> None:
-        _RECORD.pack_into(self.mem, slot * RECORD_SIZE, 0, EMPTY, 0.0, 0.0, 0.0, 0, b"", 0)
+        _RECORD.pack_into(self.mem, slot * RECORD_SIZE, 0, EMPTY, 0.0, 0.0, 0.0, 0, b"", 0, NO_LOAD)
 
     def read(self, slot: int) -> SlotState:
-        pid, state, beat, start, boot, requests, label, held = _RECORD.unpack_from(
+        pid, state, beat, start, boot, requests, label, held, load = _RECORD.unpack_from(
             self.mem, slot * RECORD_SIZE)
         return SlotState(pid, state, beat, start, boot, requests,
                          label.rstrip(b"\0").decode("latin-1"), held & _HELD_COUNT,
-                         bool(held & HELD_ACCEPTING))
+                         bool(held & HELD_ACCEPTING), load)
 
     def read_stable(self, slot: int, tries: int = 3) -> SlotState:
         """Read until two consecutive reads agree (a worker may be writing right now)."""
@@ -166,14 +174,18 @@ class SlotWriter:
         self._words[(self._base + _HELD_AT) >> 3] = (
             connections | HELD_ACCEPTING if accepting else connections)
 
+    def load(self, cpu_per_second: float) -> None:
+        """Publish the CPU this worker used over its last loop tick (once a tick)."""
+        self._doubles[(self._base + _LOAD_AT) >> 3] = cpu_per_second
+
     def siblings(self) -> Siblings:
         """A reader of the other workers' records (for balancing accepts)."""
         return Siblings(self._mem, self._base)
 
 
 class Siblings:
-    """What a worker reads of its siblings' records before it accepts: the fewest
-    connections any live, accepting sibling holds.
+    """What a worker reads of its siblings' records before it accepts (the fewest
+    connections any live, accepting sibling holds) and once a tick (their CPU loads).
 
     The table has room for far more records than workers (replacement workers take free
     records from the top), so :meth:`refresh` finds the used ones once per loop tick (one
@@ -211,6 +223,15 @@ class Siblings:
                 if least is None or held < least:
                     least = held
         return least
+
+    def loads(self, now: float, fresh: float) -> list[float]:
+        """The CPU loads of the siblings :meth:`least` would count, where one was published."""
+        states, doubles, words = self._bytes, self._doubles, self._words
+        return [doubles[(base + _LOAD_AT) >> 3] for base in self.bases
+                if doubles[(base + _LOAD_AT) >> 3] >= 0.0
+                and words[(base + _HELD_AT) >> 3] & HELD_ACCEPTING
+                and states[base + _STATE_AT] in _SERVING
+                and now - doubles[(base + _BEAT_AT) >> 3] < fresh]
 
     def progress(self) -> float:
         """A value that changes whenever a sibling beats, finishes a request or accepts or

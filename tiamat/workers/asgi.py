@@ -30,7 +30,7 @@ from tiamat.asgi.lifespan import Lifespan
 from tiamat.asgi.state import ServerState
 from tiamat.sockets import ACCEPT_BATCH, ACCEPT_RETRY, AcceptPaused, accept_next
 from tiamat.workers.aio import AioWorker
-from tiamat.workers.balance import DEFER_CHECK, AcceptBalance
+from tiamat.workers.balance import DEFER_CHECK, HAND_ON_HOLD, AcceptBalance
 from tiamat.workers.base import STOP_GRACE
 
 log = logging.getLogger("tiamat.error")
@@ -95,7 +95,8 @@ class AsgiWorker(AioWorker):
         # than its least-loaded live sibling + 1 leaves the next connection to it), and
         # hands each socket to the loop (connect_accepted_socket).  PROXY+TLS listeners
         # accept in proxy_tls.Listener and are not balanced.
-        self.balance = AcceptBalance(self.board.siblings(), self.listeners) \
+        self.balance = AcceptBalance(self.board.siblings(), self.listeners,
+                                     self.board.load if self.cfg.rebalance_keepalive else None) \
             if self.cfg.workers > 1 and not self.proxy_tls else None
 
         def factory() -> HttpProtocol:
@@ -106,6 +107,8 @@ class AsgiWorker(AioWorker):
         self.accept_paused = False
         #: balanced accepting: after an accept error, until ACCEPT_RETRY passed
         self.accept_error = False
+        #: balanced accepting: handing keep-alive connections on, for HAND_ON_HOLD
+        self.handing_on = False
         #: balanced accepting: the listeners are watched / the timer of a deferral
         self.watching = False
         self.defer_timer: asyncio.TimerHandle | None = None
@@ -168,15 +171,18 @@ class AsgiWorker(AioWorker):
     def held(self) -> int:
         return len(self.state.connections) + self.arriving
 
+    def accepting(self) -> bool:
+        """Whether the worker takes new connections (it may still be deferring one)."""
+        return not (self.accept_paused or self.accept_error or self.handing_on
+                    or self.state.stopping)
+
     def publish_held(self) -> None:
         """This worker's count and whether it accepts, for its siblings (on accept/close)."""
-        self.board.held(self.held(), not (self.accept_paused or self.accept_error
-                                          or self.state.stopping))
+        self.board.held(self.held(), self.accepting())
 
     def update_watching(self) -> None:
         """Watch the listeners unless paused, deferring or stopping; publish the change."""
-        want = not (self.accept_paused or self.accept_error or self.state.stopping
-                    or self.defer_timer is not None)
+        want = self.accepting() and self.defer_timer is None
         if want != self.watching:
             self.watching = want
             for sock in self.listeners:
@@ -244,6 +250,26 @@ class AsgiWorker(AioWorker):
         self.accept_error = False
         self.update_watching()
 
+    def hand_on(self, count: int) -> None:
+        """Close ``count`` keep-alive connections after their next response, and accept none
+        for HAND_ON_HOLD: their clients reconnect to a sibling (balance.rebalance says when)."""
+        marked = 0
+        for conn in self.state.connections:
+            if conn.__class__ is HttpProtocol and not conn.closing:  # (not WebSockets)
+                conn.closing = True  # (its response says Connection: close)
+                marked += 1
+                if marked == count:
+                    break
+        log.debug("worker %s: handing %d of %d keep-alive connections on to its siblings",
+                  self.slot, marked, len(self.state.connections))
+        self.handing_on = True
+        self.update_watching()
+        self.loop.call_later(HAND_ON_HOLD, self.end_hand_on)
+
+    def end_hand_on(self) -> None:
+        self.handing_on = False
+        self.update_watching()
+
     # --- the loop's housekeeping ------------------------------------------------------------
     def on_tick(self) -> None:
         """Twice a second: prove liveness, expire idle/slow connections, ping WebSockets."""
@@ -251,6 +277,9 @@ class AsgiWorker(AioWorker):
         self.beat(now)
         if self.balance is not None:
             self.balance.siblings.refresh()
+            handing_on = self.balance.rebalance(self.held(), now)
+            if handing_on:
+                self.hand_on(handing_on)
         for conn in list(self.state.connections):
             if conn.deadline <= now:
                 conn.expire(now)

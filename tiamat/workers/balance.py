@@ -22,11 +22,27 @@ So each worker publishes how many connections it holds in its scoreboard record
 
 The cost: reading a few scoreboard records per accept and a store per accept and close;
 nothing per request.
+
+Equal connection counts are not equal work: keep-alive connections stay where they landed,
+and their clients may differ, or one worker may get less of the CPU (wrk on 2 CPUs with 2
+workers: the worker sharing its CPU with wrk answered more slowly and got fewer requests, so
+the other used 54-63 % of the workers' CPU with the connections split 32 / 32).  So, with
+``--rebalance-keepalive`` (on by default), each worker publishes the CPU it used over its
+last loop tick (:meth:`AcceptBalance.rebalance`), and a busy worker using more than
+:data:`REBALANCE_OVER` times its accepting siblings' mean hands some keep-alive connections
+on: each is closed after its next response, which says ``Connection: close`` (so no request
+is lost: the client knows before it sends another), and the worker stops accepting for
+:data:`HAND_ON_HOLD`, so the clients' new connections go to the siblings.  It hands on half
+the connections that would even the loads if work followed connections (damped: the
+placement of processes on CPUs changes under it), never a lone connection, and at most once
+per :data:`HAND_ON_HOLD`.  A few reconnections a second at most, under a lopsided load only.
 """
 
 from __future__ import annotations
 
 import socket
+import time
+from collections.abc import Callable
 
 from tiamat.scoreboard import Siblings
 from tiamat.sockets import backlog_waiting
@@ -46,16 +62,35 @@ BACKOFF = 0.5
 #: a sibling whose last beat is older than this is not counted (hung, stopped, or deep in a
 #: long request: the sync loop beats at least every second while it runs)
 FRESH = 2.0
+#: a worker hands keep-alive connections on when its CPU load is above this many times its
+#: siblings' mean (1.2: 54.5 % of what two workers use) ...
+REBALANCE_OVER = 1.2
+#: ... and it used at least this much CPU (seconds per second): a quiet server keeps them
+REBALANCE_BUSY = 0.2
+#: ... on this many ticks in a row
+OVER_TICKS = 2
+#: after handing connections on, the worker accepts none for this long (seconds): their
+#: clients reconnect to the siblings (and a new imbalance is judged on new ticks)
+HAND_ON_HOLD = 1.0
 
 
 class AcceptBalance:
     """One worker's side of the rule: when to defer, and when a deferral ends."""
 
-    __slots__ = ("defer_since", "force", "listeners", "off_until", "siblings", "streak", "token")
+    __slots__ = ("defer_since", "force", "hold_until", "listeners", "off_until", "over_ticks", "publish",
+                 "siblings", "streak", "tick_at", "tick_cpu", "token")
 
-    def __init__(self, siblings: Siblings, listeners: list[socket.socket]) -> None:
+    def __init__(self, siblings: Siblings, listeners: list[socket.socket],
+                 publish: Callable[[float], None] | None = None) -> None:
         self.siblings = siblings
         self.listeners = listeners
+        #: where the worker's CPU load goes (its scoreboard record); None: no rebalancing
+        self.publish = publish
+        self.tick_at = 0.0
+        self.tick_cpu = 0.0
+        self.over_ticks = 0
+        #: handed connections on: not again (and not accepting) until then
+        self.hold_until = 0.0
         #: when the current deferral began (0.0: not deferring)
         self.defer_since = 0.0
         #: a deferral timed out with connections waiting: the next accept is not deferred
@@ -64,6 +99,40 @@ class AcceptBalance:
         #: the siblings' progress() when the current streak of timeouts began
         self.token = 0.0
         self.off_until = 0.0
+
+    def rebalance(self, held: int, now: float) -> int:
+        """Once a loop tick: publish the CPU the worker used since the last tick; return how
+        many of its ``held`` keep-alive connections to hand on (0 mostly, and always without
+        ``publish``)."""
+        if self.publish is None:
+            return 0
+        cpu = time.process_time()
+        start, spent = self.tick_at, cpu - self.tick_cpu
+        self.tick_at, self.tick_cpu = now, cpu
+        if not start or now <= start:  # (the first tick: a load needs two)
+            return 0
+        load = spent / (now - start)
+        self.publish(load)
+        if load < REBALANCE_BUSY or now < self.hold_until:
+            self.over_ticks = 0
+            return 0
+        loads = self.siblings.loads(now, FRESH)
+        mean = sum(loads) / len(loads) if loads else load
+        if load <= mean * REBALANCE_OVER:
+            self.over_ticks = 0
+            return 0
+        # (a sibling's load is its last tick's, up to a tick old: when the load rises, one
+        # tick shows a busy worker next to siblings that look idle)
+        self.over_ticks += 1
+        if self.over_ticks < OVER_TICKS:
+            return 0
+        # moving k of h connections moves about k/h of the load: k = h (load - mean) / (2 load)
+        # would even the two; two thirds of it, rounded down (a lone connection stays)
+        count = int(held * (load - mean) / (3 * load))
+        if count:
+            self.hold_until = now + HAND_ON_HOLD
+            self.over_ticks = 0
+        return count
 
     def over(self, held: int, now: float) -> bool:
         """Whether a worker holding ``held`` connections should leave the next one."""

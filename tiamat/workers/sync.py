@@ -31,7 +31,7 @@ from tiamat.http.h1 import END_OF_MESSAGE, RequestHead, RequestReader
 from tiamat.http.proxy import TRUSTED_KEY, ForwardedRules
 from tiamat.http.response import CONTINUE_100, error_response
 from tiamat.sockets import ACCEPT_BATCH, ACCEPT_RETRY, AcceptPaused, accept_next
-from tiamat.workers.balance import DEFER_CHECK, AcceptBalance
+from tiamat.workers.balance import DEFER_CHECK, HAND_ON_HOLD, AcceptBalance
 from tiamat.workers.base import STOP_GRACE, Worker
 from tiamat.workers.poller import EDGE, HANGUP, READ, WRITE, Poller
 from tiamat.wsgi import NO_BODY, ClientDisconnected, WSGIHandler
@@ -101,6 +101,7 @@ class Connection:
         "deadline",
         "environ",
         "fd",
+        "hand_on",
         "handshaking",
         "head",
         "idle_since",
@@ -129,6 +130,8 @@ class Connection:
         self.deadline = 0.0
         self.idle_since = now
         self.send_timeout = send_timeout
+        #: close after the next response (Connection: close): the worker hands it on
+        self.hand_on = False
         self.closed = False
         #: True while a PROXY header or the TLS handshake is still to come (the slow path)
         self.setup = False
@@ -231,8 +234,9 @@ class SyncWorker(Worker):
         # 1e6 s, not 1e9: poll() takes the timeout in ms as a C int
         self.send_timeout = cfg.send_timeout or 1e6
         #: with sibling workers: the accept-balancing rule (see accept())
-        self.balance = (AcceptBalance(self.board.siblings(), self.listeners) if cfg.workers > 1
-                        else None)
+        self.balance = (AcceptBalance(self.board.siblings(), self.listeners,
+                                      self.board.load if cfg.rebalance_keepalive else None)
+                        if cfg.workers > 1 else None)
         if not hasattr(self, "ssl_context"):
             self.ssl_context = _tls_context(cfg)
         self.scheme = "https" if self.ssl_context is not None else "http"
@@ -344,6 +348,9 @@ class SyncWorker(Worker):
                 self.sweep(now)
                 if self.balance is not None:
                     self.balance.siblings.refresh()
+                    handing_on = self.balance.rebalance(len(self.connections), now)
+                    if handing_on:
+                        self._hand_on(handing_on, now)
                 if self.accept_paused_until and now >= self.accept_paused_until and self.alive:
                     self.accept_paused_until = 0.0
                     self._set_accepting(True)
@@ -396,6 +403,22 @@ class SyncWorker(Worker):
                 self.board.held(len(self.connections), True)
 
     # --- leaving connections to a less-loaded sibling (-w > 1) ---------------------------
+    def _hand_on(self, count: int, now: float) -> None:
+        """Close ``count`` keep-alive connections after their next response, and accept none
+        for HAND_ON_HOLD: their clients reconnect to a sibling (balance.rebalance says when)."""
+        marked = 0
+        for conn in self.connections.values():
+            if not (conn.hand_on or conn.lingering or conn.setup):
+                conn.hand_on = True
+                marked += 1
+                if marked == count:
+                    break
+        log.debug("worker %s: handing %d of %d keep-alive connections on to its siblings",
+                  self.slot, marked, len(self.connections))
+        self.accept_paused_until = now + HAND_ON_HOLD
+        self.accept_pause_frees = False  # (a connection closing meanwhile does not resume it)
+        self._set_accepting(False)
+
     def _defer(self, now: float) -> None:
         assert self.balance is not None
         self.balance.begin(now)
@@ -645,6 +668,8 @@ class SyncWorker(Worker):
         conn.head = conn.body = None
         board = self.board
         board.busy(time.monotonic(), head.method, head.path)
+        if conn.hand_on:  # (its response says Connection: close; see _hand_on)
+            head.keep_alive = False
         self.in_request = True
         try:
             keep_alive = self.handler.handle(head, body, conn.environ, conn)[0]

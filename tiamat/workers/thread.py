@@ -230,6 +230,8 @@ class ThreadWorker(SyncWorker):
             return
         head = conn.head
         assert head is not None
+        if conn.hand_on:  # (its response says Connection: close; see SyncWorker._hand_on)
+            head.keep_alive = False
         body = request_body(conn.body)
         conn.head = conn.body = None
         # events already read (a pipelined request) wait until the pool hands the connection
@@ -444,6 +446,8 @@ class ThreadWorker(SyncWorker):
             elif not self._park(job):  # (empty lines between requests: nothing yet)
                 self._hand_back(job)
             return False
+        if conn.hand_on:  # (set by the loop: the next response closes; SyncWorker._hand_on)
+            head.keep_alive = False
         job.head, job.body, job.start = head, NO_BODY, time.monotonic()
         job.served += 1
         return True
