@@ -255,8 +255,11 @@ class AsgiWorker(AioWorker):
         for HAND_ON_HOLD: their clients reconnect to a sibling (balance.rebalance says when)."""
         marked = 0
         for conn in self.state.connections:
-            if conn.__class__ is HttpProtocol and not conn.closing:  # (not WebSockets)
-                conn.closing = True  # (its response says Connection: close)
+            # (not WebSockets, nor a connection whose response head went out saying
+            # keep-alive: closing after it could lose a request the client sent meanwhile)
+            if (conn.__class__ is HttpProtocol and not conn.closing
+                    and (conn.cycle is None or conn.cycle.framing is None)):
+                conn.closing = True  # (its next response head says Connection: close)
                 marked += 1
                 if marked == count:
                     break
