@@ -353,7 +353,8 @@ class SyncWorker(Worker):
                         self._hand_on(handing_on, now)
                 if self.accept_paused_until and now >= self.accept_paused_until and self.alive:
                     self.accept_paused_until = 0.0
-                    self._set_accepting(True)
+                    if len(self.connections) < self.worker_connections:  # (else: _close_now)
+                        self._set_accepting(True)
 
     def accept(self, listener: socket.socket) -> None:
         now = time.monotonic()
