@@ -95,26 +95,38 @@ def ask_pid(sock: socket.socket) -> int:
     return int(body)
 
 
-def ask(sock: socket.socket, path: str = "/") -> tuple[int, bool]:
-    """One request on a keep-alive connection: the pid in the answer, and whether the answer
-    closes the connection (then the server's EOF must follow it)."""
-    sock.sendall(f"GET {path} HTTP/1.1\r\nHost: t\r\n\r\n".encode())
-    data = b""
-    while b"\r\n\r\n" not in data:
+def read_response(sock: socket.socket, buffered: bytearray) -> tuple[int, bool]:
+    """One response from a keep-alive connection (``buffered`` holds what was read past the
+    previous one): the pid in it, and whether it says ``Connection: close``."""
+    while b"\r\n\r\n" not in buffered:
         more = sock.recv(4096)
-        assert more, f"closed after {data!r}"
-        data += more
-    head, body = data.split(b"\r\n\r\n", 1)
+        assert more, f"closed after {bytes(buffered)!r}"
+        buffered += more
+    head, _, rest = bytes(buffered).partition(b"\r\n\r\n")
     assert head.startswith(b"HTTP/1.1 200"), head
     length = int(re.search(rb"(?im)^content-length: *(\d+)", head).group(1))
-    while len(body) < length:
+    while len(rest) < length:
         more = sock.recv(4096)
-        assert more, f"closed in the body after {data!r}"
-        body += more
-    closes = re.search(rb"(?im)^connection: *close", head) is not None
-    if closes:
-        assert read_until_closed(sock) == b""
-    return int(body), closes
+        assert more, f"closed in the body after {bytes(buffered)!r}"
+        rest += more
+    buffered[:] = rest[length:]
+    return int(rest[:length]), re.search(rb"(?im)^connection: *close", head) is not None
+
+
+def ask(sock: socket.socket, *paths: str) -> list[tuple[int, bool]]:
+    """Requests for ``paths`` (default one for ``/``) sent in one go, pipelined: each answer's
+    pid and whether it closes the connection.  After an answer that closes it, the server's
+    EOF must follow, not a reset (read_until_closed raises on one)."""
+    sock.sendall(b"".join(f"GET {path} HTTP/1.1\r\nHost: t\r\n\r\n".encode()
+                          for path in paths or ("/",)))
+    buffered = bytearray()
+    answers = []
+    for _ in paths or ("/",):
+        answers.append(read_response(sock, buffered))
+        if answers[-1][1]:
+            assert not buffered and read_until_closed(sock) == b""
+            break
+    return answers
 
 
 def connect(server, timeout: float = 10.0) -> socket.socket:
@@ -345,36 +357,89 @@ def test_closes_while_deferring_do_not_put_the_bound_off():
             assert not balance.over(5, now + 2 * step)  # ... so the waiting client is taken
 
 
-def burn_on(socks: list[socket.socket], seconds: float) -> socket.socket | None:
-    """Keep the worker behind ``socks`` busy (a 5 ms request on each in turn) for up to
+def burn_on(socks: list[socket.socket], seconds: float,
+            paths: tuple[str, ...] = ("/burn",)) -> socket.socket | None:
+    """Keep the worker behind ``socks`` busy (5 ms requests on each in turn) for up to
     ``seconds``; the connection whose answer said ``Connection: close``, if one did."""
     deadline = time.monotonic() + seconds
     while time.monotonic() < deadline:
         for sock in socks:
-            if ask(sock, "/burn")[1]:
+            if ask(sock, *paths)[-1][1]:
                 return sock
     return None
+
+
+def split_owners(server, count: int = 8) -> tuple[list[socket.socket], int, int, list[int]]:
+    """``count`` keep-alive connections, split over the 2 workers: (connections, the pid
+    holding more, the other pid, each connection's pid)."""
+    workers = wait_both_workers(server)
+    socks = [connect(server) for _ in range(count)]
+    owners = [ask(sock)[0][0] for sock in socks]
+    counts = collections.Counter(owners)
+    assert set(counts) == set(workers) and min(counts.values()) >= 3, counts  # (SLACK: 5 / 3)
+    busy = counts.most_common(1)[0][0]
+    return socks, busy, next(pid for pid in workers if pid != busy), owners
 
 
 @pytest.mark.parametrize("kind", ["sync", "thread", "asgi"])
 def test_a_clearly_busier_worker_hands_keepalive_connections_on(tiamat_server, tmp_path, kind):
     """Eight keep-alive connections split 4 / 4 (or 5 / 3); only one worker's carry requests,
     each burning 5 ms of CPU.  Within a few of its loop ticks that worker closes one of them
-    after a response saying ``Connection: close`` (two thirds of the half that would even
+    after a response saying ``Connection: close`` (a third of the four whose move would swap
     the loads: one), and the client's new connection is accepted by the idle one."""
     server = tiamat_server(app_file(tmp_path, kind), "-k", kind, "-w", "2", "--threads", "4")
-    workers = wait_both_workers(server)
-    socks = [connect(server) for _ in range(8)]
+    socks, busy, idle, owners = split_owners(server)
     try:
-        owners = [ask(sock)[0] for sock in socks]
-        counts = collections.Counter(owners)
-        assert set(counts) == set(workers) and min(counts.values()) >= 3, counts  # (SLACK: 5 / 3)
-        busy = counts.most_common(1)[0][0]
-        idle = next(pid for pid in workers if pid != busy)
         closed = burn_on([s for s, pid in zip(socks, owners, strict=True) if pid == busy], 15)
         assert closed is not None, "the busy worker never handed a connection on"
-        with connect(server) as again:  # (the busy worker accepts none for HAND_ON_HOLD)
-            assert ask(again)[0] == idle
+        with connect(server) as again:  # (the busy worker leaves new ones to it for a while)
+            assert ask(again)[0][0] == idle
+    finally:
+        for sock in socks:
+            sock.close()
+
+
+@pytest.mark.parametrize("kind", ["sync", "thread", "asgi"])
+def test_a_pipelined_request_is_not_lost_to_a_hand_on(tiamat_server, tmp_path, kind):
+    """The same load, each time as two pipelined requests: a connection handed on answers
+    the first without closing (a request is already waiting behind it), says
+    ``Connection: close`` on the last, and ends with a clean EOF, not a reset."""
+    server = tiamat_server(app_file(tmp_path, kind), "-k", kind, "-w", "2", "--threads", "4")
+    socks, busy, _idle, owners = split_owners(server)
+    try:
+        hot = [s for s, pid in zip(socks, owners, strict=True) if pid == busy]
+        deadline = time.monotonic() + 15
+        closing = None
+        while closing is None and time.monotonic() < deadline:
+            for sock in hot:
+                answers = ask(sock, "/burn", "/")  # (ask checks the EOF after a close)
+                assert len(answers) == 2 and not answers[0][1], answers
+                if answers[1][1]:
+                    closing = sock
+                    break
+        assert closing is not None, "the busy worker never handed a connection on"
+    finally:
+        for sock in socks:
+            sock.close()
+
+
+@pytest.mark.parametrize("kind", ["sync", "asgi"])
+def test_a_hand_on_does_not_keep_clients_from_a_stopped_sibling(tiamat_server, tmp_path, kind):
+    """After a hand-on the busy worker leaves new connections to its siblings for a second,
+    but bounded as any deferral: with the sibling stopped (SIGSTOP) right after, a new
+    client is answered by the busy worker within a few ms, not after the second."""
+    server = tiamat_server(app_file(tmp_path, kind), "-k", kind, "-w", "2")
+    socks, busy, idle, owners = split_owners(server)
+    try:
+        assert burn_on([s for s, pid in zip(socks, owners, strict=True) if pid == busy], 15)
+        os.kill(idle, signal.SIGSTOP)
+        try:
+            start = time.monotonic()
+            with connect(server) as again:
+                assert ask(again)[0][0] == busy
+            assert time.monotonic() - start < 0.5  # (held for the whole second: ~1.0-1.5)
+        finally:
+            os.kill(idle, signal.SIGCONT)
     finally:
         for sock in socks:
             sock.close()
@@ -382,12 +447,8 @@ def test_a_clearly_busier_worker_hands_keepalive_connections_on(tiamat_server, t
 
 def test_no_rebalance_keepalive_keeps_every_connection(tiamat_server, tmp_path):
     server = tiamat_server(app_file(tmp_path, "sync"), "-w", "2", "--no-rebalance-keepalive")
-    workers = wait_both_workers(server)
-    socks = [connect(server) for _ in range(8)]
+    socks, busy, _idle, owners = split_owners(server)
     try:
-        owners = [ask(sock)[0] for sock in socks]
-        busy = owners[0]
-        assert busy in workers
         # (three times as long as the case above takes to hand one on, here)
         assert burn_on([s for s, pid in zip(socks, owners, strict=True) if pid == busy], 4) is None
     finally:
@@ -404,11 +465,18 @@ class _SiblingLoads:
     def loads(self, now: float, fresh: float) -> list[float]:
         return self.values
 
+    def least(self, now: float, fresh: float) -> int:
+        return 5
+
+    def progress(self) -> float:
+        return 1.0
+
 
 def test_rebalance_rule(monkeypatch):
     """The numbers: a load is measured between two ticks; a worker hands on only when over
-    1.2 times its siblings' mean on two ticks in a row and busy; two thirds of the
-    connections that would even the loads, rounded down; then not again for HAND_ON_HOLD."""
+    1.2 times its siblings' mean on two ticks in a row and busy: a third of the share of its
+    active connections whose move would swap the loads; then, once it marked some (hold),
+    not again for HAND_ON_HOLD, during which it leaves new connections to the siblings."""
     from tiamat.workers import balance as rule
 
     cpu = [0.0]
@@ -417,23 +485,64 @@ def test_rebalance_rule(monkeypatch):
     siblings = _SiblingLoads(0.3)
     balance = rule.AcceptBalance(siblings, [], published.append)  # type: ignore[arg-type]
 
-    def tick(now: float, load: float, held: int = 32) -> int:
+    def tick(now: float, load: float) -> float:
         cpu[0] += load * 0.5
-        return balance.rebalance(held, now)
+        return balance.rebalance(now)
 
-    assert tick(100.0, 0.9) == 0 and published == []  # the first tick measures nothing yet
-    assert tick(100.5, 0.9) == 0 and published == [pytest.approx(0.9)]  # over once
-    assert tick(101.0, 0.9) == int(32 * (0.9 - 0.3) / (3 * 0.9)) == 7  # over twice: hand on
-    assert tick(101.5, 0.9) == 0  # HAND_ON_HOLD (1 s)
-    assert tick(102.0, 0.9) == 0 and tick(102.5, 0.9) == 7  # again, two ticks over
-    assert tick(103.0, 0.9) == 0  # (held)
-    assert tick(103.5, 0.35) == 0 and tick(104.0, 0.35) == 0  # within 1.2 x: kept
+    assert tick(100.0, 0.9) == 0.0 and published == []  # the first tick measures nothing yet
+    assert tick(100.5, 0.9) == 0.0 and published == [pytest.approx(0.9)]  # over once
+    share = tick(101.0, 0.9)  # over twice: hand on
+    assert share == pytest.approx((0.9 - 0.3) / (3 * 0.9)) and int(32 * share) == 7
+    assert int(2 * share) == 0  # (two active connections: neither moves)
+    assert not balance.over(5, 101.0)  # (not ahead of the sibling's 5 and not holding)
+    balance.hold(101.0)
+    assert balance.over(5, 101.5)  # holding: new connections go to the sibling ...
+    assert tick(101.5, 0.9) == 0.0  # ... and the loads wait (HAND_ON_HOLD, 1 s)
+    assert not balance.over(5, 102.0)
+    assert tick(102.0, 0.9) == 0.0 and tick(102.5, 0.9) > 0  # again, two ticks over
+    assert tick(103.0, 0.9) > 0  # (no hold without marks: the worker had none to mark)
+    assert tick(103.5, 0.35) == 0.0 and tick(104.0, 0.35) == 0.0  # within 1.2 x: kept
     siblings.values = [0.0, 0.2]  # the mean of the siblings counts
-    assert tick(104.5, 0.5) == 0 and tick(105.0, 0.5) == int(32 * 0.4 / 1.5) == 8
+    assert tick(104.5, 0.5) == 0.0 and tick(105.0, 0.5) == pytest.approx(0.4 / 1.5)
     siblings.values = [0.0]
-    assert tick(106.0, 0.15) == 0 and tick(106.5, 0.15) == 0  # not busy enough to bother
-    assert tick(107.0, 0.9, held=2) == 0 and tick(107.5, 0.9, held=2) == 0  # (two thirds of 2)
+    assert tick(106.0, 0.15) == 0.0 and tick(106.5, 0.15) == 0.0  # not busy enough to bother
     siblings.values = []  # no sibling to take them (all paused, full or stopping): none
-    assert tick(108.0, 0.9) == 0 and tick(108.5, 0.9) == 0
+    assert tick(108.0, 0.9) == 0.0 and tick(108.5, 0.9) == 0.0
     lone = rule.AcceptBalance(siblings, [])  # type: ignore[arg-type]
-    assert lone.rebalance(32, 100.0) == 0 and lone.rebalance(32, 100.5) == 0  # off: never
+    assert lone.rebalance(100.0) == 0.0 and lone.rebalance(100.5) == 0.0  # off: never
+
+
+class _OneSibling:
+    """A sibling holding ``held`` connections that makes no progress."""
+
+    def __init__(self, held: int) -> None:
+        self.held = held
+
+    def least(self, now: float, fresh: float) -> int:
+        return self.held
+
+    def progress(self) -> float:
+        return 1.0
+
+
+def test_a_hold_is_bounded_like_any_deferral():
+    """While holding, the worker defers every accept, but a client its sibling leaves waiting
+    in the backlog for DEFER_MAX is taken anyway; without one the deferral simply ends."""
+    from tiamat.workers.balance import DEFER_MAX, AcceptBalance
+
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(8)
+        balance = AcceptBalance(_OneSibling(9), [listener])  # type: ignore[arg-type]
+        now = 100.0
+        balance.hold(now)
+        assert balance.over(5, now)  # fewer than the sibling's 9, but holding
+        balance.begin(now)
+        assert not balance.review(5, now + DEFER_MAX / 2)
+        later = now + DEFER_MAX * 1.1
+        assert balance.review(5, later)  # nobody waiting: watch again (and defer again)
+        assert balance.over(5, later)
+        balance.begin(later)
+        with socket.create_connection(listener.getsockname()):  # a client the sibling leaves
+            assert balance.review(5, later + DEFER_MAX * 1.1)
+            assert not balance.over(5, later + DEFER_MAX * 1.1)  # ... is taken

@@ -30,7 +30,7 @@ from tiamat.asgi.lifespan import Lifespan
 from tiamat.asgi.state import ServerState
 from tiamat.sockets import ACCEPT_BATCH, ACCEPT_RETRY, AcceptPaused, accept_next
 from tiamat.workers.aio import AioWorker
-from tiamat.workers.balance import DEFER_CHECK, HAND_ON_HOLD, AcceptBalance
+from tiamat.workers.balance import ACTIVE_WITHIN, DEFER_CHECK, AcceptBalance
 from tiamat.workers.base import STOP_GRACE
 
 log = logging.getLogger("tiamat.error")
@@ -107,8 +107,8 @@ class AsgiWorker(AioWorker):
         self.accept_paused = False
         #: balanced accepting: after an accept error, until ACCEPT_RETRY passed
         self.accept_error = False
-        #: balanced accepting: handing keep-alive connections on, for HAND_ON_HOLD
-        self.handing_on = False
+        #: connections marked to be handed on to a sibling (see rebalance)
+        self.handed: list[HttpProtocol] = []
         #: balanced accepting: the listeners are watched / the timer of a deferral
         self.watching = False
         self.defer_timer: asyncio.TimerHandle | None = None
@@ -173,8 +173,7 @@ class AsgiWorker(AioWorker):
 
     def accepting(self) -> bool:
         """Whether the worker takes new connections (it may still be deferring one)."""
-        return not (self.accept_paused or self.accept_error or self.handing_on
-                    or self.state.stopping)
+        return not (self.accept_paused or self.accept_error or self.state.stopping)
 
     def publish_held(self) -> None:
         """This worker's count and whether it accepts, for its siblings (on accept/close)."""
@@ -250,28 +249,36 @@ class AsgiWorker(AioWorker):
         self.accept_error = False
         self.update_watching()
 
-    def hand_on(self, count: int) -> None:
-        """Close ``count`` keep-alive connections after their next response, and accept none
-        for HAND_ON_HOLD: their clients reconnect to a sibling (balance.rebalance says when)."""
-        marked = 0
-        for conn in self.state.connections:
-            # (not WebSockets, nor a connection whose response head went out saying
-            # keep-alive: closing after it could lose a request the client sent meanwhile)
-            if (conn.__class__ is HttpProtocol and not conn.closing
-                    and (conn.cycle is None or conn.cycle.framing is None)):
-                conn.closing = True  # (its next response head says Connection: close)
-                marked += 1
-                if marked == count:
-                    break
-        log.debug("worker %s: handing %d of %d keep-alive connections on to its siblings",
-                  self.slot, marked, len(self.state.connections))
-        self.handing_on = True
-        self.update_watching()
-        self.loop.call_later(HAND_ON_HOLD, self.end_hand_on)
-
-    def end_hand_on(self) -> None:
-        self.handing_on = False
-        self.update_watching()
+    # --- handing keep-alive connections on to less busy siblings ---------------------------
+    def rebalance(self, now: float) -> None:
+        """Once a tick with siblings: mark a few active keep-alive connections to close after
+        their next response when this worker is clearly busier than its siblings, so their
+        clients reconnect to one (balance.AcceptBalance.rebalance has the rule)."""
+        balance = self.balance
+        assert balance is not None
+        if self.handed and now >= balance.hold_until:
+            for conn in self.handed:  # (not used within the hold: not the busy ones after all)
+                if conn.cycle is None:  # (else its head may have said close already)
+                    conn.handed_on = False
+            self.handed = []
+        share = balance.rebalance(now)
+        if not share:
+            return
+        since = now - ACTIVE_WITHIN
+        # (not WebSockets, nor a connection whose response head went out saying keep-alive:
+        # closing after it could lose a request the client sent meanwhile)
+        active = [conn for conn in self.state.connections
+                  if conn.__class__ is HttpProtocol and not (conn.handed_on or conn.closing)
+                  and (conn.idle_since >= since if conn.cycle is None
+                       else conn.cycle.framing is None)]
+        handed = active[:int(len(active) * share)]
+        if handed:
+            for conn in handed:
+                conn.handed_on = True  # (its next response head says Connection: close)
+            self.handed = handed
+            balance.hold(now)
+            log.debug("worker %s: handing %d of %d active keep-alive connections on to its "
+                      "siblings", self.slot, len(handed), len(active))
 
     # --- the loop's housekeeping ------------------------------------------------------------
     def on_tick(self) -> None:
@@ -280,9 +287,7 @@ class AsgiWorker(AioWorker):
         self.beat(now)
         if self.balance is not None:
             self.balance.siblings.refresh()
-            handing_on = self.balance.rebalance(self.held(), now)
-            if handing_on:
-                self.hand_on(handing_on)
+            self.rebalance(now)
         for conn in list(self.state.connections):
             if conn.deadline <= now:
                 conn.expire(now)

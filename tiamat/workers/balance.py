@@ -29,13 +29,15 @@ workers: the worker sharing its CPU with wrk answered more slowly and got fewer 
 the other used 54-63 % of the workers' CPU with the connections split 32 / 32).  So, with
 ``--rebalance-keepalive`` (on by default), each worker publishes the CPU it used over its
 last loop tick (:meth:`AcceptBalance.rebalance`), and a busy worker using more than
-:data:`REBALANCE_OVER` times its accepting siblings' mean hands some keep-alive connections
-on: each is closed after its next response, which says ``Connection: close`` (so no request
-is lost: the client knows before it sends another), and the worker stops accepting for
-:data:`HAND_ON_HOLD`, so the clients' new connections go to the siblings.  It hands on half
-the connections that would even the loads if work followed connections (damped: the
-placement of processes on CPUs changes under it), never a lone connection, and at most once
-per :data:`HAND_ON_HOLD`.  A few reconnections a second at most, under a lopsided load only.
+:data:`REBALANCE_OVER` times its accepting siblings' mean on :data:`OVER_TICKS` ticks in a
+row hands a few of its active keep-alive connections on: each is closed after its next
+response, which says ``Connection: close`` (closed lingering, so bytes the client sent
+meanwhile do not turn the close into a reset), and for :data:`HAND_ON_HOLD` the worker
+leaves new connections to its siblings exactly as when it is ahead of them, with the same
+bounds (a sibling that does not take one within :data:`DEFER_MAX` leaves it to this worker).
+It hands on a third of the active connections that would close the gap if work followed
+connections, rounded down: never so many that the roles just swap, never a lone connection,
+and at most once per :data:`HAND_ON_HOLD`.
 """
 
 from __future__ import annotations
@@ -69,9 +71,14 @@ REBALANCE_OVER = 1.2
 REBALANCE_BUSY = 0.2
 #: ... on this many ticks in a row
 OVER_TICKS = 2
-#: after handing connections on, the worker accepts none for this long (seconds): their
-#: clients reconnect to the siblings (and a new imbalance is judged on new ticks)
+#: after handing connections on, the worker leaves new connections to its siblings for this
+#: long (seconds; bounded as any deferral is): their clients reconnect to the siblings, and
+#: the loads are judged again on new ticks only
 HAND_ON_HOLD = 1.0
+#: a connection that carried a request within this long (seconds: two loop ticks) is active:
+#: only those are handed on and counted (idle ones move no load); marks not used by then
+#: are taken back
+ACTIVE_WITHIN = 1.0
 
 
 class AcceptBalance:
@@ -89,7 +96,8 @@ class AcceptBalance:
         self.tick_at = 0.0
         self.tick_cpu = 0.0
         self.over_ticks = 0
-        #: handed connections on: not again (and not accepting) until then
+        #: handed connections on: new ones are left to the siblings (as when ahead of them,
+        #: with the same bounds) and the loads are not judged again until then
         self.hold_until = 0.0
         #: when the current deferral began (0.0: not deferring)
         self.defer_since = 0.0
@@ -100,47 +108,54 @@ class AcceptBalance:
         self.token = 0.0
         self.off_until = 0.0
 
-    def rebalance(self, held: int, now: float) -> int:
-        """Once a loop tick: publish the CPU the worker used since the last tick; return how
-        many of its ``held`` keep-alive connections to hand on (0 mostly, and always without
-        ``publish``)."""
+    def rebalance(self, now: float) -> float:
+        """Once a loop tick: publish the CPU the worker used since the last tick; return the
+        share of its active keep-alive connections (those that carried a request lately:
+        idle ones move no load) to hand on, rounded down by the worker: 0.0 mostly, and
+        always without ``publish``.  The worker calls :meth:`hold` once it marked some."""
         if self.publish is None:
-            return 0
+            return 0.0
         cpu = time.process_time()
         start, spent = self.tick_at, cpu - self.tick_cpu
         self.tick_at, self.tick_cpu = now, cpu
         if not start or now <= start:  # (the first tick: a load needs two)
-            return 0
+            return 0.0
         load = spent / (now - start)
         self.publish(load)
         if load < REBALANCE_BUSY or now < self.hold_until:
             self.over_ticks = 0
-            return 0
+            return 0.0
         loads = self.siblings.loads(now, FRESH)
         mean = sum(loads) / len(loads) if loads else load
         if load <= mean * REBALANCE_OVER:
             self.over_ticks = 0
-            return 0
+            return 0.0
         # (a sibling's load is its last tick's, up to a tick old: when the load rises, one
         # tick shows a busy worker next to siblings that look idle)
         self.over_ticks += 1
         if self.over_ticks < OVER_TICKS:
-            return 0
-        # moving k of h connections moves about k/h of the load: k = h (load - mean) / (2 load)
-        # would even the two; two thirds of it, rounded down (a lone connection stays)
-        count = int(held * (load - mean) / (3 * load))
-        if count:
-            self.hold_until = now + HAND_ON_HOLD
-            self.over_ticks = 0
-        return count
+            return 0.0
+        # moving k of h active connections moves about k/h of the load: k = h (load - mean) /
+        # (2 load) would even the two, and any k below twice that narrows the gap; a third of
+        # that bound, rounded down, so that a move never just swaps the roles (two busy
+        # connections against one stay where they are)
+        return (load - mean) / (3 * load)
+
+    def hold(self, now: float) -> None:
+        """Connections were marked to be handed on: leave new connections, the clients'
+        reconnections first, to the siblings for HAND_ON_HOLD (see :meth:`over`), and judge
+        the loads again only after it."""
+        self.hold_until = now + HAND_ON_HOLD
+        self.over_ticks = 0
 
     def over(self, held: int, now: float) -> bool:
-        """Whether a worker holding ``held`` connections should leave the next one."""
+        """Whether a worker holding ``held`` connections should leave the next one (ahead of
+        its least-loaded sibling, or holding after a hand-on)."""
         if self.force:
             self.force = False
         elif held and now >= self.off_until:
             least = self.siblings.least(now, FRESH)
-            if least is not None and held > least + SLACK:
+            if least is not None and (held > least + SLACK or now < self.hold_until):
                 return True
         self.defer_since = 0.0  # (it takes this one: no deferral is going on)
         return False
@@ -154,7 +169,7 @@ class AcceptBalance:
         """While deferring, every DEFER_CHECK: True when the worker should watch its
         listeners again (balanced now, nothing left waiting, or DEFER_MAX passed)."""
         least = self.siblings.least(now, FRESH)
-        if least is None or held <= least + SLACK:
+        if least is None or (held <= least + SLACK and now >= self.hold_until):
             self.streak = 0
         elif now - self.defer_since < DEFER_MAX:
             return False

@@ -31,7 +31,7 @@ from tiamat.http.h1 import END_OF_MESSAGE, RequestHead, RequestReader
 from tiamat.http.proxy import TRUSTED_KEY, ForwardedRules
 from tiamat.http.response import CONTINUE_100, error_response
 from tiamat.sockets import ACCEPT_BATCH, ACCEPT_RETRY, AcceptPaused, accept_next
-from tiamat.workers.balance import DEFER_CHECK, HAND_ON_HOLD, AcceptBalance
+from tiamat.workers.balance import ACTIVE_WITHIN, DEFER_CHECK, AcceptBalance
 from tiamat.workers.base import STOP_GRACE, Worker
 from tiamat.workers.poller import EDGE, HANGUP, READ, WRITE, Poller
 from tiamat.wsgi import NO_BODY, ClientDisconnected, WSGIHandler
@@ -237,6 +237,8 @@ class SyncWorker(Worker):
         self.balance = (AcceptBalance(self.board.siblings(), self.listeners,
                                       self.board.load if cfg.rebalance_keepalive else None)
                         if cfg.workers > 1 else None)
+        #: connections marked to be handed on to a sibling (see _rebalance)
+        self.handed: list[Connection] = []
         if not hasattr(self, "ssl_context"):
             self.ssl_context = _tls_context(cfg)
         self.scheme = "https" if self.ssl_context is not None else "http"
@@ -348,9 +350,7 @@ class SyncWorker(Worker):
                 self.sweep(now)
                 if self.balance is not None:
                     self.balance.siblings.refresh()
-                    handing_on = self.balance.rebalance(len(self.connections), now)
-                    if handing_on:
-                        self._hand_on(handing_on, now)
+                    self._rebalance(now)
                 if self.accept_paused_until and now >= self.accept_paused_until and self.alive:
                     self.accept_paused_until = 0.0
                     if len(self.connections) < self.worker_connections:  # (else: _close_now)
@@ -403,23 +403,42 @@ class SyncWorker(Worker):
             if balance is not None:
                 self.board.held(len(self.connections), True)
 
-    # --- leaving connections to a less-loaded sibling (-w > 1) ---------------------------
-    def _hand_on(self, count: int, now: float) -> None:
-        """Close ``count`` keep-alive connections after their next response, and accept none
-        for HAND_ON_HOLD: their clients reconnect to a sibling (balance.rebalance says when)."""
-        marked = 0
-        for conn in self.connections.values():
-            if not (conn.hand_on or conn.lingering or conn.setup):
+    # --- handing keep-alive connections on to less busy siblings (-w > 1) ------------
+    def _rebalance(self, now: float) -> None:
+        """Once a tick with siblings: mark a few active keep-alive connections to close after
+        their next response when this worker is clearly busier than its siblings, so their
+        clients reconnect to one (balance.AcceptBalance.rebalance has the rule)."""
+        balance = self.balance
+        assert balance is not None
+        if self.handed and now >= balance.hold_until:
+            for conn in self.handed:  # (not used within the hold: not the busy ones after all)
+                if self._may_unmark(conn):
+                    conn.hand_on = False
+            self.handed = []
+        share = balance.rebalance(now)
+        if not share:
+            return
+        since = now - ACTIVE_WITHIN
+        active = [conn for conn in self.connections.values()
+                  if self._active(conn, since) and not (conn.hand_on or conn.lingering or conn.setup)]
+        handed = active[:int(len(active) * share)]
+        if handed:
+            for conn in handed:
                 conn.hand_on = True
-                marked += 1
-                if marked == count:
-                    break
-        log.debug("worker %s: handing %d of %d keep-alive connections on to its siblings",
-                  self.slot, marked, len(self.connections))
-        self.accept_paused_until = now + HAND_ON_HOLD
-        self.accept_pause_frees = False  # (a connection closing meanwhile does not resume it)
-        self._set_accepting(False)
+            self.handed = handed
+            balance.hold(now)
+            log.debug("worker %s: handing %d of %d active keep-alive connections on to its "
+                      "siblings", self.slot, len(handed), len(active))
 
+    def _active(self, conn: Connection, since: float) -> bool:
+        """Whether ``conn`` carried a request lately (its last one was answered since then)."""
+        return conn.idle_since >= since
+
+    def _may_unmark(self, conn: Connection) -> bool:
+        """Whether a hand-on mark may be taken back now (its request is not being answered)."""
+        return True
+
+    # --- leaving connections to a less-loaded sibling (-w > 1) ---------------------------
     def _defer(self, now: float) -> None:
         assert self.balance is not None
         self.balance.begin(now)
@@ -669,8 +688,8 @@ class SyncWorker(Worker):
         conn.head = conn.body = None
         board = self.board
         board.busy(time.monotonic(), head.method, head.path)
-        if conn.hand_on:  # (its response says Connection: close; see _hand_on)
-            head.keep_alive = False
+        if conn.hand_on and not conn.reader.events:  # (see _rebalance; not before pipelined ones)
+            head.keep_alive = False  # (its response says Connection: close)
         self.in_request = True
         try:
             keep_alive = self.handler.handle(head, body, conn.environ, conn)[0]
@@ -683,7 +702,8 @@ class SyncWorker(Worker):
         if self.max_requests:
             self.count_request()
         if not keep_alive or not self.alive or head.upgrade:
-            self.close(conn)
+            # (handed on: bytes the client sent meanwhile must not turn the close into a reset)
+            self.close(conn, linger=conn.hand_on)
             return
         conn.idle_since = now
         conn.deadline = now + self.keepalive_timeout

@@ -230,8 +230,9 @@ class ThreadWorker(SyncWorker):
             return
         head = conn.head
         assert head is not None
-        if conn.hand_on:  # (its response says Connection: close; see SyncWorker._hand_on)
-            head.keep_alive = False
+        events = conn.reader.events
+        if conn.hand_on and not events:  # (see SyncWorker._rebalance: not before pipelined ones)
+            head.keep_alive = False  # (its response says Connection: close)
         body = request_body(conn.body)
         conn.head = conn.body = None
         # events already read (a pipelined request) wait until the pool hands the connection
@@ -239,7 +240,6 @@ class ThreadWorker(SyncWorker):
         # its answer sends nothing, so the common case costs no epoll_ctl at all (it was an
         # unregister and a register per request); if it does become readable meanwhile,
         # on_readable stops watching it then, and _collect watches it again.
-        events = conn.reader.events
         pending = events[:]
         events.clear()
         conn.deadline = _FOREVER
@@ -446,7 +446,7 @@ class ThreadWorker(SyncWorker):
             elif not self._park(job):  # (empty lines between requests: nothing yet)
                 self._hand_back(job)
             return False
-        if conn.hand_on:  # (set by the loop: the next response closes; SyncWorker._hand_on)
+        if conn.hand_on:  # (set by the loop: this response closes; SyncWorker._rebalance)
             head.keep_alive = False
         job.head, job.body, job.start = head, NO_BODY, time.monotonic()
         job.served += 1
@@ -513,7 +513,8 @@ class ThreadWorker(SyncWorker):
             if self.max_requests:
                 self.count_request()
             if not job.keep_alive or job.head.upgrade or job.close_after or conn.closed:
-                self.close(conn)
+                # (handed on: bytes the client sent meanwhile must not turn it into a reset)
+                self.close(conn, linger=conn.hand_on)
             else:
                 # (from the answer, not from now: a lazy take-back or a hold comes later)
                 conn.idle_since = idle_since = job.answered
@@ -537,6 +538,16 @@ class ThreadWorker(SyncWorker):
         self._update_board()
         if not self.accepting:
             self._resume_accepting(now)
+
+    def _active(self, conn: Connection, since: float) -> bool:
+        # (a connection in the pool, parked ones too, is answering requests now: its
+        # idle_since moves only when the loop takes it back)
+        return conn in self.in_flight or conn.idle_since >= since
+
+    def _may_unmark(self, conn: Connection) -> bool:
+        # (a pool thread may have read the mark for the request it is answering: the loop
+        # closes the connection by it when the job comes back)
+        return conn not in self.in_flight
 
     def _resume_accepting(self, now: float) -> None:
         # (not while accept() is paused after running out of descriptors: a request taken
