@@ -373,3 +373,25 @@ def test_asgi_graceful_stop_does_not_wait_for_a_silent_connection(
             assert read_until_close(silent, 2) == b""
     finally:
         srv.stop()
+
+
+def test_asgi_graceful_stop_answers_a_client_still_in_its_handshake(
+        tmp_path_factory: pytest.TempPathFactory, certs: Certs) -> None:
+    """asgi with sibling workers accepts each socket itself and hands it to the loop, where
+    the TLS handshake runs: a client accepted just before a graceful stop and still in its
+    handshake gets STOP_GRACE for its request like any new connection (cancelled with the
+    hand-off, it was closed unanswered)."""
+    srv = start_tls(tmp_path_factory.mktemp("tls-stop-hs"), certs, "asgi", "-w", "2")
+    try:
+        with socket.create_connection((srv.host, srv.port), timeout=10) as raw:
+            # accepted at once (a worker watches the listener), the handshake not begun
+            assert srv.worker_pids() and len(srv.worker_pids()) == 2
+            srv.signal(signal.SIGTERM)
+            srv.wait_log(r"Shutting down")
+            time.sleep(0.25)  # (the workers stop meanwhile; STOP_GRACE is 0.5 s)
+            with certs.context().wrap_socket(raw, server_hostname="127.0.0.1") as sock:
+                sock.sendall(GET)
+                assert statuses(read_until_close(sock, 5)) == [200]
+        assert srv.wait(15) == 0
+    finally:
+        srv.stop()
