@@ -146,7 +146,7 @@ def _is_websocket(head: RequestHead) -> bool:
 class HttpProtocol(asyncio.Protocol):
     """One client connection speaking HTTP/1.1 (until a WebSocket upgrade replaces it)."""
 
-    __slots__ = ("closing", "cycle", "deadline", "drain_waiter", "eof", "handed_on", "idle_since",
+    __slots__ = ("closing", "cycle", "deadline", "drain_waiter", "eof", "hand_on", "idle_since",
                  "linger_budget", "proxy_buf", "read_paused", "reader", "scope_base", "state",
                  "transport", "trusted", "write_paused")
 
@@ -160,7 +160,7 @@ class HttpProtocol(asyncio.Protocol):
         self.closing = False
         #: close after the next response, whose head says so, lingering: the worker hands the
         #: connection on to a less busy sibling (tiamat.workers.asgi.AsgiWorker.rebalance)
-        self.handed_on = False
+        self.hand_on = False
         #: the client half-closed: a waiting receive() gets http.disconnect, send() still works
         self.eof = False
         #: bytes still to discard while closing lingering after an error (0: not lingering)
@@ -461,7 +461,7 @@ class HttpProtocol(asyncio.Protocol):
     def response_complete(self, cycle: Cycle, keep_alive: bool) -> None:
         """The response is on its way; keep the connection for the next request, or close."""
         if not keep_alive or self.closing or self.state.stopping or cycle.more_body:
-            if self.handed_on:  # (bytes the client sent meanwhile must not make it a reset)
+            if self.hand_on:  # (bytes the client sent meanwhile must not make it a reset)
                 self.close_lingering()
             else:  # (an unread request body is not worth reading just to throw it away)
                 self.transport.close()
@@ -709,7 +709,7 @@ class Cycle:
             length, length_line = cached or content_length_parts(given_length)
         key = (status, length is None and body_length is None, head.method, head.version,
                head.keep_alive and not head.upgrade and not conn.closing and not close
-               and not (conn.handed_on and not conn.reader.events))  # (not before pipelined)
+               and not (conn.hand_on and not conn.reader.events))  # (not before pipelined)
         framing, line, chunked = state.framings.get(key) or state.framing(*key)
         self.framing = framing
         if framing.send_body:

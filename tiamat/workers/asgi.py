@@ -30,7 +30,7 @@ from tiamat.asgi.lifespan import Lifespan
 from tiamat.asgi.state import ServerState
 from tiamat.sockets import ACCEPT_BATCH, ACCEPT_RETRY, AcceptPaused, accept_next
 from tiamat.workers.aio import AioWorker
-from tiamat.workers.balance import ACTIVE_WITHIN, DEFER_CHECK, AcceptBalance
+from tiamat.workers.balance import DEFER_CHECK, AcceptBalance
 from tiamat.workers.base import STOP_GRACE
 
 log = logging.getLogger("tiamat.error")
@@ -107,8 +107,6 @@ class AsgiWorker(AioWorker):
         self.accept_paused = False
         #: balanced accepting: after an accept error, until ACCEPT_RETRY passed
         self.accept_error = False
-        #: connections marked to be handed on to a sibling (see rebalance)
-        self.handed: list[HttpProtocol] = []
         #: balanced accepting: the listeners are watched / the timer of a deferral
         self.watching = False
         self.defer_timer: asyncio.TimerHandle | None = None
@@ -251,34 +249,11 @@ class AsgiWorker(AioWorker):
 
     # --- handing keep-alive connections on to less busy siblings ---------------------------
     def rebalance(self, now: float) -> None:
-        """Once a tick with siblings: mark a few active keep-alive connections to close after
-        their next response when this worker is clearly busier than its siblings, so their
-        clients reconnect to one (balance.AcceptBalance.rebalance has the rule)."""
-        balance = self.balance
-        assert balance is not None
-        if self.handed and now >= balance.hold_until:
-            for conn in self.handed:  # (not used within the hold: not the busy ones after all)
-                if conn.cycle is None:  # (else its head may have said close already)
-                    conn.handed_on = False
-            self.handed = []
-        share = balance.rebalance(now)
-        if not share:
-            return
-        since = now - ACTIVE_WITHIN
-        # (not WebSockets, nor a connection whose response head went out saying keep-alive:
-        # closing after it could lose a request the client sent meanwhile)
-        active = [conn for conn in self.state.connections
-                  if conn.__class__ is HttpProtocol and not (conn.handed_on or conn.closing)
-                  and (conn.idle_since >= since if conn.cycle is None
-                       else conn.cycle.framing is None)]
-        handed = active[:int(len(active) * share)]
-        if handed:
-            for conn in handed:
-                conn.handed_on = True  # (its next response head says Connection: close)
-            self.handed = handed
-            balance.hold(now)
-            log.debug("worker %s: handing %d of %d active keep-alive connections on to its "
-                      "siblings", self.slot, len(handed), len(active))
+        """Once a tick with siblings: when this worker is clearly busier than its siblings,
+        mark a few active keep-alive connections to close after their next response, so
+        their clients reconnect to one (balance.AcceptBalance.hand_on has the rule)."""
+        assert self.balance is not None
+        self.balance.hand_on(now, self.state.connections, _may_hand_on, _may_unmark)
 
     # --- the loop's housekeeping ------------------------------------------------------------
     def on_tick(self) -> None:
@@ -337,3 +312,15 @@ class AsgiWorker(AioWorker):
         for task in [*state.tasks, *self.handoffs]:
             task.cancel()
         self.unwatch_signals_and_channel()
+
+
+def _may_hand_on(conn: Any, since: float) -> bool:
+    """An HTTP connection (not a WebSocket) active since ``since`` and not closing, whose
+    response head has not gone out (closing after a head that said keep-alive could lose a
+    request the client sent meanwhile)."""
+    return (conn.__class__ is HttpProtocol and not (conn.hand_on or conn.closing)
+            and (conn.idle_since >= since if conn.cycle is None else conn.cycle.framing is None))
+
+
+def _may_unmark(conn: HttpProtocol) -> bool:
+    return conn.cycle is None  # (else its response head may have said close already)

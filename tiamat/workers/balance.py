@@ -42,12 +42,16 @@ and at most once per :data:`HAND_ON_HOLD`.
 
 from __future__ import annotations
 
+import logging
 import socket
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
+from typing import Any
 
 from tiamat.scoreboard import Siblings
 from tiamat.sockets import backlog_waiting
+
+log = logging.getLogger("tiamat.error")
 
 #: a worker may hold this many connections more than its least-loaded sibling
 SLACK = 1
@@ -84,8 +88,8 @@ ACTIVE_WITHIN = 1.0
 class AcceptBalance:
     """One worker's side of the rule: when to defer, and when a deferral ends."""
 
-    __slots__ = ("defer_since", "force", "hold_until", "listeners", "off_until", "over_ticks", "publish",
-                 "siblings", "streak", "tick_at", "tick_cpu", "token")
+    __slots__ = ("defer_since", "force", "handed", "hold_until", "listeners", "off_until",
+                 "over_ticks", "publish", "siblings", "streak", "tick_at", "tick_cpu", "token")
 
     def __init__(self, siblings: Siblings, listeners: list[socket.socket],
                  publish: Callable[[float], None] | None = None) -> None:
@@ -96,6 +100,8 @@ class AcceptBalance:
         self.tick_at = 0.0
         self.tick_cpu = 0.0
         self.over_ticks = 0
+        #: the connections marked by the last hand-on (see hand_on)
+        self.handed: list[Any] = []
         #: handed connections on: new ones are left to the siblings (as when ahead of them,
         #: with the same bounds) and the loads are not judged again until then
         self.hold_until = 0.0
@@ -107,6 +113,31 @@ class AcceptBalance:
         #: the siblings' progress() when the current streak of timeouts began
         self.token = 0.0
         self.off_until = 0.0
+
+    def hand_on(self, now: float, connections: Iterable[Any],
+                eligible: Callable[[Any, float], bool], may_unmark: Callable[[Any], bool]) -> None:
+        """Once a loop tick, for a worker's connections (objects with a ``hand_on`` flag that
+        its response path reads): take back the marks the last hold did not use, judge the
+        loads (:meth:`rebalance`) and mark the share of the ``eligible`` ones (active since
+        the given time, and free to be marked) to hand on; then hold."""
+        if self.handed and now >= self.hold_until:
+            for conn in self.handed:  # (not used within the hold: not the busy ones after all)
+                if may_unmark(conn):
+                    conn.hand_on = False
+            self.handed = []
+        share = self.rebalance(now)
+        if not share:
+            return
+        since = now - ACTIVE_WITHIN
+        active = [conn for conn in connections if eligible(conn, since)]
+        handed = active[:int(len(active) * share)]
+        if handed:
+            for conn in handed:
+                conn.hand_on = True
+            self.handed = handed
+            self.hold(now)
+            log.debug("handing %d of %d active keep-alive connections on to sibling workers",
+                      len(handed), len(active))
 
     def rebalance(self, now: float) -> float:
         """Once a loop tick: publish the CPU the worker used since the last tick; return the

@@ -31,7 +31,7 @@ from tiamat.http.h1 import END_OF_MESSAGE, RequestHead, RequestReader
 from tiamat.http.proxy import TRUSTED_KEY, ForwardedRules
 from tiamat.http.response import CONTINUE_100, error_response
 from tiamat.sockets import ACCEPT_BATCH, ACCEPT_RETRY, AcceptPaused, accept_next
-from tiamat.workers.balance import ACTIVE_WITHIN, DEFER_CHECK, AcceptBalance
+from tiamat.workers.balance import DEFER_CHECK, AcceptBalance
 from tiamat.workers.base import STOP_GRACE, Worker
 from tiamat.workers.poller import EDGE, HANGUP, READ, WRITE, Poller
 from tiamat.wsgi import NO_BODY, ClientDisconnected, WSGIHandler
@@ -237,8 +237,6 @@ class SyncWorker(Worker):
         self.balance = (AcceptBalance(self.board.siblings(), self.listeners,
                                       self.board.load if cfg.rebalance_keepalive else None)
                         if cfg.workers > 1 else None)
-        #: connections marked to be handed on to a sibling (see _rebalance)
-        self.handed: list[Connection] = []
         if not hasattr(self, "ssl_context"):
             self.ssl_context = _tls_context(cfg)
         self.scheme = "https" if self.ssl_context is not None else "http"
@@ -405,30 +403,14 @@ class SyncWorker(Worker):
 
     # --- handing keep-alive connections on to less busy siblings (-w > 1) ------------
     def _rebalance(self, now: float) -> None:
-        """Once a tick with siblings: mark a few active keep-alive connections to close after
-        their next response when this worker is clearly busier than its siblings, so their
-        clients reconnect to one (balance.AcceptBalance.rebalance has the rule)."""
-        balance = self.balance
-        assert balance is not None
-        if self.handed and now >= balance.hold_until:
-            for conn in self.handed:  # (not used within the hold: not the busy ones after all)
-                if self._may_unmark(conn):
-                    conn.hand_on = False
-            self.handed = []
-        share = balance.rebalance(now)
-        if not share:
-            return
-        since = now - ACTIVE_WITHIN
-        active = [conn for conn in self.connections.values()
-                  if self._active(conn, since) and not (conn.hand_on or conn.lingering or conn.setup)]
-        handed = active[:int(len(active) * share)]
-        if handed:
-            for conn in handed:
-                conn.hand_on = True
-            self.handed = handed
-            balance.hold(now)
-            log.debug("worker %s: handing %d of %d active keep-alive connections on to its "
-                      "siblings", self.slot, len(handed), len(active))
+        """Once a tick with siblings: when this worker is clearly busier than its siblings,
+        mark a few active keep-alive connections to close after their next response, so
+        their clients reconnect to one (balance.AcceptBalance.hand_on has the rule)."""
+        assert self.balance is not None
+        self.balance.hand_on(now, self.connections.values(), self._may_hand_on, self._may_unmark)
+
+    def _may_hand_on(self, conn: Connection, since: float) -> bool:
+        return self._active(conn, since) and not (conn.hand_on or conn.lingering or conn.setup)
 
     def _active(self, conn: Connection, since: float) -> bool:
         """Whether ``conn`` carried a request lately (its last one was answered since then)."""
