@@ -49,12 +49,19 @@ def test_status_with_a_busy_and_an_idle_worker(tiamat_server, tmp_path):
             assert worker["uptime"] > 0
             assert worker["restarts"] == 0
         assert busy["requests"] + idle["requests"] >= 1  # the fixture's readiness probe
+        # the balancing figures (-w 2): the blocked client's connection is held by the busy
+        # worker, and a worker publishes its CPU load from its second loop tick on (the busy
+        # one's loop waits for the app: it may show none yet)
+        assert busy["connections"] >= 1 and idle["connections"] >= 0
+        wait_for(lambda: (i := _status(ctl)) and any(
+            w["state"] == "idle" and w["cpu"] is not None and 0 <= w["cpu"] < 4
+            for w in _workers(i)), timeout=15, message="the idle worker's CPU load")
 
         table = run_tiamat("status", "--control-socket", str(ctl))
         assert table.returncode == 0, table.stderr
         lines = table.stdout.splitlines()
         assert lines[0].startswith(f"master  pid {server.pid}")
-        assert lines[1].split()[:3] == ["SLOT", "PID", "STATE"]
+        assert lines[1].split()[:6] == ["SLOT", "PID", "STATE", "REQUESTS", "CONNS", "CPU"]
         busy_line = next(line for line in lines[2:] if " busy " in line)
         assert str(busy["pid"]) in busy_line and "GET /block (" in busy_line
         assert any(" idle " in line for line in lines[2:])

@@ -299,6 +299,10 @@ def status(state: Any, ops_metrics: Any) -> dict[str, Any]:
             "request": record.label if busy else None,
             "request_age": round(now - record.request_start, 3) if busy else None,
             "requests": record.requests if record.pid == worker.pid else 0,
+            # (both kept only by workers that balance: -w > 1; the load with
+            # --rebalance-keepalive, from the worker's second loop tick on)
+            "connections": record.connections if record.pid == worker.pid else 0,
+            "cpu": round(record.load, 3) if record.pid == worker.pid and record.load >= 0 else None,
             "rss": rss_bytes(worker.pid), "uptime": round(now - worker.started, 3),
             "restarts": restarts.get(worker.slot, 0), "generation": worker.generation,
         })
@@ -381,14 +385,17 @@ def format_status(info: dict[str, Any]) -> str:
     lines = [f"master  pid {m['pid']}  tiamat {m['version']}  up {_duration(m['uptime'])}  "
              f"workers {m['workers']}/{m['target']}  rss {_size(m['rss'])}  "
              f"app {m['app'] or '-'}" + ("  STOPPING" if m["stopping"] else "")]
-    header = ("SLOT", "PID", "STATE", "REQUESTS", "RSS", "UPTIME", "RESTARTS", "CURRENT REQUEST")
+    header = ("SLOT", "PID", "STATE", "REQUESTS", "CONNS", "CPU", "RSS", "UPTIME", "RESTARTS",
+              "CURRENT REQUEST")
     rows = [header]
     for w in info["workers"]:
         current = "-"
         if w["request"]:
             current = f"{w['request']} ({_duration(w['request_age'])})"
+        cpu = "-" if w["cpu"] is None else f"{100 * w['cpu']:.0f}%"
         rows.append((str(w["slot"]), str(w["pid"]), w["state"], str(w["requests"]),
-                     _size(w["rss"]), _duration(w["uptime"]), str(w["restarts"]), current))
+                     str(w["connections"]), cpu, _size(w["rss"]), _duration(w["uptime"]),
+                     str(w["restarts"]), current))
     widths = [max(len(r[i]) for r in rows) for i in range(len(header) - 1)]
     for r in rows:
         lines.append("  ".join(c.ljust(widths[i]) for i, c in enumerate(r[:-1])) + "  " + r[-1])
