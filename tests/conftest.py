@@ -89,6 +89,25 @@ def read_until_closed(sock: socket.socket) -> bytes:
     return b"".join(chunks)
 
 
+def read_to_end(sock: socket.socket, timeout: float = 10.0) -> tuple[bytes, str]:
+    """Everything the peer sends, and how the connection ended: "eof" (a clean close),
+    "reset" (the kernel's RST: what the client had not read yet may be lost) or "timeout"."""
+    data = b""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        sock.settimeout(max(0.01, deadline - time.monotonic()))
+        try:
+            more = sock.recv(65536)
+        except ConnectionResetError:
+            return data, "reset"
+        except TimeoutError:
+            break
+        if not more:
+            return data, "eof"
+        data += more
+    return data, "timeout"
+
+
 class TiamatServer:
     """A running ``tiamat`` process and the ways a test talks to it."""
 

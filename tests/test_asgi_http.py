@@ -14,7 +14,7 @@ from pathlib import Path
 
 import httpx
 import pytest
-from conftest import read_response, read_until_closed, wait_for
+from conftest import read_response, read_to_end, read_until_closed, wait_for
 
 APP = "tests/apps/wk_asgi.py:app"
 
@@ -408,3 +408,42 @@ def test_a_refused_client_that_stopped_reading_is_still_dropped(tiamat_server):
                  message="the server to drop the stuck connection")
     finally:
         sock.close()
+
+
+RAISES_ON_DISCONNECT = '''
+async def app(scope, receive, send):
+    if scope["type"] != "http":
+        return
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            raise RuntimeError("client gone")  # (as Starlette's Request.stream() does)
+        if not message.get("more_body"):
+            break
+    await send({"type": "http.response.start", "status": 200, "headers": []})
+    await send({"type": "http.response.body", "body": b"ok"})
+'''
+
+
+def test_an_app_raising_on_the_refusal_does_not_cut_the_lingering_close(tiamat_server, tmp_path):
+    """A body over the limit is refused (413, then the lingering close); the app reading it
+    gets http.disconnect and raises.  Its failure must not close the connection under the
+    client still uploading: that reset could destroy the 413 (it did within 0.13 s)."""
+    (tmp_path / "raises.py").write_text(RAISES_ON_DISCONNECT)
+    server = tiamat_server(f"{tmp_path / 'raises.py'}:app", "-k", "asgi",
+                           "--limit-request-body", "100000")
+    with socket.create_connection((server.host, server.port), timeout=10) as sock:
+        sock.sendall(b"POST / HTTP/1.1\r\nHost: t\r\nTransfer-Encoding: chunked\r\n\r\n")
+        piece = b"%x\r\n%s\r\n" % (16384, b"z" * 16384)
+        deadline = time.monotonic() + 0.6  # (past the limit after 7 pieces, then on sending)
+        failed = None
+        try:
+            while time.monotonic() < deadline:
+                sock.sendall(piece)
+                time.sleep(0.005)
+        except OSError as exc:  # (the server's reset: it closed with our bytes unread)
+            failed = exc
+        data, ending = read_to_end(sock)
+    assert failed is None, f"the upload was reset: {failed!r}"
+    assert data.startswith(b"HTTP/1.1 413"), data[:100]
+    assert ending == "eof"

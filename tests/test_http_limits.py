@@ -14,7 +14,7 @@ from collections.abc import Iterator
 
 import pytest
 from apps.sec_support import WORKERS, exchange, read_until_close, start_server, statuses
-from conftest import TiamatServer
+from conftest import TiamatServer, read_to_end
 
 BODY_LIMIT = 100_000
 
@@ -146,19 +146,8 @@ def test_error_response_survives_unread_upload(server: TiamatServer) -> None:
 
         thread = threading.Thread(target=upload, daemon=True)
         thread.start()
-        data, ending = b"", "timeout"
-        deadline = time.monotonic() + 10
         try:
-            while time.monotonic() < deadline:
-                try:
-                    more = sock.recv(65536)
-                except ConnectionResetError:
-                    ending = "reset"
-                    break
-                if not more:
-                    ending = "eof"
-                    break
-                data += more
+            data, ending = read_to_end(sock)
         finally:
             stop.set()
         thread.join(5)
@@ -175,13 +164,7 @@ def test_error_response_survives_an_upload_already_sent(server: TiamatServer) ->
         sock.sendall(head)
         sock.sendall(b"z" * 200_000)  # (the kernel's buffers take it all)
         time.sleep(0.3)  # the server answers and closes meanwhile
-        data, ending = b"", "timeout"
-        try:
-            while more := sock.recv(65536):
-                data += more
-            ending = "eof"
-        except ConnectionResetError:
-            ending = "reset"
+        data, ending = read_to_end(sock)
     assert statuses(data) == [413], data[:200]
     assert ending == "eof"
 

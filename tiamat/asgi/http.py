@@ -24,7 +24,7 @@ from urllib.parse import unquote_to_bytes
 from tiamat.asgi.state import ASGI_VERSION, ServerState
 from tiamat.http import proxy_protocol
 from tiamat.http.errors import LINGER_BYTES, LINGER_SECONDS, ProtocolError
-from tiamat.http.h1 import END_OF_MESSAGE, MEMO_ENTRIES, MEMO_KEY_BYTES, RequestHead
+from tiamat.http.h1 import END_OF_MESSAGE, MEMO_ENTRIES, MEMO_KEY_BYTES, RequestHead, may_end_after
 from tiamat.http.proxy import apply_to_scope
 from tiamat.http.response import (
     CONTENT_LENGTHS,
@@ -275,7 +275,9 @@ class HttpProtocol(asyncio.Protocol):
     def resume_writing(self) -> None:
         self.write_paused = False
         cycle = self.cycle
-        if cycle is None:
+        if self.linger_budget:
+            pass  # (lingering keeps its deadline: see close_lingering)
+        elif cycle is None:
             self.deadline = self.idle_since + self.state.keepalive
         elif not cycle.more_body:
             self.deadline = FOREVER  # the app is producing the response: no deadline
@@ -574,7 +576,8 @@ class Cycle:
         if self.framing is None and not self.disconnected:  # nothing sent yet: a clean 500
             self.complete = True
             transport.write(error_response(500))
-        transport.close()
+        if not self.conn.linger_budget:  # (refused and lingering: the linger ends it, not a reset)
+            transport.close()
 
     # --- receive ----------------------------------------------------------------------------
     def add_body(self, data: bytes) -> None:
@@ -709,7 +712,7 @@ class Cycle:
             length, length_line = cached or content_length_parts(given_length)
         key = (status, length is None and body_length is None, head.method, head.version,
                head.keep_alive and not head.upgrade and not conn.closing and not close
-               and not (conn.hand_on and not conn.reader.events))  # (not before pipelined)
+               and not (conn.hand_on and may_end_after(conn.reader)))
         framing, line, chunked = state.framings.get(key) or state.framing(*key)
         self.framing = framing
         if framing.send_body:
