@@ -178,6 +178,14 @@ def whole_request(events: list[Any]) -> RequestHead | None:
     return None
 
 
+def may_end_after(reader: RequestReader) -> bool:
+    """Whether a connection the server wants to end (a worker handing it on to a less busy
+    one) may end after the response it is making now: not while a further request has begun
+    to arrive, queued whole or in part, which the close would cut off (the response after it
+    says Connection: close instead)."""
+    return not (reader.events or reader.in_message)
+
+
 class RequestReader:
     """Feed bytes in with :meth:`feed`; take events out of :attr:`events` (a list, in order).
 

@@ -27,7 +27,7 @@ from typing import Any, BinaryIO
 from tiamat import accesslog
 from tiamat.http import proxy_protocol, reader_factory
 from tiamat.http.errors import LINGER_BYTES, LINGER_SECONDS, ProtocolError
-from tiamat.http.h1 import END_OF_MESSAGE, RequestHead, RequestReader
+from tiamat.http.h1 import END_OF_MESSAGE, RequestHead, RequestReader, may_end_after
 from tiamat.http.proxy import TRUSTED_KEY, ForwardedRules
 from tiamat.http.response import CONTINUE_100, error_response
 from tiamat.sockets import ACCEPT_BATCH, ACCEPT_RETRY, AcceptPaused, accept_next
@@ -234,9 +234,7 @@ class SyncWorker(Worker):
         # 1e6 s, not 1e9: poll() takes the timeout in ms as a C int
         self.send_timeout = cfg.send_timeout or 1e6
         #: with sibling workers: the accept-balancing rule (see accept())
-        self.balance = (AcceptBalance(self.board.siblings(), self.listeners,
-                                      self.board.load if cfg.rebalance_keepalive else None)
-                        if cfg.workers > 1 else None)
+        self.balance = AcceptBalance.for_worker(cfg, self.board, self.listeners)
         if not hasattr(self, "ssl_context"):
             self.ssl_context = _tls_context(cfg)
         self.scheme = "https" if self.ssl_context is not None else "http"
@@ -300,7 +298,9 @@ class SyncWorker(Worker):
             sock.close()
 
     def _set_accepting(self, on: bool) -> None:
-        if on == self.accepting:
+        """Watch the listeners (as far as a deferral allows) or not; never past
+        --worker-connections: a connection closing turns it on again (_close_now)."""
+        if on == self.accepting or (on and len(self.connections) >= self.worker_connections):
             return
         self.accepting = on
         self._watch_listeners(on and not self.deferred)
@@ -351,8 +351,7 @@ class SyncWorker(Worker):
                     self._rebalance(now)
                 if self.accept_paused_until and now >= self.accept_paused_until and self.alive:
                     self.accept_paused_until = 0.0
-                    if len(self.connections) < self.worker_connections:  # (else: _close_now)
-                        self._set_accepting(True)
+                    self._set_accepting(True)
 
     def accept(self, listener: socket.socket) -> None:
         now = time.monotonic()
@@ -670,7 +669,7 @@ class SyncWorker(Worker):
         conn.head = conn.body = None
         board = self.board
         board.busy(time.monotonic(), head.method, head.path)
-        if conn.hand_on and not conn.reader.events:  # (see _rebalance; not before pipelined ones)
+        if conn.hand_on and may_end_after(conn.reader):  # (see _rebalance)
             head.keep_alive = False  # (its response says Connection: close)
         self.in_request = True
         try:
@@ -776,7 +775,7 @@ class SyncWorker(Worker):
         sock.close()
         if conn.body is not None:
             conn.body.close()
-        if (not self.accepting and self.alive and len(self.connections) < self.worker_connections
+        if (not self.accepting and self.alive
                 and (self.accept_pause_frees or time.monotonic() >= self.accept_paused_until)):
             self._set_accepting(True)
         if self.balance is not None:

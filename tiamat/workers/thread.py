@@ -44,7 +44,7 @@ from collections import deque
 from collections.abc import Callable
 from typing import Any, BinaryIO
 
-from tiamat.http.h1 import RequestHead, whole_request
+from tiamat.http.h1 import RequestHead, may_end_after, whole_request
 from tiamat.workers.sync import (
     RECV_SIZE,
     STOP_GRACE,
@@ -200,8 +200,7 @@ class ThreadWorker(SyncWorker):
 
     def _set_accepting(self, on: bool) -> None:
         # (answered jobs not taken back yet hold no thread: see the lazy take-back)
-        if on and (self._busy_threads() - len(self.done) >= self.nthreads
-                   or len(self.connections) >= self.worker_connections):
+        if on and self._busy_threads() - len(self.done) >= self.nthreads:
             return
         super()._set_accepting(on)
 
@@ -231,7 +230,7 @@ class ThreadWorker(SyncWorker):
         head = conn.head
         assert head is not None
         events = conn.reader.events
-        if conn.hand_on and not events:  # (see SyncWorker._rebalance: not before pipelined ones)
+        if conn.hand_on and may_end_after(conn.reader):  # (see SyncWorker._rebalance)
             head.keep_alive = False  # (its response says Connection: close)
         body = request_body(conn.body)
         conn.head = conn.body = None
@@ -446,7 +445,7 @@ class ThreadWorker(SyncWorker):
             elif not self._park(job):  # (empty lines between requests: nothing yet)
                 self._hand_back(job)
             return False
-        if conn.hand_on:  # (set by the loop: this response closes; SyncWorker._rebalance)
+        if conn.hand_on and may_end_after(reader):  # (set by the loop: SyncWorker._rebalance)
             head.keep_alive = False
         job.head, job.body, job.start = head, NO_BODY, time.monotonic()
         job.served += 1
