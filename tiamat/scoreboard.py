@@ -213,23 +213,21 @@ class Siblings:
     def least(self, now: float, fresh: float) -> int | None:
         """The fewest connections held by a sibling that is idle or busy, accepting, and beat
         within ``fresh`` seconds (a hung or stopped one stops beating); None if there is none."""
-        states, doubles, words = self._bytes, self._doubles, self._words
-        least: int | None = None
-        for base in self.bases:
-            held = words[(base + _HELD_AT) >> 3]
-            if (held & HELD_ACCEPTING and (states[base + _STATE_AT] in _SERVING)
-                    and now - doubles[(base + _BEAT_AT) >> 3] < fresh):
-                held &= _HELD_COUNT
-                if least is None or held < least:
-                    least = held
-        return least
+        words = self._words
+        held = [words[(base + _HELD_AT) >> 3] & _HELD_COUNT for base in self._counted(now, fresh)]
+        return min(held) if held else None
 
     def loads(self, now: float, fresh: float) -> list[float]:
-        """The CPU loads of the siblings :meth:`least` would count, where one was published."""
+        """The CPU loads of the siblings :meth:`least` counts, where one was published."""
+        doubles = self._doubles
+        return [load for base in self._counted(now, fresh)
+                if (load := doubles[(base + _LOAD_AT) >> 3]) >= 0.0]
+
+    def _counted(self, now: float, fresh: float) -> list[int]:
+        """The records of the siblings that count: idle or busy, accepting, beat lately."""
         states, doubles, words = self._bytes, self._doubles, self._words
-        return [doubles[(base + _LOAD_AT) >> 3] for base in self.bases
-                if doubles[(base + _LOAD_AT) >> 3] >= 0.0
-                and words[(base + _HELD_AT) >> 3] & HELD_ACCEPTING
+        return [base for base in self.bases
+                if words[(base + _HELD_AT) >> 3] & HELD_ACCEPTING
                 and states[base + _STATE_AT] in _SERVING
                 and now - doubles[(base + _BEAT_AT) >> 3] < fresh]
 

@@ -159,10 +159,11 @@ _add("keepalive", "Worker Processes", "float", 5.0,
      flags=("--keep-alive",), minimum=0)
 _add("rebalance_keepalive", "Worker Processes", "bool", True,
      "With several workers sharing a listening socket: a worker using clearly more CPU than "
-     "its siblings (over 1.2 times their mean) closes a few keep-alive connections after their "
-     "next response (which says Connection: close) and leaves the reconnections to its "
-     "siblings, so that long-lived connections do not keep the load uneven. Off: a keep-alive "
-     "connection stays with the worker that accepted it.",
+     "its siblings for a second (the thresholds are in tiamat.workers.balance) closes a "
+     "few keep-alive connections after their next response (which says Connection: close) "
+     "and leaves the reconnections to its siblings, so that long-lived connections do not "
+     "keep the load uneven. Off: a keep-alive connection stays with the worker that "
+     "accepted it.",
      flags=("--rebalance-keepalive",), off_flags=("--no-rebalance-keepalive",))
 
 # --- ASGI ---------------------------------------------------------------------------------

@@ -95,9 +95,8 @@ class AsgiWorker(AioWorker):
         # than its least-loaded live sibling + 1 leaves the next connection to it), and
         # hands each socket to the loop (connect_accepted_socket).  PROXY+TLS listeners
         # accept in proxy_tls.Listener and are not balanced.
-        self.balance = AcceptBalance(self.board.siblings(), self.listeners,
-                                     self.board.load if self.cfg.rebalance_keepalive else None) \
-            if self.cfg.workers > 1 and not self.proxy_tls else None
+        self.balance = None if self.proxy_tls else \
+            AcceptBalance.for_worker(self.cfg, self.board, self.listeners)
 
         def factory() -> HttpProtocol:
             return HttpProtocol(state)

@@ -48,7 +48,7 @@ import time
 from collections.abc import Callable, Iterable
 from typing import Any
 
-from tiamat.scoreboard import Siblings
+from tiamat.scoreboard import Siblings, SlotWriter
 from tiamat.sockets import backlog_waiting
 
 log = logging.getLogger("tiamat.error")
@@ -114,6 +114,14 @@ class AcceptBalance:
         self.token = 0.0
         self.off_until = 0.0
 
+    @classmethod
+    def for_worker(cls, cfg: Any, board: SlotWriter, listeners: list[socket.socket]
+                   ) -> AcceptBalance | None:
+        """A worker's side of the rules, or None with one worker (no sibling to balance with)."""
+        if cfg.workers <= 1:
+            return None
+        return cls(board.siblings(), listeners, board.load if cfg.rebalance_keepalive else None)
+
     def hand_on(self, now: float, connections: Iterable[Any],
                 eligible: Callable[[Any, float], bool], may_unmark: Callable[[Any], bool]) -> None:
         """Once a loop tick, for a worker's connections (objects with a ``hand_on`` flag that
@@ -121,10 +129,16 @@ class AcceptBalance:
         loads (:meth:`rebalance`) and mark the share of the ``eligible`` ones (active since
         the given time, and free to be marked) to hand on; then hold."""
         if self.handed and now >= self.hold_until:
-            for conn in self.handed:  # (not used within the hold: not the busy ones after all)
+            # (not used within the hold: not the busy ones after all; one whose request is
+            # being answered keeps its mark for the next tick's try: the mark may have been
+            # read already, or may still be)
+            keep = []
+            for conn in self.handed:
                 if may_unmark(conn):
                     conn.hand_on = False
-            self.handed = []
+                elif conn.hand_on:
+                    keep.append(conn)
+            self.handed = keep
         share = self.rebalance(now)
         if not share:
             return
