@@ -52,7 +52,7 @@ def test_status_with_a_busy_and_an_idle_worker(tiamat_server, tmp_path):
         # the balancing figures (-w 2): the blocked client's connection is held by the busy
         # worker, and a worker publishes its CPU load from its second loop tick on (the busy
         # one's loop waits for the app: it may show none yet)
-        assert busy["connections"] >= 1 and idle["connections"] >= 0
+        assert busy["connections"] >= 1
         wait_for(lambda: (i := _status(ctl)) and any(
             w["state"] == "idle" and w["cpu"] is not None and 0 <= w["cpu"] < 4
             for w in _workers(i)), timeout=15, message="the idle worker's CPU load")
