@@ -303,7 +303,7 @@ def test_metrics_table_matches_what_the_master_exports():
     snap = metrics.Snapshot(status=[0] * 6, count=0, sum_seconds=0.0,
                             buckets=[0] * (len(metrics.BUCKETS) + 1), in_flight=0,
                             workers={"idle": 1}, target=1, restarts={"timeout": 0},
-                            backlog={"127.0.0.1:8000": (0, 128)})
+                            backlog={"127.0.0.1:8000": (0, 128)}, balance={0: (1, 0.5)})
     exported = set(re.findall(r"^# TYPE (\S+) ", metrics.render_prometheus(snap), re.M))
     documented = set(re.findall(r"^\| `(tiamat_\w+)` \|", (DOCS / "deployment.md").read_text(), re.M))
     assert documented == exported

@@ -8,6 +8,7 @@ import re
 import signal
 import socket
 import threading
+import time
 
 from conftest import APPS, wait_for
 
@@ -110,9 +111,57 @@ def test_busy_in_flight_and_duration_buckets(tiamat_server, tmp_path):
     assert after['tiamat_workers{state="busy"}'] == 0
 
 
+def _per_slot(values: dict[str, float], name: str) -> dict[int, float]:
+    return {int(m.group(1)): value for key, value in values.items()
+            if (m := re.fullmatch(name + r'\{slot="(\d+)"\}', key))}
+
+
+def test_connections_and_cpu_load_per_worker(tiamat_server):
+    """What the workers balance by, per slot: held keep-alive connections, and the CPU a
+    worker that keeps answering CPU-bound requests used over its last loop tick."""
+    server = _metrics_server(tiamat_server, "-w", "2")
+    idle = [socket.create_connection((server.host, server.port), timeout=10) for _ in range(3)]
+    burning = threading.Event()
+    burner = http.client.HTTPConnection(server.host, server.port, timeout=10)
+
+    def burn() -> None:  # (http.client reconnects when a response says Connection: close)
+        deadline = time.monotonic() + 20
+        while not burning.is_set() and time.monotonic() < deadline:
+            burner.request("GET", "/burn?0.05")
+            burner.getresponse().read()
+
+    thread = threading.Thread(target=burn, daemon=True)
+    try:
+        for sock in idle:
+            sock.sendall(b"GET / HTTP/1.1\r\nHost: t\r\n\r\n")
+            assert sock.recv(1000).startswith(b"HTTP/1.1 200")
+        held = wait_for(lambda: (c := _per_slot(scrape(server.metrics_port),
+                                                "tiamat_worker_connections"))
+                        and sum(c.values()) == 3 and c, message="3 connections held")
+        assert sorted(held) == [0, 1]
+        thread.start()
+        busy = wait_for(lambda: max(_per_slot(scrape(server.metrics_port),
+                                              "tiamat_worker_cpu_load").values(), default=0) >= 0.2
+                        and _per_slot(scrape(server.metrics_port), "tiamat_worker_cpu_load"),
+                        timeout=15, message="a worker's CPU load above 0.2")
+        assert sorted(busy) == [0, 1] and min(busy.values()) >= 0
+    finally:
+        burning.set()
+        if thread.is_alive():
+            thread.join(30)
+        burner.close()
+        for sock in idle:
+            sock.close()
+    wait_for(lambda: sum(_per_slot(scrape(server.metrics_port),
+                                   "tiamat_worker_connections").values()) == 0,
+             message="no connection held")
+
+
 def test_restarts_by_reason_and_counters_survive_them(tiamat_server):
     server = _metrics_server(tiamat_server, "-w", "1", "--max-requests", "3", "--timeout", "1")
     wait_for(lambda: scrape(server.metrics_port)["tiamat_request_duration_seconds_count"] >= 1)
+    # one worker balances with no one: it keeps neither figure, and none is exported
+    assert not any(key.startswith("tiamat_worker_c") for key in scrape(server.metrics_port))
     for _ in range(3):
         server.get("/")
     wait_for(lambda: scrape(server.metrics_port)[
@@ -181,7 +230,8 @@ def test_prometheus_rendering_unit():
                             buckets=[5, 5] + [0] * (len(metrics.BUCKETS) - 1), in_flight=1,
                             workers={"booting": 0, "idle": 1, "busy": 1, "stopping": 0}, target=2,
                             restarts={"timeout": 1, "crash": 0, "max-requests": 2, "reload": 0},
-                            backlog={"127.0.0.1:80": (4, 128)})
+                            backlog={"127.0.0.1:80": (4, 128)},
+                            balance={0: (3, 0.25), 1: (2, None)})
     text = metrics.render_prometheus(snap)
     assert 'tiamat_requests_total{status="2xx"} 7\n' in text
     assert 'tiamat_request_duration_seconds_bucket{le="0.005"} 5\n' in text
@@ -190,6 +240,10 @@ def test_prometheus_rendering_unit():
     assert 'tiamat_worker_restarts_total{reason="max-requests"} 2\n' in text
     assert 'tiamat_listen_backlog{listener="127.0.0.1:80"} 4\n' in text
     assert "# TYPE tiamat_request_duration_seconds histogram" in text
+    assert 'tiamat_worker_connections{slot="0"} 3\n' in text
+    assert 'tiamat_worker_connections{slot="1"} 2\n' in text
+    assert 'tiamat_worker_cpu_load{slot="0"} 0.25\n' in text
+    assert 'tiamat_worker_cpu_load{slot="1"}' not in text  # (not measured yet)
 
 
 def test_accept_backlog_while_the_only_worker_is_busy(tiamat_server, tmp_path):

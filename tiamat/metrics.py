@@ -135,6 +135,9 @@ class Snapshot(NamedTuple):
     target: int
     restarts: dict[str, int]
     backlog: dict[str, tuple[int, int]]  # listener -> (queued, limit)
+    #: worker slot -> (connections held, CPU load or None), summed over the slot's processes
+    #: (two during a replacement); empty with one worker, which keeps neither figure
+    balance: dict[int, tuple[int, float | None]]
 
 
 class MasterMetrics:
@@ -200,7 +203,29 @@ class MasterMetrics:
             sum_seconds=totals[SUM_US] / 1_000_000,
             buckets=totals[BUCKET:BUCKET + len(BUCKETS) + 1], in_flight=max(0, totals[IN_FLIGHT]),
             workers=states, target=state.target, restarts=dict(self.restarts),
-            backlog=listen_backlog(state.listeners, state.cfg.backlog))
+            backlog=listen_backlog(state.listeners, state.cfg.backlog),
+            balance=balance_by_slot(state))
+
+
+def balance_by_slot(state: Any) -> dict[int, tuple[int, float | None]]:
+    """What the workers balance by, per slot: the connections they hold and the CPU they
+    used over their last loop tick (see tiamat.workers.balance).  Only workers that balance
+    keep these figures (``-w`` > 1, the load with --rebalance-keepalive), so one worker gets
+    no series rather than a misleading zero."""
+    if state.cfg.workers <= 1:
+        return {}
+    slots: dict[int, tuple[int, float | None]] = {}
+    for worker in state.workers.values():
+        if worker.slot < 0:
+            continue
+        record = state.board.read(worker.board_index)
+        if record.pid != worker.pid:  # (forked, not yet writing its record)
+            continue
+        held, load = slots.get(worker.slot, (0, None))
+        if record.load >= 0:
+            load = record.load + (load or 0.0)
+        slots[worker.slot] = (held + record.connections, load)
+    return slots
 
 
 def _row_of(worker: Any) -> int:
@@ -360,6 +385,17 @@ def render_prometheus(snap: Snapshot) -> str:
         family("tiamat_listen_backlog_limit", "gauge", "The accept queue's limit (Linux).")
         for name, (_, limit) in sorted(snap.backlog.items()):
             out.append(f'tiamat_listen_backlog_limit{{listener="{_label(name)}"}} {limit}')
+    if snap.balance:
+        family("tiamat_worker_connections", "gauge",
+               "Connections held by each worker slot (kept with more than one worker).")
+        for slot, (held, _) in sorted(snap.balance.items()):
+            out.append(f'tiamat_worker_connections{{slot="{slot}"}} {held}')
+        family("tiamat_worker_cpu_load", "gauge",
+               "CPU seconds per second each worker slot used over its last loop tick "
+               "(kept with more than one worker and --rebalance-keepalive).")
+        for slot, (_, load) in sorted(snap.balance.items()):
+            if load is not None:
+                out.append(f'tiamat_worker_cpu_load{{slot="{slot}"}} {_number(round(load, 3))}')
     return "\n".join(out) + "\n"
 
 
@@ -425,6 +461,10 @@ class StatsD:
             out.append(f"{p}workers.{state_name}:{value}|g")
         for name, (queued, _) in snap.backlog.items():
             out.append(f"{p}backlog.{name.replace('.', '_').replace(':', '_')}:{queued}|g")
+        for slot, (held, load) in snap.balance.items():
+            out.append(f"{p}worker.{slot}.connections:{held}|g")
+            if load is not None:
+                out.append(f"{p}worker.{slot}.cpu_load:{load:.3f}|g")
         return out
 
     def push(self, snap: Snapshot) -> None:

@@ -5,6 +5,7 @@
 /echo        200, echoes the X-Echo request header into an X-Out response header
 /block       blocks until the file named by $OPS_RELEASE exists (at most 20 s): a busy worker
 /sleep?S     sleeps S seconds (capped at 5)
+/burn?S      uses S seconds of CPU (capped at 2)
 /boom        raises (500)
 """
 
@@ -32,6 +33,12 @@ def app(environ, start_response):
         time.sleep(min(5.0, float(environ.get("QUERY_STRING") or 0)))
         start_response("200 OK", [("Content-Type", "text/plain")])
         return [b"slept\n"]
+    if path == "/burn":
+        until = time.process_time() + min(2.0, float(environ.get("QUERY_STRING") or 0))
+        while time.process_time() < until:
+            pass
+        start_response("200 OK", [("Content-Type", "text/plain")])
+        return [b"burnt\n"]
     if path == "/boom":
         raise RuntimeError("boom")
     start_response("200 OK", [("Content-Type", "text/plain")])
