@@ -214,6 +214,33 @@ class TiamatServer:
         except (FileNotFoundError, ProcessLookupError):
             return []
 
+    def worker_sockets(self) -> set[tuple[int, str]]:
+        """(pid, socket inode) of every socket the workers hold.  Take it before a client
+        connects; a socket more in :meth:`wait_accepted` is its connection, accepted.  (A
+        fixed sleep instead fails on a loaded machine: the connection is still in the
+        listen backlog when the test goes on, and a stop closes the listener under it.)"""
+        found = set()
+        for pid in self.worker_pids():
+            try:
+                fds = os.listdir(f"/proc/{pid}/fd")
+            except (FileNotFoundError, ProcessLookupError):
+                continue
+            for fd in fds:
+                try:
+                    link = os.readlink(f"/proc/{pid}/fd/{fd}")
+                except (FileNotFoundError, ProcessLookupError):
+                    continue
+                if link.startswith("socket:"):
+                    found.add((pid, link))
+        return found
+
+    def wait_accepted(self, before: set[tuple[int, str]], count: int = 1,
+                      timeout: float = 10.0) -> None:
+        """Wait until the workers hold ``count`` sockets more than ``before``
+        (:meth:`worker_sockets`): the clients' connections are accepted."""
+        wait_for(lambda: len(self.worker_sockets() - before) >= count, timeout, interval=0.005,
+                 message=f"{count} connection(s) accepted by a worker")
+
     def request(self, raw: bytes, timeout: float = 5.0) -> bytes:
         """Send raw bytes on a new connection and read until the server closes it."""
         with socket.create_connection((self.host, self.port), timeout=timeout) as sock:

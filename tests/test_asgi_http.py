@@ -177,9 +177,11 @@ def test_keep_alive_zero_closes_after_each_response(tiamat_server, http_impl):
 
 def test_limit_concurrency_answers_503(tiamat_server, http_impl):
     server = tiamat_server("-k", "asgi", "--http", http_impl, "--limit-concurrency", "1", APP)
+    before = server.worker_sockets()
     busy = socket.create_connection((server.host, server.port), timeout=5)
     busy.sendall(b"GET /slow?s=1 HTTP/1.1\r\nHost: t\r\n\r\n")
-    time.sleep(0.3)
+    server.wait_accepted(before)
+    time.sleep(0.1)  # (its request in the app: the loop reads it as soon as it is accepted)
     reply = server.request(b"GET / HTTP/1.1\r\nHost: t\r\n\r\n")
     assert reply.startswith(b"HTTP/1.1 503")
     assert read_response(busy)[1] == b"slow done"
@@ -270,9 +272,10 @@ def test_both_event_loops(tiamat_server, loop):
 
 
 def test_graceful_stop_finishes_in_flight_requests(server):
+    before = server.worker_sockets()
     sock = socket.create_connection((server.host, server.port), timeout=10)
     sock.sendall(b"GET /slow?s=1 HTTP/1.1\r\nHost: t\r\n\r\n")
-    time.sleep(0.3)
+    server.wait_accepted(before)
     server.signal(15)
     head, body, _ = read_response(sock)
     assert body == b"slow done"

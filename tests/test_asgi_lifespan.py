@@ -55,7 +55,7 @@ def test_lifespan_off_does_not_call_it(tiamat_server):
 
 def test_shutdown_runs_on_graceful_stop(tiamat_server, tmp_path):
     server = tiamat_server("-k", "asgi", "-w", "2", APP, env={"WK_MARK_DIR": str(tmp_path)})
-    wait_for(lambda: len(server.worker_pids()) == 2)
+    server.wait_log(r"Ready: 2 worker")  # (both ran their startup: each has a shutdown to run)
     server.signal(15)
     assert server.wait(15) == 0
     lines = (tmp_path / "shutdown").read_text().split()

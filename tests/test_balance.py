@@ -358,10 +358,20 @@ def split_owners(server, count: int = 8) -> tuple[list[socket.socket], int, int,
     """``count`` keep-alive connections, split over the 2 workers: (connections, the pid
     holding more, the other pid, each connection's pid)."""
     workers = wait_both_workers(server)
-    socks = [connect(server) for _ in range(count)]
-    owners = [ask(sock)[0][0] for sock in socks]
-    counts = collections.Counter(owners)
-    assert set(counts) == set(workers) and min(counts.values()) >= 3, counts  # (SLACK: 5 / 3)
+    baseline = server.worker_sockets()
+    for _ in range(3):
+        socks = [connect(server) for _ in range(count)]
+        owners = [ask(sock)[0][0] for sock in socks]
+        counts = collections.Counter(owners)
+        if set(counts) == set(workers) and min(counts.values()) >= 3:  # (SLACK: 5 / 3)
+            break
+        # (a worker that got no CPU for DEFER_MAX, 5 ms, is rightly passed over: on a
+        # loaded machine the split can come out skewed; close them and split again)
+        for sock in socks:
+            sock.close()
+        wait_for(lambda: not server.worker_sockets() - baseline, message="connections closed")
+    else:
+        raise AssertionError(f"8 connections split {counts} three times")
     busy = counts.most_common(1)[0][0]
     return socks, busy, next(pid for pid in workers if pid != busy), owners
 
@@ -422,7 +432,7 @@ def test_a_hand_on_does_not_keep_clients_from_a_stopped_sibling(tiamat_server, t
             start = time.monotonic()
             with connect(server) as again:
                 assert ask(again)[0][0] == busy
-            assert time.monotonic() - start < 0.5  # (held for the whole second: ~1.0-1.5)
+            assert time.monotonic() - start < 0.8  # (held for the whole second: ~1.0-1.5)
         finally:
             os.kill(idle, signal.SIGCONT)
     finally:

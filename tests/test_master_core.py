@@ -198,10 +198,11 @@ class _SlowRequest(threading.Thread):
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGQUIT])
 def test_graceful_stop_finishes_in_flight_request_and_refuses_new_ones(tiamat_server, sig):
     server = tiamat_server(APP, cwd=APPS)
+    before = server.worker_sockets()
     slow = _SlowRequest(server.host, server.port, 3)
     slow.start()
     slow.sent.wait(5)
-    time.sleep(0.3)  # let the worker take the request into the app
+    server.wait_accepted(before)  # the worker holds the request (it goes to the app)
     started = time.monotonic()
     server.signal(sig)
     server.wait_log(r"Shutting down: graceful")
@@ -227,10 +228,11 @@ def test_graceful_stop_finishes_in_flight_request_and_refuses_new_ones(tiamat_se
 
 def test_graceful_timeout_kills_a_request_that_takes_too_long(tiamat_server):
     server = tiamat_server("--graceful-timeout", "1", APP, cwd=APPS)
+    before = server.worker_sockets()
     slow = _SlowRequest(server.host, server.port, 20)
     slow.start()
     slow.sent.wait(5)
-    time.sleep(0.3)
+    server.wait_accepted(before)  # the worker holds the request (it goes to the app)
     started = time.monotonic()
     server.signal(signal.SIGTERM)
     server.wait(15)
@@ -241,10 +243,11 @@ def test_graceful_timeout_kills_a_request_that_takes_too_long(tiamat_server):
 def test_int_is_a_quick_stop(tiamat_server):
     server = tiamat_server(APP, cwd=APPS)
     worker = wait_for(server.worker_pids, message="a worker")[0]
+    before = server.worker_sockets()
     slow = _SlowRequest(server.host, server.port, 20)
     slow.start()
     slow.sent.wait(5)
-    time.sleep(0.3)
+    server.wait_accepted(before)  # the worker holds the request (it goes to the app)
     started = time.monotonic()
     server.signal(signal.SIGINT)
     server.wait(10)

@@ -121,7 +121,8 @@ def test_asgi_worker_reforks(tiamat_server):
 # --- --max-worker-memory -----------------------------------------------------------------
 def test_a_worker_above_max_worker_memory_finishes_its_request_and_is_replaced(tiamat_server):
     server = tiamat_server(APP, "-w", "2", "--max-worker-memory", "120")
-    first = set(wait_for(lambda: len(p := server.worker_pids()) == 2 and p, message="workers"))
+    server.wait_log(r"Ready: 2 worker")  # (both booted: each is there to take a request)
+    first = set(server.worker_pids())
     # grow one worker past the limit; it answers this request before it goes
     body = _get(server, "/grow?mb=150&sleep=1.5")
     grown = int(body.split()[0])
@@ -141,15 +142,18 @@ def test_a_worker_above_max_worker_memory_finishes_its_request_and_is_replaced(t
 
 def test_max_worker_memory_replaces_one_at_a_time(tiamat_server):
     server = tiamat_server(APP, "-w", "2", "--max-worker-memory", "100")
-    first = set(wait_for(lambda: len(p := server.worker_pids()) == 2 and p, message="workers"))
+    server.wait_log(r"Ready: 2 worker")  # (both booted: each is there to take a request)
+    first = set(server.worker_pids())
     # two slow requests, the second sent while the first holds its worker in the app: the
     # other worker takes it, so both grow past the limit together
     results: list[bytes] = []
     threads = [threading.Thread(target=lambda: results.append(_get(server, "/grow?mb=120&sleep=2")))
                for _ in range(2)]
     for thread in threads:
+        before = server.worker_sockets()
         thread.start()
-        time.sleep(0.5)
+        server.wait_accepted(before)  # (then the first holds its worker: it is in the app)
+        time.sleep(0.2)
     for thread in threads:
         thread.join(20)
     assert {int(body.split()[0]) for body in results} == first

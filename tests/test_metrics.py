@@ -140,11 +140,11 @@ def test_connections_and_cpu_load_per_worker(tiamat_server):
                         and sum(c.values()) == 3 and c, message="3 connections held")
         assert sorted(held) == [0, 1]
         thread.start()
-        busy = wait_for(lambda: max(_per_slot(scrape(server.metrics_port),
-                                              "tiamat_worker_cpu_load").values(), default=0) >= 0.2
-                        and _per_slot(scrape(server.metrics_port), "tiamat_worker_cpu_load"),
-                        timeout=15, message="a worker's CPU load above 0.2")
-        assert sorted(busy) == [0, 1] and min(busy.values()) >= 0
+        busy = wait_for(lambda: (loads := _per_slot(scrape(server.metrics_port),
+                                                    "tiamat_worker_cpu_load"))
+                        and sorted(loads) == [0, 1] and max(loads.values()) >= 0.2 and loads,
+                        timeout=15, message="both loads, one above 0.2")
+        assert min(busy.values()) >= 0
     finally:
         burning.set()
         if thread.is_alive():

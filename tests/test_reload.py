@@ -48,11 +48,17 @@ def test_reload_on_py_change_and_extra_file(tiamat_server, tmp_path):
                            "-w", "2", cwd=tmp_path)
     server.wait_log("Reloader watching")
     assert _body(server) == "v1 hello"
+    server.wait_log(r"Ready: 2 worker")
+    old = set(server.worker_pids())
 
     _write_app(tmp_path, "v2")
     wait_for(lambda: _body(server) == "v2 hello", timeout=20, interval=0.2,
              message="the new code to be served")
     server.wait_log(r"Reloading: devapp\.py changed")
+    # (the replacement is per slot: the second old worker may serve until its successor is
+    # ready, a moment after the first new one answered)
+    wait_for(lambda: not set(server.worker_pids()) & old and len(server.worker_pids()) == 2,
+             timeout=20, message="both workers replaced")
     # every worker serves the new code, not just one
     assert all(_body(server) == "v2 hello" for _ in range(6))
 

@@ -47,7 +47,8 @@ def test_threads_scale_a_sleeping_app(tiamat_server):
     thread_time = _burst(threaded, 64, 16)
     # sync: 64 x 10 ms one after the other (>= 0.64 s); 16 threads: ~16x less in theory
     assert sync_time >= 0.6
-    assert thread_time * 3 < sync_time, (thread_time, sync_time)
+    # (measured 8-14x here; 2x leaves room for a stall on a loaded machine)
+    assert thread_time * 2 < sync_time, (thread_time, sync_time)
 
 
 def test_threads_is_the_default_for_wsgi_with_several_threads(tiamat_server):
@@ -72,10 +73,11 @@ def test_keep_alive_and_pipelining(tiamat_server):
 def test_busy_worker_stops_accepting(tiamat_server):
     """One worker's only thread is stuck: every new client must be served by the other."""
     server = tiamat_server(APP, "-k", "thread", "--threads", "1", "-w", "2")
-    wait_for(lambda: len(server.worker_pids()) == 2)
+    server.wait_log(r"Ready: 2 worker")  # (both booted: the other one is there to answer)
+    before = server.worker_sockets()
     slow = socket.create_connection((server.host, server.port))
     slow.sendall(b"GET /sleep?s=3 HTTP/1.1\r\nHost: t\r\n\r\n")
-    time.sleep(0.3)  # let a worker take it
+    server.wait_accepted(before)  # a worker took it (and its only thread runs it)
     start = time.monotonic()
     pids = set()
     for _ in range(20):
@@ -118,9 +120,10 @@ def test_graceful_stop_finishes_in_flight_requests(tiamat_server):
             results.append(data)
 
     threads = [threading.Thread(target=slow_request) for _ in range(3)]
+    before = server.worker_sockets()
     for thread in threads:
         thread.start()
-    time.sleep(0.3)
+    server.wait_accepted(before, 3)
     server.signal(signal.SIGTERM)
     for thread in threads:
         thread.join(10)
@@ -152,9 +155,10 @@ def test_graceful_stop_closes_idle_connections_and_waits_quietly(tiamat_server):
     idle = socket.create_connection((server.host, server.port), timeout=5)
     idle.sendall(b"GET / HTTP/1.1\r\nHost: t\r\n\r\n")
     assert idle.recv(1000).startswith(b"HTTP/1.1 200")
+    before = server.worker_sockets()
     busy = socket.create_connection((server.host, server.port), timeout=10)
     busy.sendall(b"GET /sleep?s=2 HTTP/1.1\r\nHost: t\r\n\r\n")
-    time.sleep(0.3)
+    server.wait_accepted(before)
     server.signal(signal.SIGTERM)
     assert idle.recv(100) == b""  # the idle keep-alive connection is closed at once
     cpu = _cpu_seconds(worker)
@@ -262,11 +266,11 @@ def test_timer_slack_is_set_on_the_pool_threads_only(tiamat_server, flag, pool_s
     main, *others = _timer_slacks(pid)
     inherited = int(Path("/proc/self/timerslack_ns").read_text())
     assert main == inherited  # (the loop's waits keep their precision)
-    pool = [slack for slack in others if slack != inherited]
     if pool_slack is None:
-        assert pool == []
-    else:
-        assert pool == [pool_slack] * 3, others
+        assert [slack for slack in others if slack != inherited] == []
+    else:  # (a pool thread sets its own as it starts: poll until all three have)
+        wait_for(lambda: [s for s in _timer_slacks(pid)[1:] if s != inherited] == [pool_slack] * 3,
+                 message="the pool threads' timer slack")
 
 
 

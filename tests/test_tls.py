@@ -388,7 +388,7 @@ def test_asgi_graceful_stop_answers_a_client_still_in_its_handshake(
             assert srv.worker_pids() and len(srv.worker_pids()) == 2
             srv.signal(signal.SIGTERM)
             srv.wait_log(r"Shutting down")
-            time.sleep(0.1)  # (the workers begin their stop meanwhile; STOP_GRACE is 0.5 s)
+            time.sleep(0.05)  # (the workers begin their stop meanwhile; STOP_GRACE is 0.5 s)
             with certs.context().wrap_socket(raw, server_hostname="127.0.0.1") as sock:
                 sock.sendall(GET)
                 assert statuses(read_until_close(sock, 5)) == [200]
