@@ -226,6 +226,77 @@ def test_graceful_stop_finishes_in_flight_request_and_refuses_new_ones(tiamat_se
     assert "Shutdown complete" in server.log()
 
 
+def _pending(pid: int, sig: int) -> bool:
+    """Whether ``sig`` waits, undelivered, for process ``pid`` (a stopped one, say)."""
+    status = Path(f"/proc/{pid}/status").read_text()
+    masks = re.findall(r"^(?:SigPnd|ShdPnd):\s+([0-9a-f]+)$", status, re.M)
+    return any(int(mask, 16) >> (sig - 1) & 1 for mask in masks)
+
+
+@pytest.mark.parametrize("kind", ["sync", "thread"])
+def test_a_stop_that_arrives_with_a_request_refuses_new_clients_at_once(tiamat_server, kind):
+    """A sync worker (and a stopping thread worker, which runs requests itself) can learn
+    of the stop with a request to read in the same wake-up: its handler saw no request
+    running and left the listener to the loop, which then ran the request first.  New
+    clients must still be refused at once, not left in the backlog for the whole request.
+    (Made deterministic: the worker is stopped while the request and the master's SIGTERM
+    arrive, and continued with both waiting.)"""
+    server = tiamat_server(APP, "-k", kind, cwd=APPS)
+    (worker,) = server.worker_pids()
+    with socket.create_connection((server.host, server.port), timeout=10) as sock:
+        sock.sendall(b"GET / HTTP/1.1\r\nHost: t\r\n\r\n")  # (accepted, then idle)
+        assert sock.recv(1000).startswith(b"HTTP/1.1 200")
+        os.kill(worker, signal.SIGSTOP)
+        # (stopped before the SIGTERM comes: a pending SIGSTOP would be taken after it)
+        wait_for(lambda: _state(worker) == "T", message="the worker stopped")
+        try:
+            sock.sendall(b"GET /slow?t=3 HTTP/1.1\r\nHost: t\r\n\r\n")
+            server.signal(signal.SIGTERM)
+            wait_for(lambda: _pending(worker, signal.SIGTERM), message="the worker's SIGTERM")
+        finally:
+            os.kill(worker, signal.SIGCONT)
+
+        def refused() -> bool:
+            try:
+                with socket.create_connection((server.host, server.port), timeout=1):
+                    return False
+            except ConnectionRefusedError:
+                return True
+            except OSError:
+                return False
+
+        wait_for(refused, timeout=1.5, message="new connections refused while the request runs")
+        reply = read_until_closed(sock)
+        assert b"slept" in reply  # (and the request is answered)
+        # (with Connection: close; a thread worker's pool thread may read the request
+        # before the loop thread has run the signal handler)
+        assert kind == "thread" or b"Connection: close" in reply
+    assert server.wait(10) == 0
+
+
+@pytest.mark.parametrize("kind", ["sync", "thread"])
+def test_a_request_sent_as_the_stop_comes_after_a_keepalive_response_is_answered(
+        tiamat_server, kind):
+    """The response promised keep-alive, so the client may send its next request at once;
+    a stop that comes while the worker still finishes the previous one (here the body's
+    close() takes a second) must not close the connection under that request: it is read
+    and answered, with ``Connection: close``."""
+    server = tiamat_server(APP, "-k", kind, cwd=APPS)
+    with socket.create_connection((server.host, server.port), timeout=10) as sock:
+        sock.sendall(b"GET /slow-close?t=1 HTTP/1.1\r\nHost: t\r\n\r\n")
+        data = b""
+        while not data.endswith(b"done"):
+            data += sock.recv(1000)
+        assert b"Connection: close" not in data
+        server.signal(signal.SIGTERM)
+        server.wait_log(r"Shutting down: graceful")
+        sock.sendall(b"GET / HTTP/1.1\r\nHost: t\r\n\r\n")
+        reply = read_until_closed(sock)
+    assert reply.startswith(b"HTTP/1.1 200") and reply.endswith(b"hello from core_app\n"), reply
+    assert b"Connection: close" in reply
+    assert server.wait(10) == 0
+
+
 def test_graceful_timeout_kills_a_request_that_takes_too_long(tiamat_server):
     server = tiamat_server("--graceful-timeout", "1", APP, cwd=APPS)
     before = server.worker_sockets()

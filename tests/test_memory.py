@@ -140,20 +140,19 @@ def test_a_worker_above_max_worker_memory_finishes_its_request_and_is_replaced(t
         _get(server)
 
 
-def test_max_worker_memory_replaces_one_at_a_time(tiamat_server):
+def test_max_worker_memory_replaces_one_at_a_time(tiamat_server, tmp_path):
     server = tiamat_server(APP, "-w", "2", "--max-worker-memory", "100")
     server.wait_log(r"Ready: 2 worker")  # (both booted: each is there to take a request)
     first = set(server.worker_pids())
     # two slow requests, the second sent while the first holds its worker in the app: the
     # other worker takes it, so both grow past the limit together
     results: list[bytes] = []
-    threads = [threading.Thread(target=lambda: results.append(_get(server, "/grow?mb=120&sleep=2")))
-               for _ in range(2)]
-    for thread in threads:
-        before = server.worker_sockets()
-        thread.start()
-        server.wait_accepted(before)  # (then the first holds its worker: it is in the app)
-        time.sleep(0.2)
+    mark = tmp_path / "first"
+    threads = [threading.Thread(target=lambda path=path: results.append(_get(server, path)))
+               for path in (f"/grow?mb=120&sleep=2&mark={mark}", "/grow?mb=120&sleep=2")]
+    threads[0].start()
+    wait_for(mark.exists, message="the first request in the app")  # (the other worker is free)
+    threads[1].start()
     for thread in threads:
         thread.join(20)
     assert {int(body.split()[0]) for body in results} == first

@@ -70,14 +70,14 @@ def test_keep_alive_and_pipelining(tiamat_server):
     assert reply.index(b"abc") < reply.index(b"slept") < reply.index(b"hello")
 
 
-def test_busy_worker_stops_accepting(tiamat_server):
+def test_busy_worker_stops_accepting(tiamat_server, tmp_path):
     """One worker's only thread is stuck: every new client must be served by the other."""
     server = tiamat_server(APP, "-k", "thread", "--threads", "1", "-w", "2")
     server.wait_log(r"Ready: 2 worker")  # (both booted: the other one is there to answer)
-    before = server.worker_sockets()
     slow = socket.create_connection((server.host, server.port))
-    slow.sendall(b"GET /sleep?s=3 HTTP/1.1\r\nHost: t\r\n\r\n")
-    server.wait_accepted(before)  # a worker took it (and its only thread runs it)
+    mark = tmp_path / "in-app"
+    slow.sendall(f"GET /sleep?s=3&mark={mark} HTTP/1.1\r\nHost: t\r\n\r\n".encode())
+    wait_for(mark.exists, message="the slow request in a worker's only thread")
     start = time.monotonic()
     pids = set()
     for _ in range(20):

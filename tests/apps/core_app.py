@@ -134,6 +134,22 @@ def _empty(environ, start_response):
     return []
 
 
+class _SlowToClose(list):
+    """A body whose close() (called once the whole response is written) takes a while."""
+
+    def __init__(self, body: bytes, seconds: float) -> None:
+        super().__init__([body])
+        self.seconds = seconds
+
+    def close(self) -> None:
+        time.sleep(self.seconds)
+
+
+def _slow_close(environ, start_response):
+    start_response("200 OK", [("Content-Type", "text/plain"), ("Content-Length", "4")])
+    return _SlowToClose(b"done", float(_query(environ).get("t", "1")))
+
+
 def _close(environ, start_response):
     start_response("200 OK", [("Content-Type", "text/plain"), ("Connection", "close"),
                               ("Content-Length", "3")])
@@ -152,6 +168,7 @@ ROUTES = {
     "/errors": _errors,
     "/empty": _empty,
     "/close": _close,
+    "/slow-close": _slow_close,
 }
 
 

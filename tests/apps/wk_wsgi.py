@@ -9,7 +9,9 @@ from urllib.parse import parse_qs
 def application(environ, start_response):
     path = environ["PATH_INFO"]
     query = parse_qs(environ["QUERY_STRING"])
-    if path == "/sleep":
+    if path == "/sleep":  # (?mark=PATH: creates that file first, to say the request is here)
+        if "mark" in query:
+            open(query["mark"][0], "w").close()
         time.sleep(float(query.get("s", ["0.01"])[0]))
         body = b"slept %d" % os.getpid()
     elif path == "/echo":

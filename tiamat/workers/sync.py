@@ -278,6 +278,8 @@ class SyncWorker(Worker):
     deferred = False
     #: the listeners are in the poller (accepting and not deferred)
     watching = False
+    #: the listening sockets are closed (stopping): see _release_listeners
+    listeners_released = False
     #: the loop's poll timeout: short while deferred, to look at the siblings again soon
     poll_timeout = SWEEP_INTERVAL
 
@@ -291,6 +293,10 @@ class SyncWorker(Worker):
             self._release_listeners()
 
     def _release_listeners(self) -> None:
+        # (once: the stop signal's handler may run it while dispatch or shutdown does)
+        if self.listeners_released:
+            return
+        self.listeners_released = True
         self._set_accepting(False)
         self.deferred = False  # (a deferral of accepts ends with the accepting)
         self.poll_timeout = SWEEP_INTERVAL
@@ -669,9 +675,14 @@ class SyncWorker(Worker):
         conn.head = conn.body = None
         board = self.board
         board.busy(time.monotonic(), head.method, head.path)
-        if conn.hand_on and may_end_after(conn.reader):  # (see _rebalance)
-            head.keep_alive = False  # (its response says Connection: close)
+        if (conn.hand_on or not self.alive) and may_end_after(conn.reader):
+            # handed on (see _rebalance) or stopping: its response says Connection: close
+            head.keep_alive = False
         self.in_request = True
+        if not self.alive:
+            # a stop signalled since the loop last looked: its handler saw no request
+            # running and left the listeners to the loop, which waits for this request
+            self._release_listeners()
         try:
             keep_alive = self.handler.handle(head, body, conn.environ, conn)[0]
         finally:
@@ -682,10 +693,14 @@ class SyncWorker(Worker):
             board.idle(now)
         if self.max_requests:
             self.count_request()
-        if not keep_alive or not self.alive or head.upgrade:
-            # (handed on: bytes the client sent meanwhile must not turn the close into a reset)
-            self.close(conn, linger=conn.hand_on)
+        if not keep_alive or head.upgrade:
+            # (handed on or stopping: bytes the client sent meanwhile must not turn the close
+            # into a reset)
+            self.close(conn, linger=conn.hand_on or not self.alive)
             return
+        # (a stop that came while the app ran leaves the connection to shutdown: its
+        # response promised keep-alive, so a request the client sent after it is read and
+        # answered, and an idle connection closed after STOP_GRACE at most)
         conn.idle_since = now
         conn.deadline = now + self.keepalive_timeout
 

@@ -445,7 +445,9 @@ class ThreadWorker(SyncWorker):
             elif not self._park(job):  # (empty lines between requests: nothing yet)
                 self._hand_back(job)
             return False
-        if conn.hand_on and may_end_after(reader):  # (set by the loop: SyncWorker._rebalance)
+        if (conn.hand_on or not self.alive) and may_end_after(reader):
+            # handed on (set by the loop: SyncWorker._rebalance) or stopping: the response
+            # says Connection: close
             head.keep_alive = False
         job.head, job.body, job.start = head, NO_BODY, time.monotonic()
         job.served += 1
