@@ -284,6 +284,28 @@ def test_graceful_stop_finishes_in_flight_requests(server):
     sock.close()
 
 
+def test_a_request_sent_after_a_response_that_ends_during_the_stop_is_answered(server):
+    """The response's head promised keep-alive before the stop came, so the client may send
+    its next request as soon as the response ends: that request is read and answered (with
+    ``Connection: close``), not met by a close."""
+    with socket.create_connection((server.host, server.port), timeout=10) as sock:
+        sock.sendall(b"GET /stream-slow?s=1 HTTP/1.1\r\nHost: t\r\n\r\n")
+        data = b""
+        while b"first" not in data:
+            data += sock.recv(1000)
+        assert b"Connection: close" not in data
+        server.signal(15)
+        server.wait_log(r"Shutting down: graceful")
+        while not data.endswith(b"0\r\n\r\n"):
+            data += sock.recv(1000)
+        assert b"last" in data
+        sock.sendall(b"GET /slow?s=0 HTTP/1.1\r\nHost: t\r\n\r\n")
+        reply = read_until_closed(sock)
+    assert reply.startswith(b"HTTP/1.1 200") and reply.endswith(b"slow done"), reply
+    assert b"Connection: close" in reply
+    assert server.wait(10) == 0
+
+
 def test_max_requests_restarts_the_worker(tiamat_server):
     server = tiamat_server("-k", "asgi", "--max-requests", "3", APP)
     first = wait_for(lambda: server.worker_pids())[0]

@@ -87,6 +87,11 @@ async def _http(scope, receive, send):
         for i in range(count):
             await send({"type": "http.response.body", "body": b"part%d\n" % i, "more_body": True})
         await send({"type": "http.response.body", "body": b""})
+    elif path == "/stream-slow":  # a first chunk, then the last one ?s= seconds later
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b"first\n", "more_body": True})
+        await asyncio.sleep(float(query.get("s", ["1"])[0]))
+        await send({"type": "http.response.body", "body": b"last\n"})
     elif path == "/stream-echo":
         # echo each body chunk as it arrives: request and response both stream
         await send({"type": "http.response.start", "status": 200, "headers": []})

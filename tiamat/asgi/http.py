@@ -461,8 +461,13 @@ class HttpProtocol(asyncio.Protocol):
                 self.transport.resume_reading()
 
     def response_complete(self, cycle: Cycle, keep_alive: bool) -> None:
-        """The response is on its way; keep the connection for the next request, or close."""
-        if not keep_alive or self.closing or self.state.stopping or cycle.more_body:
+        """The response is on its way; keep the connection for the next request, or close.
+
+        A stop that came after the response's head promised keep-alive does not close it:
+        the client may send its next request as soon as this response ends, so the
+        connection is left to the stop's close_idle, which closes it after STOP_GRACE
+        unless that request comes (and is answered with ``Connection: close``)."""
+        if not keep_alive or self.eof or self.linger_budget or cycle.more_body:
             if self.hand_on:  # (bytes the client sent meanwhile must not make it a reset)
                 self.close_lingering()
             else:  # (an unread request body is not worth reading just to throw it away)
