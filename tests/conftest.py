@@ -214,6 +214,17 @@ class TiamatServer:
         except (FileNotFoundError, ProcessLookupError):
             return []
 
+    def refuses(self) -> bool:
+        """Whether a new client is refused (the listener closed, as a stop does at once),
+        not accepted or left waiting in the backlog."""
+        try:
+            with socket.create_connection((self.host, self.port), timeout=1):
+                return False
+        except ConnectionRefusedError:
+            return True
+        except OSError:
+            return False
+
     def worker_sockets(self) -> set[tuple[int, str]]:
         """(pid, socket inode) of every socket the workers hold.  Take it before a client
         connects; a socket more in :meth:`wait_accepted` is its connection, accepted.  (A

@@ -206,17 +206,7 @@ def test_graceful_stop_finishes_in_flight_request_and_refuses_new_ones(tiamat_se
     started = time.monotonic()
     server.signal(sig)
     server.wait_log(r"Shutting down: graceful")
-
-    def refused() -> bool:
-        try:
-            with socket.create_connection((server.host, server.port), timeout=1):
-                return False
-        except ConnectionRefusedError:
-            return True
-        except OSError:
-            return False
-
-    wait_for(refused, timeout=2.0, message="new connections refused while stopping")
+    wait_for(server.refuses, timeout=2.0, message="new connections refused while stopping")
     assert slow.is_alive() and not slow.response, "refused while the request is still in flight"
     assert server.wait(20) == 0
     slow.join(5)
@@ -255,17 +245,7 @@ def test_a_stop_that_arrives_with_a_request_refuses_new_clients_at_once(tiamat_s
             wait_for(lambda: _pending(worker, signal.SIGTERM), message="the worker's SIGTERM")
         finally:
             os.kill(worker, signal.SIGCONT)
-
-        def refused() -> bool:
-            try:
-                with socket.create_connection((server.host, server.port), timeout=1):
-                    return False
-            except ConnectionRefusedError:
-                return True
-            except OSError:
-                return False
-
-        wait_for(refused, timeout=1.5, message="new connections refused while the request runs")
+        wait_for(server.refuses, timeout=1.5, message="new connections refused while the request runs")
         reply = read_until_closed(sock)
         assert b"slept" in reply  # (and the request is answered)
         # (with Connection: close; a thread worker's pool thread may read the request

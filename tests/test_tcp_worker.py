@@ -57,14 +57,7 @@ def test_graceful_stop_lets_a_session_finish(tiamat_server, handler):
     sock.sendall(b"still here\n")
     assert reader.readline() == b"still here\n"
     # ... new clients are refused ...
-    def refused() -> bool:
-        try:
-            socket.create_connection((server.host, server.port), timeout=2).close()
-        except ConnectionRefusedError:
-            return True
-        return False
-
-    wait_for(refused, 5, message="new connections refused")
+    wait_for(server.refuses, 5, message="new connections refused")
     # ... and the server exits once the session ends, well before the graceful timeout
     reader.close()
     sock.close()
