@@ -109,30 +109,15 @@ def test_every_request_succeeds_across_max_requests_recycling(tiamat_server, tmp
              message="4 recycled workers")
 
 
-def _sockets(pid: int) -> set[str]:
-    """The sockets process ``pid`` holds (cheap enough to poll, unlike /proc/net/tcp)."""
-    found = set()
-    for fd in os.listdir(f"/proc/{pid}/fd"):
-        try:
-            link = os.readlink(f"/proc/{pid}/fd/{fd}")
-        except FileNotFoundError:
-            continue
-        if link.startswith("socket:"):
-            found.add(link)
-    return found
-
-
 @worker_classes
 def test_a_connection_accepted_just_before_a_graceful_stop_is_answered(tiamat_server, tmp_path,
                                                                        kind):
     server = tiamat_server(*CLASSES[kind], "-w", "1", "--keep-alive", "30")
     server.wait_log(r"Ready: 1 worker")
     worker = one_per_slot(server.pid, 1)[0]
-    before = _sockets(worker)
+    before = server.worker_sockets()
     with socket.create_connection((server.host, server.port), timeout=10) as sock:
-        # the worker has accepted it (a socket it did not hold), and no request has come yet
-        wait_for(lambda: _sockets(worker) - before, interval=0.005,
-                 message="the worker to accept")
+        server.wait_accepted(before)  # the worker has accepted it; no request has come yet
         os.kill(worker, signal.SIGTERM)
         sock.sendall(b"GET / HTTP/1.1\r\nHost: t\r\n\r\n")
         reply = read_until_closed(sock)
