@@ -675,14 +675,16 @@ class SyncWorker(Worker):
         conn.head = conn.body = None
         board = self.board
         board.busy(time.monotonic(), head.method, head.path)
-        if (conn.hand_on or not self.alive) and may_end_after(conn.reader):
-            # handed on (see _rebalance) or stopping: its response says Connection: close
-            head.keep_alive = False
-        self.in_request = True
+        self.in_request = True  # (before the test below: see _on_graceful)
         if not self.alive:
-            # a stop signalled since the loop last looked: its handler saw no request
-            # running and left the listeners to the loop, which waits for this request
+            # stopping: a stop signalled since the loop last looked found no request
+            # running, so its handler left the listeners to the loop, which is busy with
+            # this request; and the response says Connection: close
             self._release_listeners()
+            if may_end_after(conn.reader):
+                head.keep_alive = False
+        elif conn.hand_on and may_end_after(conn.reader):  # (see _rebalance)
+            head.keep_alive = False  # (its response says Connection: close)
         try:
             keep_alive = self.handler.handle(head, body, conn.environ, conn)[0]
         finally:
