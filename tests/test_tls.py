@@ -388,7 +388,9 @@ def test_asgi_graceful_stop_answers_a_client_still_in_its_handshake(
             assert srv.worker_pids() and len(srv.worker_pids()) == 2
             srv.signal(signal.SIGTERM)
             srv.wait_log(r"Shutting down")
-            time.sleep(0.05)  # (the workers begin their stop meanwhile; STOP_GRACE is 0.5 s)
+            # (every process closed the listener: the workers' stop has begun, and from
+            # then on STOP_GRACE, 0.5 s, counts)
+            wait_for(srv.refuses, interval=0.005, message="the listener closed")
             with certs.context().wrap_socket(raw, server_hostname="127.0.0.1") as sock:
                 sock.sendall(GET)
                 assert statuses(read_until_close(sock, 5)) == [200]

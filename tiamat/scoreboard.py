@@ -166,6 +166,8 @@ class SlotWriter:
 
     def stopping(self, now: float) -> None:
         self._words[(self._base + _HELD_AT) >> 3] = 0  # (siblings stop counting on it)
+        # (a stopping sync or thread worker measures no load again: not its last one for good)
+        self._doubles[(self._base + _LOAD_AT) >> 3] = NO_LOAD
         _IDLE.pack_into(self._mem, self._base + _STATE_AT, STOPPING, now)
 
     def held(self, connections: int, accepting: bool) -> None:

@@ -333,7 +333,11 @@ class HttpProtocol(asyncio.Protocol):
     def start(self, head: RequestHead) -> None:
         state = self.state
         if head.upgrade and state.ws_factory is not None and _is_websocket(head):
-            self.upgrade_to_websocket(head)
+            if self.closing or state.stopping:
+                # (a session begun now would only be closed again: the stop waits for it)
+                self.refuse(503, "shutting down", head)
+            else:
+                self.upgrade_to_websocket(head)
             return
         limit = state.limit_concurrency
         if limit and (len(state.connections) > limit or len(state.tasks) >= limit):

@@ -739,7 +739,7 @@ class SyncWorker(Worker):
         """
         if conn.closed or conn.lingering:
             return
-        if not linger or not self.alive:
+        if not linger or self.quick:
             self._close_now(conn)
             return
         try:
@@ -861,7 +861,8 @@ class SyncWorker(Worker):
         deadline = now + STOP_GRACE
         while not self.quick and self.connections and now < deadline:
             for conn in list(self.connections.values()):
-                if not (conn.reader.in_message or conn.setup or now - conn.idle_since < STOP_GRACE):
+                if not (conn.reader.in_message or conn.setup or conn.lingering
+                        or now - conn.idle_since < STOP_GRACE):
                     self._close_now(conn)
             if not self.connections:
                 break
