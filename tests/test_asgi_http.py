@@ -306,6 +306,23 @@ def test_a_request_sent_after_a_response_that_ends_during_the_stop_is_answered(s
     assert server.wait(10) == 0
 
 
+def test_pipelined_requests_during_the_stop_are_all_answered(server):
+    """A stop that comes with two pipelined requests on a connection: both are answered
+    (the second is already there: closing after the first would make the client send it
+    again), the last with ``Connection: close``, then a clean close."""
+    before = server.worker_sockets()
+    with socket.create_connection((server.host, server.port), timeout=10) as sock:
+        sock.sendall(b"GET /slow?s=1.5 HTTP/1.1\r\nHost: t\r\n\r\n"
+                     b"GET /slow?s=0 HTTP/1.1\r\nHost: t\r\n\r\n")
+        server.wait_accepted(before)
+        server.signal(15)
+        data, end = read_to_end(sock)
+    assert data.count(b"slow done") == 2 and end == "eof", (data, end)
+    first, _, second = data.partition(b"slow done")
+    assert b"Connection: close" not in first and b"Connection: close" in second
+    assert server.wait(10) == 0
+
+
 def test_a_websocket_upgrade_during_the_stop_is_refused(tiamat_server, http_impl):
     """A WebSocket session begun during a graceful stop would only hold the worker until
     the graceful timeout (and its kill): the upgrade is answered 503, and the worker ends

@@ -499,6 +499,15 @@ class HttpProtocol(asyncio.Protocol):
         else:
             self.transport.close()
 
+    def response_is_last(self) -> bool:
+        """Closing or handed on (see the response head's keep-alive): whether this response
+        is the connection's last.  After EOF or an error it is; during a stop or a hand-on,
+        unless a further request has begun to arrive (answered first, as the sync worker
+        does: the client would have to send it again)."""
+        if self.closing and (self.eof or self.linger_budget):
+            return True
+        return may_end_after(self.reader)
+
     def shutdown(self, idle_before: float = FOREVER) -> None:
         """Graceful stop: close after the current response, or now if idle since before
         ``idle_before`` (the worker gives a connection accepted just before the stop a
@@ -720,8 +729,8 @@ class Cycle:
             cached = CONTENT_LENGTHS.get(given_length) if given_length.__class__ is bytes else None
             length, length_line = cached or content_length_parts(given_length)
         key = (status, length is None and body_length is None, head.method, head.version,
-               head.keep_alive and not head.upgrade and not conn.closing and not close
-               and not (conn.hand_on and may_end_after(conn.reader)))
+               head.keep_alive and not head.upgrade and not close
+               and not ((conn.closing or conn.hand_on) and conn.response_is_last()))
         framing, line, chunked = state.framings.get(key) or state.framing(*key)
         self.framing = framing
         if framing.send_body:
