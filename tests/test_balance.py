@@ -209,17 +209,27 @@ def burst(server, count: int = CONNECTIONS) -> list[socket.socket]:
 def test_keepalive_connections_split_evenly(tiamat_server, tmp_path, cpu_burners, kind):
     server = tiamat_server(app_file(tmp_path, kind), "-k", kind, "-w", "2", "--threads", "4")
     workers = wait_both_workers(server)
+    baseline = server.worker_sockets()
     compete_with(cpu_burners, workers)
-    socks = burst(server)
     try:
-        pids = collections.Counter(ask_pid(sock) for sock in socks)
+        # (two tries: on a machine loaded well beyond the test's own burner a worker can
+        # get no CPU for the 5 ms deferral bound, and is then rightly passed over; without
+        # balancing, the split is this skewed every time)
+        for _ in range(2):
+            socks = burst(server)
+            try:
+                pids = collections.Counter(ask_pid(sock) for sock in socks)
+            finally:
+                for sock in socks:
+                    sock.close()
+            print(kind, "connections per worker:", dict(pids))
+            shares = {pid: pids[pid] / CONNECTIONS for pid in workers}
+            if all(0.4 <= share <= 0.6 for share in shares.values()):
+                break
+            wait_for(lambda: not server.worker_sockets() - baseline, message="connections closed")
     finally:
         stop_burners(cpu_burners)
-        for sock in socks:
-            sock.close()
-    print(kind, "connections per worker:", dict(pids))
     assert set(pids) <= set(workers)
-    shares = {pid: pids[pid] / CONNECTIONS for pid in workers}
     assert all(0.4 <= share <= 0.6 for share in shares.values()), \
         f"connections per worker: {dict(pids)} of {CONNECTIONS}"
 
