@@ -214,6 +214,28 @@ class TiamatServer:
         except (FileNotFoundError, ProcessLookupError):
             return []
 
+    def stop_mid_response(self, sock: socket.socket, request: bytes, started: bytes,
+                          ended: bytes, then: bytes) -> tuple[bytes, bytes]:
+        """Send ``request`` on ``sock``; once the response shows ``started``, begin a
+        graceful stop (SIGTERM, logged by the master); once the response ends with
+        ``ended``, send ``then`` at once, as a keep-alive client may.  Returns the response
+        and everything after it until the server closed.  What a client sees when a stop
+        comes while its response (or the app's work after it) is still under way."""
+        sock.sendall(request)
+        data = b""
+        while started not in data:
+            more = sock.recv(4096)
+            assert more, data
+            data += more
+        self.signal(signal.SIGTERM)
+        self.wait_log(r"Shutting down: graceful")
+        while not data.endswith(ended):
+            more = sock.recv(4096)
+            assert more, data
+            data += more
+        sock.sendall(then)
+        return data, read_until_closed(sock)
+
     def refuses(self) -> bool:
         """Whether a new client is refused (the listener closed, as a stop does at once),
         not accepted or left waiting in the backlog."""

@@ -293,18 +293,10 @@ def test_a_request_sent_after_a_response_that_ends_during_the_stop_is_answered(s
     its next request as soon as the response ends: that request is read and answered (with
     ``Connection: close``), not met by a close."""
     with socket.create_connection((server.host, server.port), timeout=10) as sock:
-        sock.sendall(b"GET /stream-slow?s=2 HTTP/1.1\r\nHost: t\r\n\r\n")
-        data = b""
-        while b"first" not in data:
-            data += sock.recv(1000)
-        assert b"Connection: close" not in data
-        server.signal(15)
-        server.wait_log(r"Shutting down: graceful")
-        while not data.endswith(b"0\r\n\r\n"):
-            data += sock.recv(1000)
-        assert b"last" in data
-        sock.sendall(b"GET /slow?s=0 HTTP/1.1\r\nHost: t\r\n\r\n")
-        reply = read_until_closed(sock)
+        data, reply = server.stop_mid_response(
+            sock, b"GET /stream-slow?s=2 HTTP/1.1\r\nHost: t\r\n\r\n", b"first", b"0\r\n\r\n",
+            then=b"GET /slow?s=0 HTTP/1.1\r\nHost: t\r\n\r\n")
+    assert b"Connection: close" not in data and b"last" in data
     assert reply.startswith(b"HTTP/1.1 200") and reply.endswith(b"slow done"), reply
     assert b"Connection: close" in reply
     assert server.wait(10) == 0
@@ -333,21 +325,14 @@ def test_a_websocket_upgrade_during_the_stop_is_refused(tiamat_server, http_impl
     at once."""
     server = tiamat_server("-k", "asgi", "--http", http_impl, "--graceful-timeout", "20", APP)
     with socket.create_connection((server.host, server.port), timeout=10) as sock:
-        sock.sendall(b"GET /stream-slow?s=2 HTTP/1.1\r\nHost: t\r\n\r\n")
-        data = b""
-        while b"first" not in data:
-            data += sock.recv(1000)
-        server.signal(15)
-        server.wait_log(r"Shutting down: graceful")
-        while not data.endswith(b"0\r\n\r\n"):
-            data += sock.recv(1000)
-        started = time.monotonic()
-        sock.sendall(b"GET /ws HTTP/1.1\r\nHost: t\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
-                     b"Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n")
-        reply = read_until_closed(sock)
+        _, reply = server.stop_mid_response(
+            sock, b"GET /stream-slow?s=2 HTTP/1.1\r\nHost: t\r\n\r\n", b"first", b"0\r\n\r\n",
+            then=b"GET /ws HTTP/1.1\r\nHost: t\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+                 b"Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n")
+    ended = time.monotonic()
     assert reply.startswith(b"HTTP/1.1 503"), reply
     assert server.wait(10) == 0
-    assert time.monotonic() - started < 5  # (not the 20 s graceful timeout)
+    assert time.monotonic() - ended < 5  # (not the 20 s graceful timeout)
     assert "did not stop in time" not in server.log()
 
 

@@ -267,15 +267,11 @@ def test_a_request_sent_as_the_stop_comes_after_a_keepalive_response_is_answered
     and answered, with ``Connection: close``."""
     server = tiamat_server(APP, "-k", kind, cwd=APPS)
     with socket.create_connection((server.host, server.port), timeout=10) as sock:
-        sock.sendall(b"GET /slow-close?t=2 HTTP/1.1\r\nHost: t\r\n\r\n")
-        data = b""
-        while not data.endswith(b"done"):
-            data += sock.recv(1000)
-        assert b"Connection: close" not in data
-        server.signal(signal.SIGTERM)
-        server.wait_log(r"Shutting down: graceful")
-        sock.sendall(b"GET / HTTP/1.1\r\nHost: t\r\n\r\n")
-        reply = read_until_closed(sock)
+        # (the whole response arrives before the stop; the app's close() then takes 2 s)
+        data, reply = server.stop_mid_response(
+            sock, b"GET /slow-close?t=2 HTTP/1.1\r\nHost: t\r\n\r\n", b"done", b"done",
+            then=b"GET / HTTP/1.1\r\nHost: t\r\n\r\n")
+    assert b"Connection: close" not in data
     assert reply.startswith(b"HTTP/1.1 200") and reply.endswith(b"hello from core_app\n"), reply
     assert b"Connection: close" in reply
     assert server.wait(10) == 0
