@@ -28,10 +28,12 @@ def _get(server, path: str = "/", timeout: float = 15) -> bytes:
         conn.request("GET", path)
         response = conn.getresponse()
         body = response.read()
-        assert response.status == 200, body
-        return body
+    except OSError as exc:  # (with the server's log: a request lost in a refork, say)
+        raise AssertionError(f"GET {path}: {exc!r}\n{server.log()[-4000:]}") from exc
     finally:
         conn.close()
+    assert response.status == 200, body
+    return body
 
 
 # --- readers -----------------------------------------------------------------------------
