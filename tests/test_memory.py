@@ -9,6 +9,8 @@ from __future__ import annotations
 import http.client
 import os
 import re
+import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -28,8 +30,11 @@ def _get(server, path: str = "/", timeout: float = 15) -> bytes:
         conn.request("GET", path)
         response = conn.getresponse()
         body = response.read()
-    except OSError as exc:  # (with the server's log: a request lost in a refork, say)
-        raise AssertionError(f"GET {path}: {exc!r}\n{server.log()[-4000:]}") from exc
+    except OSError as exc:  # (with the server's log and its workers' stacks: a request
+        for pid in server.worker_pids():  # lost in a refork, say)
+            os.kill(pid, signal.SIGUSR2)  # (tiamat's DUMP_SIGNAL: every thread's stack)
+        time.sleep(0.5)
+        raise AssertionError(f"GET {path}: {exc!r}\n{server.log()[-12000:]}") from exc
     finally:
         conn.close()
     assert response.status == 200, body
@@ -101,6 +106,23 @@ def test_asgi_worker_with_preload_forks_and_makes_its_loop_after_the_fork(tiamat
         assert startup_in == pid  # the loop that ran the lifespan startup is the worker's own
         seen.add(pid)
     assert seen and seen <= workers
+
+
+def test_dup_listener_leaves_the_shared_socket_non_blocking():
+    """The promotion to mold duplicates the listeners.  socket.dup() made the socket every
+    worker shares blocking, and an asgi worker that lost an accept race then hung in
+    accept(), its whole loop with it (test_asgi_worker_reforks timed out about once in
+    twenty suite runs)."""
+    from tiamat.sockets import dup_listener
+
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen()
+        os.set_blocking(listener.fileno(), False)  # (as a worker inherits it: timeout None)
+        with dup_listener(listener) as copy:
+            assert not os.get_blocking(listener.fileno()) and copy.gettimeout() == 0.0
+        with listener.dup():  # (what the promotion did before)
+            assert os.get_blocking(listener.fileno())
 
 
 def test_asgi_worker_reforks(tiamat_server):

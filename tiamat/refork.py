@@ -43,6 +43,7 @@ from typing import TYPE_CHECKING, Any
 
 from tiamat import logs, memory
 from tiamat.channel import MAX_MESSAGE, Channel
+from tiamat.sockets import dup_listener
 
 if TYPE_CHECKING:
     from tiamat.master import MasterState, WorkerProc
@@ -344,7 +345,7 @@ def promoted(worker: Worker, message: tuple[Any, ...]) -> None:
     if worker.mold_request is not None:
         return
     try:
-        kept = [sock.dup() for sock in worker.listeners]
+        kept = [dup_listener(sock) for sock in worker.listeners]
     except (OSError, NotImplementedError) as exc:
         log.error("worker %s cannot become the mold: %s", worker.slot, exc)
         return

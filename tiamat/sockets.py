@@ -47,6 +47,19 @@ class AcceptPaused(Exception):
         self.frees_on_close = frees_on_close
 
 
+def dup_listener(sock: socket.socket) -> socket.socket:
+    """A duplicate of a listening socket that leaves it non-blocking.
+
+    ``socket.dup()`` applies the object's timeout to the copy, and a listener inherited
+    from the master has none (blocking, as Python sees it): the copy clears O_NONBLOCK on
+    the open file that every worker shares, and a worker woken for a connection a sibling
+    took then blocks in accept(), its whole loop with it (a refork's promotion stalled
+    both asgi workers so)."""
+    copy = socket.socket(sock.family, sock.type, sock.proto, fileno=os.dup(sock.fileno()))
+    copy.setblocking(False)
+    return copy
+
+
 def accept_next(listener: socket.socket) -> tuple[socket.socket, Any] | None:
     """The next connection waiting on a non-blocking listening socket, or None if none waits.
 

@@ -28,7 +28,7 @@ from tiamat.asgi.adapt import as_asgi3
 from tiamat.asgi.http import HttpProtocol
 from tiamat.asgi.lifespan import Lifespan
 from tiamat.asgi.state import ServerState
-from tiamat.sockets import ACCEPT_BATCH, ACCEPT_RETRY, AcceptPaused, accept_next
+from tiamat.sockets import ACCEPT_BATCH, ACCEPT_RETRY, AcceptPaused, accept_next, dup_listener
 from tiamat.workers.aio import AioWorker
 from tiamat.workers.balance import DEFER_CHECK, AcceptBalance
 from tiamat.workers.base import STOP_GRACE
@@ -126,10 +126,10 @@ class AsgiWorker(AioWorker):
             self.update_watching()
             return
         if self.proxy_tls:
-            servers: list[Any] = [proxy_tls.Listener(sock.dup(), self.state, self.factory)
+            servers: list[Any] = [proxy_tls.Listener(dup_listener(sock), self.state, self.factory)
                                   for sock in self.listeners]
         else:
-            servers = [await self.loop.create_server(self.factory, sock=sock.dup(),
+            servers = [await self.loop.create_server(self.factory, sock=dup_listener(sock),
                                                      backlog=self.cfg.backlog, **self.tls)
                        for sock in self.listeners]
         if self.accept_paused or self.state.stopping:
