@@ -514,8 +514,9 @@ class ThreadWorker(SyncWorker):
             if self.max_requests:
                 self.count_request()
             if not job.keep_alive or job.head.upgrade or job.close_after or conn.closed:
-                # (handed on: bytes the client sent meanwhile must not turn it into a reset)
-                self.close(conn, linger=conn.hand_on)
+                # (handed on or stopping: bytes the client sent meanwhile must not turn it
+                # into a reset)
+                self.close(conn, linger=conn.hand_on or not self.alive)
             else:
                 # (from the answer, not from now: a lazy take-back or a hold comes later)
                 conn.idle_since = idle_since = job.answered
