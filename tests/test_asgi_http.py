@@ -450,8 +450,7 @@ def test_a_refused_client_that_stopped_reading_is_still_dropped(tiamat_server):
                 if (int(fields[1].split(":")[1], 16) == server.port
                         and int(fields[2].split(":")[1], 16) == client_port):
                     inodes.add(f"socket:[{fields[9]}]")
-        return any(os.readlink(f"/proc/{worker}/fd/{fd}") in inodes
-                   for fd in os.listdir(f"/proc/{worker}/fd"))
+        return bool(inodes & {link for _, link in server.worker_sockets()})
 
     try:
         sock.connect((server.host, server.port))

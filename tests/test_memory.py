@@ -9,7 +9,6 @@ from __future__ import annotations
 import http.client
 import os
 import re
-import signal
 import socket
 import subprocess
 import sys
@@ -19,6 +18,7 @@ import time
 from conftest import wait_for
 
 from tiamat import memory
+from tiamat.workers.base import DUMP_SIGNAL
 
 APP = "tests.apps.mem_app:application"
 ASGI_APP = "tests.apps.mem_asgi:app"
@@ -32,7 +32,7 @@ def _get(server, path: str = "/", timeout: float = 15) -> bytes:
         body = response.read()
     except OSError as exc:  # (with the server's log and its workers' stacks: a request
         for pid in server.worker_pids():  # lost in a refork, say)
-            os.kill(pid, signal.SIGUSR2)  # (tiamat's DUMP_SIGNAL: every thread's stack)
+            os.kill(pid, DUMP_SIGNAL)  # (every thread's stack, into the log)
         time.sleep(0.5)
         raise AssertionError(f"GET {path}: {exc!r}\n{server.log()[-12000:]}") from exc
     finally:

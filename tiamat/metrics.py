@@ -33,6 +33,7 @@ import time
 from typing import Any, NamedTuple
 
 from tiamat.scoreboard import BOOTING, BUSY, IDLE, STOPPING
+from tiamat.workers.balance import balances
 
 log = logging.getLogger("tiamat.error")
 
@@ -212,7 +213,7 @@ def balance_by_slot(state: Any) -> dict[int, tuple[int, float | None]]:
     used over their last loop tick (see tiamat.workers.balance).  Only workers that balance
     keep these figures (``-w`` > 1, the load with --rebalance-keepalive), so one worker gets
     no series rather than a misleading zero."""
-    if state.cfg.workers <= 1:
+    if not balances(state.cfg):
         return {}
     slots: dict[int, tuple[int, float | None]] = {}
     for worker in state.workers.values():

@@ -179,10 +179,10 @@ def whole_request(events: list[Any]) -> RequestHead | None:
 
 
 def may_end_after(reader: RequestReader) -> bool:
-    """Whether a connection the server wants to end (a worker handing it on to a less busy
-    one) may end after the response it is making now: not while a further request has begun
-    to arrive, queued whole or in part, which the close would cut off (the response after it
-    says Connection: close instead)."""
+    """Whether a connection the server wants to end (handed on to a less busy worker, or the
+    worker stopping) may end after the response it is making now: not while a further
+    request has begun to arrive, queued whole or in part, which the close would cut off (the
+    response after it says Connection: close instead)."""
     return not (reader.events or reader.in_message)
 
 

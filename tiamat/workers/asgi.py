@@ -296,10 +296,10 @@ class AsgiWorker(AioWorker):
             sock.close()
         if not self.quick:
             # close_idle runs at once and on every pass (WebSockets get 1012, idle HTTP
-            # connections close).  Sockets accepted just before the stop whose hand-off to the loop (a TLS
-            # handshake, say) is still under way get STOP_GRACE too: cancelled at once with
-            # the hand-off, their clients were reset unanswered (a HUP under load lost about
-            # one request in 40 runs of test_zero_downtime's asgi case)
+            # connections close).  Sockets accepted just before the stop whose hand-off to
+            # the loop (a TLS handshake, say) is still under way get STOP_GRACE too:
+            # cancelled at once with the hand-off, their clients were reset unanswered (a HUP
+            # under load lost about one request in 40 runs of test_zero_downtime's asgi case)
             arrivals_until = monotonic() + STOP_GRACE
             deadline = await self.wait_graceful(
                 lambda: bool(state.connections or state.tasks

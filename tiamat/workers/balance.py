@@ -85,6 +85,12 @@ HAND_ON_HOLD = 1.0
 ACTIVE_WITHIN = 1.0
 
 
+def balances(cfg: Any) -> bool:
+    """Whether the workers balance at all (and keep the figures they balance by, which
+    tiamat status and the metrics show): only with siblings."""
+    return cfg.workers > 1
+
+
 class AcceptBalance:
     """One worker's side of the rule: when to defer, and when a deferral ends."""
 
@@ -118,7 +124,7 @@ class AcceptBalance:
     def for_worker(cls, cfg: Any, board: SlotWriter, listeners: list[socket.socket]
                    ) -> AcceptBalance | None:
         """A worker's side of the rules, or None with one worker (no sibling to balance with)."""
-        if cfg.workers <= 1:
+        if not balances(cfg):
             return None
         return cls(board.siblings(), listeners, board.load if cfg.rebalance_keepalive else None)
 
@@ -200,10 +206,15 @@ class AcceptBalance:
             self.force = False
         elif held and now >= self.off_until:
             least = self.siblings.least(now, FRESH)
-            if least is not None and (held > least + SLACK or now < self.hold_until):
+            if least is not None and self._ahead(held, least, now):
                 return True
         self.defer_since = 0.0  # (it takes this one: no deferral is going on)
         return False
+
+    def _ahead(self, held: int, least: int, now: float) -> bool:
+        """The rule for leaving new connections to the siblings: more than SLACK ahead of
+        the least-loaded one, or within the hold after a hand-on."""
+        return held > least + SLACK or now < self.hold_until
 
     def begin(self, now: float) -> None:
         """Defer; DEFER_MAX counts from the first deferral of a run (see pause)."""
@@ -214,7 +225,7 @@ class AcceptBalance:
         """While deferring, every DEFER_CHECK: True when the worker should watch its
         listeners again (balanced now, nothing left waiting, or DEFER_MAX passed)."""
         least = self.siblings.least(now, FRESH)
-        if least is None or (held <= least + SLACK and now >= self.hold_until):
+        if least is None or not self._ahead(held, least, now):
             self.streak = 0
         elif now - self.defer_since < DEFER_MAX:
             return False

@@ -414,6 +414,19 @@ class SyncWorker(Worker):
         assert self.balance is not None
         self.balance.hand_on(now, self.connections.values(), self._may_hand_on, self._may_unmark)
 
+    def _leaving(self, conn: Connection) -> bool:
+        """Whether the server itself ends ``conn``: handed on to a sibling, or stopping.
+        Its close lingers, so that bytes the client sent meanwhile do not turn it into a
+        reset that could destroy the response."""
+        return conn.hand_on or not self.alive
+
+    def _end_if_leaving(self, conn: Connection, head: RequestHead) -> None:
+        """Before a request on a connection the server ends (:meth:`_leaving`): its response
+        says Connection: close, unless a further request has begun to arrive
+        (h1.may_end_after), which is answered first."""
+        if self._leaving(conn) and may_end_after(conn.reader):
+            head.keep_alive = False
+
     def _may_hand_on(self, conn: Connection, since: float) -> bool:
         return self._active(conn, since) and not (conn.hand_on or conn.lingering or conn.setup)
 
@@ -676,15 +689,12 @@ class SyncWorker(Worker):
         board = self.board
         board.busy(time.monotonic(), head.method, head.path)
         self.in_request = True  # (before the test below: see _on_graceful)
-        if not self.alive:
-            # stopping: a stop signalled since the loop last looked found no request
-            # running, so its handler left the listeners to the loop, which is busy with
-            # this request; and the response says Connection: close
-            self._release_listeners()
-            if may_end_after(conn.reader):
-                head.keep_alive = False
-        elif conn.hand_on and may_end_after(conn.reader):  # (see _rebalance)
-            head.keep_alive = False  # (its response says Connection: close)
+        if conn.hand_on or not self.alive:  # (rare: one test of two flags per request)
+            if not self.alive:
+                # a stop signalled since the loop last looked found no request running, so
+                # its handler left the listeners to the loop, which is busy with this one
+                self._release_listeners()
+            self._end_if_leaving(conn, head)
         try:
             keep_alive = self.handler.handle(head, body, conn.environ, conn)[0]
         finally:
@@ -696,9 +706,7 @@ class SyncWorker(Worker):
         if self.max_requests:
             self.count_request()
         if not keep_alive or head.upgrade:
-            # (handed on or stopping: bytes the client sent meanwhile must not turn the close
-            # into a reset)
-            self.close(conn, linger=conn.hand_on or not self.alive)
+            self.close(conn, linger=self._leaving(conn))
             return
         # (a stop that came while the app ran leaves the connection to shutdown: its
         # response promised keep-alive, so a request the client sent after it is read and

@@ -44,7 +44,7 @@ from collections import deque
 from collections.abc import Callable
 from typing import Any, BinaryIO
 
-from tiamat.http.h1 import RequestHead, may_end_after, whole_request
+from tiamat.http.h1 import RequestHead, whole_request
 from tiamat.workers.sync import (
     RECV_SIZE,
     STOP_GRACE,
@@ -230,8 +230,8 @@ class ThreadWorker(SyncWorker):
         head = conn.head
         assert head is not None
         events = conn.reader.events
-        if conn.hand_on and may_end_after(conn.reader):  # (see SyncWorker._rebalance)
-            head.keep_alive = False  # (its response says Connection: close)
+        if conn.hand_on:  # (handed on: SyncWorker._rebalance)
+            self._end_if_leaving(conn, head)
         body = request_body(conn.body)
         conn.head = conn.body = None
         # events already read (a pipelined request) wait until the pool hands the connection
@@ -445,10 +445,8 @@ class ThreadWorker(SyncWorker):
             elif not self._park(job):  # (empty lines between requests: nothing yet)
                 self._hand_back(job)
             return False
-        if (conn.hand_on or not self.alive) and may_end_after(reader):
-            # handed on (set by the loop: SyncWorker._rebalance) or stopping: the response
-            # says Connection: close
-            head.keep_alive = False
+        if conn.hand_on or not self.alive:  # (handed on by the loop, or stopping)
+            self._end_if_leaving(conn, head)
         job.head, job.body, job.start = head, NO_BODY, time.monotonic()
         job.served += 1
         return True
@@ -514,9 +512,7 @@ class ThreadWorker(SyncWorker):
             if self.max_requests:
                 self.count_request()
             if not job.keep_alive or job.head.upgrade or job.close_after or conn.closed:
-                # (handed on or stopping: bytes the client sent meanwhile must not turn it
-                # into a reset)
-                self.close(conn, linger=conn.hand_on or not self.alive)
+                self.close(conn, linger=self._leaving(conn))
             else:
                 # (from the answer, not from now: a lazy take-back or a hold comes later)
                 conn.idle_since = idle_since = job.answered
